@@ -1,0 +1,347 @@
+"""Record formats (compatible with TRL's) and their validation, with errors naming file, row and field.
+
+Each kind of record and its fields. A prompt or response is a string or, in TRL's conversational
+style, a list of `{role, content}` messages: a conversational prompt ends with a user turn and each
+response continues it with assistant turn(s). Extra fields are kept and ignored.
+
+    text        {text}                              raw text (pretraining)
+    prompt      {prompt}                            prompts to sample from (RL, labelling)
+    sft         {prompt, completion} or {messages}  messages end with an assistant turn
+    preference  {prompt, chosen, rejected}          chosen differs from rejected
+    ranking     {prompt, responses}                 >= 2 distinct responses, best first
+    choice      {prompt, responses, best}           best-of-K; `best` is an index into `responses`
+    rating      {prompt, response, score}           score is a finite number
+    unpaired    {prompt, completion, label}         label is true (desirable) or false
+    steps       {prompt, steps, labels}             one label per step, all bool or all numbers
+
+Roles are `system` (first message only), then `user` and `assistant` strictly alternating, starting
+with `user`; every content is a non-empty string.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from alignkit.errors import AlignkitError
+
+ROLES = ("system", "user", "assistant")
+_NEXT_ROLES: dict[str | None, tuple[str, ...]] = {
+    None: ("system", "user"),
+    "system": ("user",),
+    "user": ("assistant",),
+    "assistant": ("user",),
+}
+FIELDS: dict[str, tuple[str, ...]] = {
+    "text": ("text",),
+    "prompt": ("prompt",),
+    "sft": ("prompt", "completion"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "ranking": ("prompt", "responses"),
+    "choice": ("prompt", "responses", "best"),
+    "rating": ("prompt", "response", "score"),
+    "unpaired": ("prompt", "completion", "label"),
+    "steps": ("prompt", "steps", "labels"),
+}
+KINDS = tuple(FIELDS)
+
+
+@dataclass
+class ValidationReport:
+    """The outcome of `validate_records`: the good records and every skipped row with its reason."""
+
+    records: list[dict[str, Any]]
+    """The valid records, in input order."""
+    skipped: list[tuple[int, str | None, str]] = field(default_factory=list)
+    """`(row, field, reason)` of each skipped record; row is 1-based, field None for the whole record."""
+
+    @property
+    def n_skipped(self) -> int:
+        """How many records were skipped."""
+        return len(self.skipped)
+
+
+class _RowError(Exception):
+    """A problem with one field of one record (turned into `AlignkitError` or a skipped row)."""
+
+    def __init__(self, field: str | None, reason: str):
+        super().__init__(reason)
+        self.field = field
+        self.reason = reason
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _text(value: Any, label: str) -> None:
+    if value is None:
+        raise _RowError(label, "missing (expected a non-empty string)")
+    if not isinstance(value, str):
+        raise _RowError(label, f"expected a string, got {_describe(value)}")
+    if not value.strip():
+        raise _RowError(label, "empty string")
+
+
+def _list(value: Any, label: str, min_items: int = 1) -> list[Any]:
+    if not isinstance(value, list):
+        raise _RowError(label, f"expected a list, got {_describe(value)}")
+    if not value:
+        raise _RowError(label, "empty list")
+    if len(value) < min_items:
+        raise _RowError(label, f"expected at least {min_items} items, got {len(value)}")
+    return value
+
+
+def _number(value: Any, label: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _RowError(label, f"expected a number, got {_describe(value)}")
+    if not math.isfinite(value):
+        raise _RowError(label, f"expected a finite number, got {value}")
+
+
+def _order_problem(previous: str | None, role: str) -> str:
+    if role == "system":
+        return "a 'system' message is allowed only first"
+    if previous in (None, "system"):
+        return (
+            f"the conversation must start with a 'user' turn (after an optional 'system' one), got {role!r}"
+        )
+    return f"{role!r} follows {previous!r}; 'user' and 'assistant' turns must alternate"
+
+
+def _check_turns(messages: list[Any], labels: list[str]) -> None:
+    """Check each message's role, position and content; `labels[i]` names message i in errors."""
+    previous = None
+    for message, label in zip(messages, labels, strict=True):
+        if not isinstance(message, dict):
+            raise _RowError(label, f"expected a message {{role, content}}, got {_describe(message)}")
+        role = message.get("role")
+        if role not in ROLES:
+            raise _RowError(f"{label}.role", f"expected one of {', '.join(ROLES)}, got {role!r}")
+        if role not in _NEXT_ROLES[previous]:
+            raise _RowError(f"{label}.role", _order_problem(previous, role))
+        _text(message.get("content"), f"{label}.content")
+        previous = role
+
+
+def _labels(key: str, n: int) -> list[str]:
+    return [f"{key}[{i}]" for i in range(n)]
+
+
+def _prompt(record: dict[str, Any]) -> bool:
+    """Check `prompt`; True when it is a conversation (a list of messages)."""
+    prompt = record.get("prompt")
+    if not isinstance(prompt, list):
+        _text(prompt, "prompt")
+        return False
+    _check_turns(_list(prompt, "prompt"), _labels("prompt", len(prompt)))
+    if prompt[-1]["role"] != "user":
+        raise _RowError(
+            "prompt", f"a prompt conversation must end with a 'user' turn, not {prompt[-1]['role']!r}"
+        )
+    return True
+
+
+def _response(record: dict[str, Any], key: str, value: Any, conversational: bool) -> None:
+    """Check a response: a string after a string prompt, assistant turn(s) continuing a conversation."""
+    if not conversational:
+        if isinstance(value, list):
+            raise _RowError(key, "expected a string, as 'prompt' is a string, got a list")
+        _text(value, key)
+        return
+    if not isinstance(value, list):
+        raise _RowError(key, f"expected a list of messages, as 'prompt' is one, got {_describe(value)}")
+    prompt = record["prompt"]
+    _check_turns(prompt + _list(value, key), _labels("prompt", len(prompt)) + _labels(key, len(value)))
+    if value[-1]["role"] != "assistant":
+        raise _RowError(key, f"must end with an 'assistant' turn, not {value[-1]['role']!r}")
+
+
+def _check_sft(record: dict[str, Any]) -> None:
+    if "messages" not in record:
+        _response(record, "completion", record["completion"], _prompt(record))
+        return
+    messages = _list(record["messages"], "messages")
+    _check_turns(messages, _labels("messages", len(messages)))
+    if all(message["role"] != "assistant" for message in messages):
+        raise _RowError("messages", "no 'assistant' turn (nothing to train on)")
+    if messages[-1]["role"] != "assistant":
+        raise _RowError("messages", f"must end with an 'assistant' turn, not {messages[-1]['role']!r}")
+
+
+def _check_preference(record: dict[str, Any]) -> None:
+    conversational = _prompt(record)
+    for key in ("chosen", "rejected"):
+        _response(record, key, record[key], conversational)
+    if record["chosen"] == record["rejected"]:
+        raise _RowError("chosen", "identical to 'rejected'")
+
+
+def _check_responses(record: dict[str, Any], *, distinct: bool) -> list[Any]:
+    conversational = _prompt(record)
+    responses = _list(record["responses"], "responses", min_items=2)
+    for i, response in enumerate(responses):
+        _response(record, f"responses[{i}]", response, conversational)
+        if distinct and response in responses[:i]:
+            first = responses.index(response)
+            raise _RowError(
+                f"responses[{i}]", f"identical to responses[{first}]; ranked responses must differ"
+            )
+    return responses
+
+
+def _check_choice(record: dict[str, Any]) -> None:
+    responses = _check_responses(record, distinct=False)
+    best = record["best"]
+    if isinstance(best, bool) or not isinstance(best, numbers.Integral):
+        raise _RowError("best", f"expected an integer index into 'responses', got {_describe(best)}")
+    if not 0 <= best < len(responses):
+        raise _RowError(
+            "best", f"index {best} is out of range for {len(responses)} responses (0 to {len(responses) - 1})"
+        )
+
+
+def _check_rating(record: dict[str, Any]) -> None:
+    _response(record, "response", record["response"], _prompt(record))
+    _number(record["score"], "score")
+
+
+def _check_unpaired(record: dict[str, Any]) -> None:
+    _response(record, "completion", record["completion"], _prompt(record))
+    if not isinstance(record["label"], bool):
+        raise _RowError("label", f"expected true or false, got {_describe(record['label'])}")
+
+
+def _check_steps(record: dict[str, Any]) -> None:
+    _prompt(record)
+    steps = _list(record["steps"], "steps")
+    for i, step in enumerate(steps):
+        _text(step, f"steps[{i}]")
+    labels = _list(record["labels"], "labels")
+    if len(labels) != len(steps):
+        raise _RowError("labels", f"{len(labels)} labels for {len(steps)} steps; expected one label per step")
+    for i, label in enumerate(labels):
+        if not isinstance(label, bool):
+            _number(label, f"labels[{i}]")
+    if len({isinstance(label, bool) for label in labels}) > 1:
+        raise _RowError("labels", "mixes true/false and numbers; use one kind of label")
+
+
+_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "text": lambda record: _text(record["text"], "text"),
+    "prompt": _prompt,
+    "sft": _check_sft,
+    "preference": _check_preference,
+    "ranking": lambda record: _check_responses(record, distinct=True),
+    "choice": _check_choice,
+    "rating": _check_rating,
+    "unpaired": _check_unpaired,
+    "steps": _check_steps,
+}
+
+
+def _check_record(record: Any, kind: str) -> None:
+    if not isinstance(record, dict):
+        raise _RowError(None, f"expected a record (an object with fields), got {_describe(record)}")
+    if not (kind == "sft" and "messages" in record):
+        for name in FIELDS[kind]:
+            if record.get(name) is None:
+                also = " or {messages}" if kind == "sft" else ""
+                raise _RowError(
+                    name, f"missing; {kind!r} records have fields {{{', '.join(FIELDS[kind])}}}{also}"
+                )
+    _CHECKS[kind](record)
+
+
+def validate_records(
+    records: list[dict[str, Any]], kind: str, source: str, on_bad_rows: Literal["error", "skip"] = "error"
+) -> ValidationReport:
+    """Check every record against format `kind`; raise at the first bad one, or skip and count them.
+
+    Args:
+        records: The records, e.g. from `load_records`.
+        kind: One of `KINDS`: text, prompt, sft, preference, ranking, choice, rating, unpaired, steps.
+        source: Where the records came from (a file name), used in messages.
+        on_bad_rows: "error" raises at the first invalid record; "skip" leaves it out and records
+            `(row, field, reason)` in the report, so the caller can report how many were skipped.
+
+    Returns:
+        The valid records and the skipped rows.
+
+    Raises:
+        AlignkitError: An invalid record with `on_bad_rows="error"`, as
+            `data/train.jsonl, row 17, field 'chosen': identical to 'rejected'` (rows are 1-based);
+            or an unknown `kind` or `on_bad_rows`.
+    """
+    if kind not in FIELDS:
+        hint = difflib.get_close_matches(str(kind), KINDS, n=1)
+        extra = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise AlignkitError(f"unknown record format {kind!r}; expected one of {', '.join(KINDS)}{extra}")
+    if on_bad_rows not in ("error", "skip"):
+        raise AlignkitError(f"option `data.on_bad_rows`: expected 'error' or 'skip', got {on_bad_rows!r}")
+    report = ValidationReport(records=[])
+    for row, record in enumerate(records, start=1):
+        try:
+            _check_record(record, kind)
+        except _RowError as err:
+            if on_bad_rows == "error":
+                where = f"{source}, row {row}" + (f", field '{err.field}'" if err.field else "")
+                raise AlignkitError(f"{where}: {err.reason}") from None
+            report.skipped.append((row, err.field, err.reason))
+            continue
+        report.records.append(record)
+    return report
+
+
+# Most specific first: the first entry whose fields are all present names the kind.
+_DETECT = (
+    (("messages",), "sft"),
+    (("chosen", "rejected"), "preference"),
+    (("responses", "best"), "choice"),
+    (("responses",), "ranking"),
+    (("steps", "labels"), "steps"),
+    (("response", "score"), "rating"),
+    (("completion", "label"), "unpaired"),
+    (("completion",), "sft"),
+    (("prompt",), "prompt"),
+    (("text",), "text"),
+)
+
+
+def detect_format(record: dict[str, Any]) -> str:
+    """Guess a record's kind from its field names (the fields are not checked; see `validate_records`).
+
+    Raises:
+        AlignkitError: No kind matches the fields.
+    """
+    for keys, kind in _DETECT:
+        if all(key in record for key in keys):
+            return kind
+    raise AlignkitError(
+        f"cannot tell the record format from its fields {sorted(record)}; expected the fields of one of: "
+        + "; ".join(f"{kind} {{{', '.join(fields)}}}" for kind, fields in FIELDS.items())
+    )
+
+
+def is_conversational(record: dict[str, Any]) -> bool:
+    """True when the record holds message lists (`messages`, or a list `prompt`) rather than strings."""
+    return "messages" in record or isinstance(record.get("prompt"), list)
+
+
+def as_messages(value: str | list[dict[str, Any]], *, role: str = "user") -> list[dict[str, str]]:
+    """A prompt or response as a list of `{role, content}` messages.
+
+    A string becomes one message with `role` ("user" for a prompt, "assistant" for a response); a
+    message list is copied keeping only `role` and `content`.
+    """
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list):
+        return [{"role": message["role"], "content": message["content"]} for message in value]
+    raise TypeError(f"expected a string or a list of messages, got {type(value).__name__}")
