@@ -1,0 +1,282 @@
+"""The shared training loop pieces: optimizer step with exact accumulation, checkpoints, logging.
+
+Every stage owns a plain loop built from `TrainLoop`:
+
+    loop = TrainLoop("sft", cfg, model, n_examples=len(examples))
+    loop.print_plan(n_examples=..., tokens_per_step=...)
+    start = loop.resume()                         # 0, or the checkpoint's step
+    for step in range(start, loop.total_steps):
+        micro = [collate(ids) for ids in loop.micro_batch_indices(n_examples, step)]
+        metrics = loop.update(micro, loss_fn)     # one optimizer step
+        loop.end_step(metrics)                    # log, checkpoint, progress bar
+    loop.finish(tokenizer, summary)
+
+Batches: `loss_fn(model, batch) -> (loss_sum, metrics)` returns the SUM of the per-term losses of
+the micro-batch and `batch["n_terms"]` says how many terms (e.g. response tokens) it holds. The
+optimizer step divides by the number of terms of the whole accumulated batch over all processes,
+so 1 x 8, 4 x 2 and 8 x 1 (micro-batch x accumulation) give the same gradient, and so does the
+same global batch split over several processes.
+
+Data position: the example order is a seeded permutation per epoch, and the examples of optimizer
+step `s` are a pure function of `s` (see `global_batch_indices`), so a checkpoint's step fixes
+where the data resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from alignkit.errors import AlignkitError
+from alignkit.trainers import checkpoint as ckpt
+from alignkit.trainers.rundir import (
+    MetricsLogger,
+    config_yaml,
+    prepare_run_dir,
+    resolve_output_dir,
+    write_json_atomic,
+)
+
+
+def global_batch_indices(n_examples: int, global_batch: int, step: int, seed: int) -> list[int]:
+    """Example indices of optimizer step `step`: a window over concatenated seeded permutations."""
+    if n_examples <= 0:
+        raise AlignkitError("no training examples")
+    start = step * global_batch
+    out: list[int] = []
+    while len(out) < global_batch:
+        epoch, offset = divmod(start + len(out), n_examples)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(n_examples, generator=gen).tolist()
+        out.extend(perm[offset : offset + global_batch - len(out)])
+    return out
+
+
+def shard_indices(indices: list[int], micro: int, accum: int, world: int, rank: int) -> list[list[int]]:
+    """This process's micro-batches: chunk `a * world + rank` of the global batch for each a."""
+    return [indices[(a * world + rank) * micro : (a * world + rank + 1) * micro] for a in range(accum)]
+
+
+def build_optimizer(model: torch.nn.Module, optim: Any) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise AlignkitError("the model has no trainable parameters")
+    return torch.optim.AdamW(
+        params, lr=optim.lr, betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_eps,
+        weight_decay=optim.weight_decay,
+    )
+
+
+def lr_factor(step: int, *, warmup: int, total: int, kind: str) -> float:
+    """Learning-rate multiplier: linear warm-up from 0, then constant / linear / cosine decay to 0."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class TrainLoop:
+    """Owns the accelerator, optimizer, scheduler, checkpoints, logging and progress of one run."""
+
+    def __init__(self, stage: str, cfg: Any, model: torch.nn.Module, *, n_examples: int = 0,
+                 total_steps: int | None = None):
+        self.stage, self.cfg = stage, cfg
+        # Without a GPU, cpu=True makes `accelerate launch --multi_gpu --num_processes N` (or torchrun)
+        # run N CPU processes with the gloo backend instead of N independent single-process runs.
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        acc = self.accelerator
+        if total_steps is None:  # optim.max_steps, else optim.epochs over the global batch
+            total_steps = cfg.optim.max_steps or max(1, math.ceil(cfg.optim.epochs * n_examples / self.global_batch))
+        self.total_steps = total_steps
+        self.out_dir: Path = resolve_output_dir(stage, cfg.run.output_dir)
+        if acc.is_main_process:
+            prepare_run_dir(self.out_dir, cfg, resume=cfg.run.resume)
+        acc.wait_for_everyone()
+        set_seed(cfg.run.seed)
+        optim = cfg.optim
+        optimizer = build_optimizer(model, optim)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: lr_factor(s, warmup=optim.warmup_steps, total=self.total_steps, kind=optim.scheduler),
+        )
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.step = 0
+        self.stage_state: dict = {}
+        self.logger: MetricsLogger | None = None
+        self._bar = None
+        self._t0 = time.perf_counter()
+
+    # -- sizes ---------------------------------------------------------------------------------
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def global_batch(self) -> int:
+        o = self.cfg.optim
+        return o.per_device_batch_size * o.grad_accum_steps * self.world
+
+    def micro_batch_indices(self, n_examples: int, step: int) -> list[list[int]]:
+        o = self.cfg.optim
+        indices = global_batch_indices(n_examples, self.global_batch, step, self.cfg.run.seed)
+        return shard_indices(indices, o.per_device_batch_size, o.grad_accum_steps, self.world,
+                             self.accelerator.process_index)
+
+    def print_plan(self, *, n_examples: int, extra: dict[str, Any] | None = None) -> None:
+        """Print batch sizes, steps, epochs and data size before step 0."""
+        o = self.cfg.optim
+        lines = [
+            f"[{self.stage}] run dir: {self.out_dir}",
+            f"  batch: {o.per_device_batch_size} per device x {o.grad_accum_steps} accumulation x "
+            f"{self.world} device(s) = {self.global_batch} examples per optimizer step",
+            f"  data: {n_examples} training examples; {self.total_steps} optimizer steps = "
+            f"{self.total_steps * self.global_batch / max(1, n_examples):.2f} epochs",
+        ]
+        lines += [f"  {k}: {v}" for k, v in (extra or {}).items()]
+        self.accelerator.print("\n".join(lines))
+
+    # -- resume / checkpoint -------------------------------------------------------------------
+    def resume(self) -> int:
+        """Restore the newest complete checkpoint when `run.resume`; return the step to start at."""
+        start = 0
+        if self.cfg.run.resume:
+            found = ckpt.list_checkpoints(self.out_dir / "checkpoints")
+            if found:
+                state = ckpt.load_checkpoint(
+                    found[-1], model=self.accelerator.unwrap_model(self.model), optimizer=self.optimizer,
+                    scheduler=self.scheduler, rank=self.accelerator.process_index,
+                )
+                start, self.stage_state = state["step"], state["stage"]
+                self.accelerator.print(f"[{self.stage}] resumed from {found[-1]} (step {start})")
+            else:
+                self.accelerator.print(f"[{self.stage}] --resume: no checkpoint in {self.out_dir}, starting fresh")
+        self.step = start
+        self.logger = MetricsLogger(
+            self.out_dir, enabled=self.accelerator.is_main_process, tensorboard=self.cfg.run.tensorboard,
+            wandb=self.cfg.run.wandb, resume_step=start,
+        )
+        if self.cfg.run.progress and self.accelerator.is_local_main_process:
+            self._bar = tqdm(total=self.total_steps, initial=start, desc=self.stage, dynamic_ncols=True)
+        return start
+
+    def save_checkpoint(self) -> None:
+        acc = self.accelerator
+        root = self.out_dir / "checkpoints"
+        ckpt.save_checkpoint(
+            root, self.step, model=acc.unwrap_model(self.model), optimizer=self.optimizer,
+            scheduler=self.scheduler, stage_state=self.stage_state, config_yaml=config_yaml(self.cfg),
+            rank=acc.process_index, is_main=acc.is_main_process, barrier=acc.wait_for_everyone,
+        )
+        if acc.is_main_process:
+            ckpt.prune_checkpoints(root, self.cfg.run.keep_last)
+
+    # -- the optimizer step --------------------------------------------------------------------
+    def update(self, micro_batches: list[dict], loss_fn: Any) -> dict[str, float]:
+        """Forward/backward every micro-batch, then one optimizer step; returns logged metrics."""
+        acc = self.accelerator
+        local_terms = torch.tensor(float(sum(b["n_terms"] for b in micro_batches)), device=acc.device)
+        total_terms = acc.reduce(local_terms, "sum").item()
+        scale = self.world / max(total_terms, 1.0)  # DDP averages gradients over processes
+        loss_total = torch.zeros((), device=acc.device)
+        extra: dict[str, list[torch.Tensor]] = {}
+        for i, batch in enumerate(micro_batches):
+            sync = i == len(micro_batches) - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                loss_sum, metrics = loss_fn(self.model, batch)
+                acc.backward(loss_sum * scale)
+            loss_total += loss_sum.detach().float()
+            for k, v in metrics.items():
+                extra.setdefault(k, []).append(torch.as_tensor(v, dtype=torch.float32, device=acc.device))
+        max_norm = self.cfg.optim.max_grad_norm or float("inf")
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+        loss = acc.reduce(loss_total, "sum").item() / max(total_terms, 1.0)
+        bad = acc.reduce(torch.tensor(float(not (math.isfinite(loss) and torch.isfinite(grad_norm))),
+                                      device=acc.device), "sum").item()
+        self.step += 1
+        out = {"loss": loss, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0]}
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._on_nonfinite(loss, float(grad_norm))
+            out["skipped"] = 1.0
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        out.update({k: acc.reduce(torch.stack(v).mean(), "mean").item() for k, v in extra.items()})
+        return out
+
+    def _on_nonfinite(self, loss: float, grad_norm: float) -> None:
+        msg = (f"non-finite loss or gradient at step {self.step} (loss={loss}, grad_norm={grad_norm}); "
+               "the parameters were not updated by this step")
+        if self.cfg.run.on_nonfinite == "stop":
+            self.close()
+            raise AlignkitError(msg + ". Lower optim.lr, check the data, or pass --run.on_nonfinite skip")
+        self.accelerator.print(f"[{self.stage}] warning: {msg}; step skipped")
+
+    def end_step(self, metrics: dict[str, float], *, force_log: bool = False) -> None:
+        """Log (every `log_every`), checkpoint (every `save_every`) and advance the progress bar."""
+        run = self.cfg.run
+        if force_log or self.step % max(1, run.log_every) == 0 or self.step == self.total_steps:
+            metrics = {**metrics, "time/elapsed_s": time.perf_counter() - self._t0}
+            self.logger.log(self.step, metrics)
+        if run.save_every and self.step % run.save_every == 0 and self.step < self.total_steps:
+            self.save_checkpoint()
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", refresh=False)
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        """Log extra metrics (e.g. eval) at the current step."""
+        self.logger.log(self.step, metrics)
+
+    # -- the end -------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self.logger is not None:
+            self.logger.close()
+
+    def finish(self, tokenizer: Any, summary: dict[str, Any]) -> dict[str, Any]:
+        """Save `final/` (HF format) and `summary.json`; return the summary."""
+        from alignkit.models.save import save_pretrained_atomic
+
+        self.close()
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        summary = {"stage": self.stage, "steps": self.step, "output_dir": str(self.out_dir),
+                   "final_dir": str(self.out_dir / "final"),
+                   "wall_time_s": time.perf_counter() - self._t0, **summary}
+        if acc.is_main_process:
+            save_pretrained_atomic(acc.unwrap_model(self.model), tokenizer, self.out_dir / "final")
+            write_json_atomic(self.out_dir / "summary.json", summary)
+        acc.wait_for_everyone()
+        return summary
+
+
+def evaluate(loop: TrainLoop, batches: list[dict], loss_fn: Any) -> float:
+    """Sum of per-term losses over `batches` / number of terms, over all processes."""
+    acc = loop.accelerator
+    model = loop.model
+    model.eval()
+    total = torch.zeros((), device=acc.device)
+    terms = torch.zeros((), device=acc.device)
+    with torch.no_grad():
+        for batch in batches:
+            loss_sum, _ = loss_fn(model, batch)
+            total += loss_sum.float()
+            terms += batch["n_terms"]
+    model.train()
+    return (acc.reduce(total, "sum") / acc.reduce(terms, "sum").clamp(min=1)).item()

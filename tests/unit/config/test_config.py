@@ -1,0 +1,99 @@
+"""Config parsing: YAML + command line, dotted keys, types, unknown-key errors, help text."""
+
+from dataclasses import dataclass, field
+
+import pytest
+import yaml
+
+from alignkit.config import (
+    DataConfig,
+    OptimConfig,
+    RunConfig,
+    field_docs,
+    format_help,
+    parse_overrides,
+    resolve_config,
+    save_config,
+)
+from alignkit.errors import AlignkitError
+
+
+@dataclass
+class StageConfig:
+    """A stage for the tests."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    beta: float = 0.1
+    """KL coefficient."""
+    steps: list[int] = field(default_factory=lambda: [1, 2])
+    """Some steps."""
+
+
+def write(tmp_path, data):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_yaml_then_command_line_wins(tmp_path):
+    path = write(tmp_path, {"beta": 0.5, "optim": {"lr": 3e-4, "max_steps": 7}})
+    cfg = resolve_config(StageConfig, path, ["--optim.lr", "1e-5", "--beta=0.25"])
+    assert cfg.optim.lr == 1e-5  # command line beats YAML
+    assert cfg.optim.max_steps == 7  # YAML beats default
+    assert cfg.beta == 0.25
+    assert cfg.run.seed == 0  # default
+
+
+def test_types_are_coerced_and_checked():
+    cfg = resolve_config(StageConfig, None, ["--run.resume", "--steps", "3,4,5", "--run.output-dir", "x",
+                                             "--data.limit", "none", "--run.on_nonfinite", "skip"])
+    assert cfg.run.resume is True and cfg.steps == [3, 4, 5] and cfg.run.output_dir == "x"
+    assert cfg.data.limit is None and cfg.run.on_nonfinite == "skip"
+    with pytest.raises(AlignkitError, match=r"`optim.max_steps`: expected int, got 'ten'"):
+        resolve_config(StageConfig, None, ["--optim.max_steps", "ten"])
+    with pytest.raises(AlignkitError, match=r"`run.on_nonfinite`: 'skp' is not one of .*did you mean 'skip'"):
+        resolve_config(StageConfig, None, ["--run.on_nonfinite", "skp"])
+
+
+def test_leaf_name_shortcut_when_unambiguous():
+    cfg = resolve_config(StageConfig, None, ["--output-dir", "out", "--resume", "--lr", "0.5"])
+    assert cfg.run.output_dir == "out" and cfg.run.resume and cfg.optim.lr == 0.5
+
+
+def test_unknown_key_in_yaml_names_key_and_suggests(tmp_path):
+    path = write(tmp_path, {"optim": {"lrr": 1e-3}})
+    with pytest.raises(AlignkitError) as err:
+        resolve_config(StageConfig, path)
+    assert "unknown option `optim.lrr`" in str(err.value)
+    assert "optim.lr" in str(err.value) and str(path) in str(err.value)
+
+
+def test_unknown_key_on_command_line_suggests():
+    with pytest.raises(AlignkitError, match=r"unknown option `--optim.lrr`.*--optim.lr"):
+        parse_overrides(StageConfig, ["--optim.lrr", "1"])
+    with pytest.raises(AlignkitError, match=r"unknown option `--bta`.*--beta"):
+        parse_overrides(StageConfig, ["--bta", "1"])
+    with pytest.raises(AlignkitError, match="needs a value"):
+        parse_overrides(StageConfig, ["--beta"])
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(AlignkitError, match="nope.yaml does not exist"):
+        resolve_config(StageConfig, tmp_path / "nope.yaml")
+
+
+def test_help_lists_every_field_with_default_and_doc():
+    text = format_help(StageConfig)
+    assert "--beta float (default: 0.1)" in text and "KL coefficient." in text
+    assert "--optim.lr float (default: 0.0001)" in text
+    assert field_docs(OptimConfig)["lr"] == "Peak learning rate of AdamW."
+    for name in RunConfig.__dataclass_fields__:
+        assert f"--run.{name} " in text
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = resolve_config(StageConfig, None, ["--beta", "0.3", "--optim.lr", "2e-5"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert resolve_config(StageConfig, tmp_path / "config.yaml") == cfg
