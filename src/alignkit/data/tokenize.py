@@ -1,0 +1,278 @@
+"""Turn prompt/response records into token ids with a per-token training mask.
+
+Every stage that trains on responses (SFT, reward models, DPO, PPO) tokenizes through here, so the
+same rules hold everywhere:
+
+- Rendering. Message data (`{messages}`, or a list `prompt` with a list `completion`) is rendered
+  with the tokenizer's chat template (alignkit's `DEFAULT_CHAT_TEMPLATE` when it has none, see
+  `alignkit.models.load.load_tokenizer`). String data `{prompt, completion}` is plain
+  concatenation: `prompt + completion + EOS`, with nothing inserted between them, so a completion
+  that continues a sentence should begin with its own separator (e.g. a leading space).
+- Strict prefix. The rendering is cut into segments at each assistant turn (the context before it,
+  rendered with `add_generation_prompt=True`, and the turn's increment), each segment is tokenized
+  on its own and the ids are concatenated. So the ids of a prompt are exactly the first ids of
+  prompt + response: tokenizing the joined string could merge tokens across the boundary.
+- One BOS. Segments are tokenized without special tokens; the tokens the tokenizer puts in front
+  of a text (its BOS, if any) are prepended once, unless the template already rendered them.
+- Masks from positions. A token is trained when it lies in an assistant increment up to and
+  including that turn's last EOS (template text after the EOS, e.g. a newline, is not). A turn
+  without EOS is trained whole, and EOS is appended to the final turn when the template did not
+  emit one. Masks never come from `ids != pad_id`, so EOS is trained even when pad == EOS.
+
+Labels follow the Hugging Face convention: `labels[t] = input_ids[t]` for trained tokens and
+`IGNORE_INDEX` elsewhere, aligned with `input_ids` (the loss shifts them); `labels[0]` is always
+`IGNORE_INDEX` since no token predicts the first one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from alignkit.errors import AlignkitError
+from alignkit.losses.sft import IGNORE_INDEX
+
+Message = dict[str, str]
+Example = dict[str, Any]
+"""A tokenized example: `input_ids` and `labels` (lists of int, same length) and `prompt_length`
+(tokens before the final response)."""
+
+
+def special_prefix(tokenizer: Any) -> list[int]:
+    """The ids the tokenizer puts in front of a text when it adds special tokens (usually `[BOS]`)."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    n = len(with_special) - len(plain)
+    return list(with_special[:n]) if n > 0 and with_special[n:n + len(plain)] == plain else []
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Ids of `text` without special tokens added (special tokens written in the text are kept)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def render(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool) -> str:
+    """The chat-template rendering of `messages` as text."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as err:  # jinja raises its own types (e.g. raise_exception in a template)
+        raise AlignkitError(f"the chat template cannot render this conversation: {err}") from None
+
+
+def _increment(longer: str, shorter: str, what: str) -> str:
+    if not longer.startswith(shorter):
+        raise AlignkitError(
+            f"the chat template does not render {what} as a prefix of the longer conversation, so the "
+            "prompt tokens cannot be a strict prefix; use a template whose renderings extend each other"
+        )
+    return longer[len(shorter):]
+
+
+def conversation_segments(
+    tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool = False
+) -> list[tuple[str, bool]]:
+    """Split the chat-template rendering into `(text, is_assistant)` pieces, in order.
+
+    The context before each assistant turn (rendered with the generation prompt) is one piece and
+    the turn's increment another; their concatenation is the rendering of the whole conversation
+    (plus the generation prompt when `add_generation_prompt` and the last turn is not the assistant's).
+
+    Raises:
+        AlignkitError: The template cannot render the messages, or its renderings of successive
+            prefixes do not extend each other.
+    """
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(tokenizer, messages[:i], add_generation_prompt=True)
+        after = render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        segments.append((_increment(before, done, f"turn {i}'s context"), False))
+        segments.append((_increment(after, before, f"turn {i}"), True))
+        done = after
+    if messages and (messages[-1]["role"] != "assistant" or not segments):
+        full = render(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+        segments.append((_increment(full, done, "the conversation"), False))
+    return [(text, trained) for text, trained in segments if text]
+
+
+def _trained_flags(ids: list[int], eos_id: int | None) -> list[bool]:
+    """An assistant increment is trained up to and including its last EOS (all of it if it has none)."""
+    if eos_id is None or eos_id not in ids:
+        return [True] * len(ids)
+    last = len(ids) - 1 - ids[::-1].index(eos_id)
+    return [i <= last for i in range(len(ids))]
+
+
+def encode_segments(
+    tokenizer: Any, segments: list[tuple[str, bool]], *, final_eos: bool
+) -> tuple[list[int], list[bool], int]:
+    """Tokenize each segment separately and concatenate the ids.
+
+    The tokenizer's special prefix (BOS) is prepended unless the ids already start with it. With
+    `final_eos`, EOS is appended (trained) when the last trained token is not EOS.
+
+    Returns:
+        `(ids, trained, last_start)`: T ids, T trained flags, and the index of the first token of
+        the last assistant segment (T when there is none).
+    """
+    eos_id = tokenizer.eos_token_id
+    ids: list[int] = []
+    flags: list[bool] = []
+    last_start = None
+    for text, is_assistant in segments:
+        seg = encode_text(tokenizer, text)
+        if is_assistant:
+            last_start = len(ids)
+        ids += seg
+        flags += _trained_flags(seg, eos_id) if is_assistant else [False] * len(seg)
+    prefix = special_prefix(tokenizer)
+    if prefix and ids[: len(prefix)] != prefix:
+        ids, flags = prefix + ids, [False] * len(prefix) + flags
+        last_start = None if last_start is None else last_start + len(prefix)
+    if final_eos and eos_id is not None:
+        last_trained = max((i for i, f in enumerate(flags) if f), default=None)
+        if last_trained is None or ids[last_trained] != eos_id:
+            ids, flags = ids + [eos_id], flags + [True]
+    return ids, flags, len(ids) if last_start is None else last_start
+
+
+def record_segments(record: dict[str, Any]) -> tuple[list[tuple[str, bool]] | None, list[Message] | None]:
+    """A record as `(string segments, None)` or `(None, messages)`; see the module docstring."""
+    if "messages" in record:
+        return None, [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(prompt, str):
+        return [(prompt, False), (completion, True)], None
+    return None, [{"role": m["role"], "content": m["content"]} for m in [*prompt, *completion]]
+
+
+def encode_prompt(tokenizer: Any, prompt: str | list[Message]) -> list[int]:
+    """Ids of a prompt exactly as they begin `encode_example` of any response to it (BOS included).
+
+    A string is tokenized as is; a message list is rendered with the generation prompt.
+    """
+    if isinstance(prompt, str):
+        return encode_segments(tokenizer, [(prompt, False)], final_eos=False)[0]
+    segments = conversation_segments(tokenizer, list(prompt), add_generation_prompt=True)
+    return encode_segments(tokenizer, segments, final_eos=False)[0]
+
+
+def encode_example(tokenizer: Any, record: dict[str, Any], *, train_on_prompt: bool = False) -> Example:
+    """Tokenize one `sft`-format record (`{prompt, completion}` or `{messages}`) with its labels.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer (with a chat template for message data).
+        record: A validated record (see `alignkit.data.formats.validate_records(..., "sft")`).
+        train_on_prompt: Also train on every non-response token (all but the first).
+
+    Returns:
+        `{"input_ids", "labels", "prompt_length"}`; `prompt_length` counts the tokens before the
+        final response (for a conversation: before the last assistant turn).
+    """
+    segments, messages = record_segments(record)
+    if messages is not None:
+        segments = conversation_segments(tokenizer, messages)
+    ids, flags, prompt_length = encode_segments(tokenizer, segments, final_eos=True)
+    if train_on_prompt:
+        flags = [True] * len(ids)
+    labels = [tok if (flag and t > 0) else IGNORE_INDEX for t, (tok, flag) in enumerate(zip(ids, flags, strict=True))]
+    return {"input_ids": ids, "labels": labels, "prompt_length": prompt_length}
+
+
+def truncate_example(
+    example: Example, *, max_length: int, policy: Literal["left", "drop"], keep_prefix: int = 0
+) -> tuple[Example | None, bool]:
+    """Fit an example into `max_length` tokens.
+
+    "left" removes the oldest prompt tokens (after the first `keep_prefix` tokens, the BOS), never
+    the final response; if the response still does not fit, its end is cut. "drop" returns None
+    for any example that is too long.
+
+    Returns:
+        `(example or None, truncated)`; None also when no trained token is left.
+    """
+    ids, labels, plen = example["input_ids"], example["labels"], example["prompt_length"]
+    if len(ids) <= max_length:
+        return example, False
+    if policy == "drop":
+        return None, False
+    cut = max(0, min(len(ids) - max_length, plen - keep_prefix))
+    ids = ids[:keep_prefix] + ids[keep_prefix + cut:]
+    labels = labels[:keep_prefix] + labels[keep_prefix + cut:]
+    ids, labels = ids[:max_length], labels[:max_length]
+    labels[:1] = [IGNORE_INDEX] * min(1, len(labels))  # nothing predicts the first token
+    if all(label == IGNORE_INDEX for label in labels):
+        return None, True
+    return {"input_ids": ids, "labels": labels, "prompt_length": plen - cut}, True
+
+
+@dataclass
+class TokenizedSFT:
+    """The outcome of `tokenize_sft`: the examples and what happened to the others."""
+
+    examples: list[Example]
+    """Tokenized examples, in record order."""
+    truncated: int = 0
+    """Examples shortened to fit `max_length` (policy "left")."""
+    dropped: int = 0
+    """Examples left out because they were too long (policy "drop")."""
+    skipped: list[tuple[int, str | None, str]] = field(default_factory=list)
+    """`(row, field, reason)` of records skipped with `on_bad_rows="skip"` (e.g. response fully truncated)."""
+
+
+def tokenize_sft(
+    records: list[dict[str, Any]],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    truncation: Literal["left", "drop"] = "left",
+    train_on_prompt: bool = False,
+    source: str = "data",
+    rows: list[int] | None = None,
+    on_bad_rows: Literal["error", "skip"] = "error",
+) -> TokenizedSFT:
+    """Tokenize validated `sft` records and apply the truncation policy.
+
+    Args:
+        records: Valid `sft` records (`validate_records(..., "sft")`).
+        tokenizer: The tokenizer.
+        max_length: Maximum tokens per example (prompt + response).
+        truncation: "left" (cut the prompt from the left, then the response's end) or "drop".
+        train_on_prompt: Train on prompt tokens too.
+        source: File name used in error messages.
+        rows: 1-based row number of each record in `source` (default 1..N).
+        on_bad_rows: "error" raises on a record that cannot be tokenized or whose response is
+            truncated away; "skip" leaves it out and lists it in `skipped`.
+
+    Raises:
+        AlignkitError: Naming file, row and field, with `on_bad_rows="error"`; or a bad option.
+    """
+    if truncation not in ("left", "drop"):
+        raise AlignkitError(f"option `truncation`: expected 'left' or 'drop', got {truncation!r}")
+    if max_length < 1:
+        raise AlignkitError(f"option `data.max_length`: expected a positive number, got {max_length}")
+    rows = rows or list(range(1, len(records) + 1))
+    keep_prefix = len(special_prefix(tokenizer))
+    out = TokenizedSFT(examples=[])
+    for row, record in zip(rows, records, strict=True):
+        field_name = "messages" if "messages" in record else "completion"
+        try:
+            example = encode_example(tokenizer, record, train_on_prompt=train_on_prompt)
+            fitted, was_cut = truncate_example(example, max_length=max_length, policy=truncation,
+                                               keep_prefix=keep_prefix)
+            if fitted is None and was_cut:
+                raise AlignkitError(f"the response is fully truncated by data.max_length={max_length} "
+                                    f"({len(example['input_ids'])} tokens)")
+        except AlignkitError as err:
+            if on_bad_rows == "error":
+                raise AlignkitError(f"{source}, row {row}, field '{field_name}': {err}") from None
+            out.skipped.append((row, field_name, str(err)))
+            continue
+        out.truncated += int(was_cut)
+        if fitted is None:
+            out.dropped += 1
+        else:
+            out.examples.append(fitted)
+    return out
