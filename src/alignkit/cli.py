@@ -19,6 +19,7 @@ from alignkit.errors import AlignkitError
 # so `alignkit --help` is fast.
 STAGES: dict[str, tuple[str, str, str]] = {
     "pretrain": ("alignkit.trainers.pretrain", "PretrainConfig", "causal LM training on raw text {text}"),
+    "sft": ("alignkit.trainers.sft", "SFTConfig", "supervised fine-tuning on {prompt, completion} or {messages}"),
 }
 
 WORLD_COMMANDS = ("build", "info")

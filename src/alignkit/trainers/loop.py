@@ -249,8 +249,8 @@ class TrainLoop:
         if self.logger is not None:
             self.logger.close()
 
-    def finish(self, tokenizer: Any, summary: dict[str, Any]) -> dict[str, Any]:
-        """Save `final/` (HF format) and `summary.json`; return the summary."""
+    def finish(self, tokenizer: Any, summary: dict[str, Any], *, merge_lora: bool = True) -> dict[str, Any]:
+        """Save `final/` (HF format; LoRA adapters merged unless `merge_lora=False`) and `summary.json`."""
         from alignkit.models.save import save_pretrained_atomic
 
         self.close()
@@ -260,7 +260,8 @@ class TrainLoop:
                    "final_dir": str(self.out_dir / "final"),
                    "wall_time_s": time.perf_counter() - self._t0, **summary}
         if acc.is_main_process:
-            save_pretrained_atomic(acc.unwrap_model(self.model), tokenizer, self.out_dir / "final")
+            save_pretrained_atomic(acc.unwrap_model(self.model), tokenizer, self.out_dir / "final",
+                                   merge_lora=merge_lora)
             write_json_atomic(self.out_dir / "summary.json", summary)
         acc.wait_for_everyone()
         return summary
