@@ -1,13 +1,10 @@
 """Turn prompt/response records into token ids with a per-token training mask.
 
-Every stage that trains on responses (SFT, reward models, DPO, PPO) tokenizes through here, so the
-same rules hold everywhere:
+SFT, reward models, DPO and PPO all tokenize through here, so the same rules hold everywhere:
 
-- Rendering. Message data (`{messages}`, or a list `prompt` with a list `completion`) is rendered
-  with the tokenizer's chat template (alignkit's `DEFAULT_CHAT_TEMPLATE` when it has none, see
-  `alignkit.models.load.load_tokenizer`). String data `{prompt, completion}` is plain
-  concatenation: `prompt + completion + EOS`, with nothing inserted between them, so a completion
-  that continues a sentence should begin with its own separator (e.g. a leading space).
+- Rendering. Message data (`{messages}`, or list `prompt` + list `completion`) uses the chat
+  template. String `{prompt, completion}` is plain concatenation, `prompt + completion + EOS` with
+  nothing in between: a completion should begin with its own separator (e.g. a space).
 - Strict prefix. The rendering is cut into segments at each assistant turn (the context before it,
   rendered with `add_generation_prompt=True`, and the turn's increment), each segment is tokenized
   on its own and the ids are concatenated. So the ids of a prompt are exactly the first ids of
@@ -19,9 +16,8 @@ same rules hold everywhere:
   without EOS is trained whole, and EOS is appended to the final turn when the template did not
   emit one. Masks never come from `ids != pad_id`, so EOS is trained even when pad == EOS.
 
-Labels follow the Hugging Face convention: `labels[t] = input_ids[t]` for trained tokens and
-`IGNORE_INDEX` elsewhere, aligned with `input_ids` (the loss shifts them); `labels[0]` is always
-`IGNORE_INDEX` since no token predicts the first one.
+Labels are aligned with `input_ids` (the loss shifts them): `labels[t] = input_ids[t]` if trained,
+else `IGNORE_INDEX`; `labels[0]` is always `IGNORE_INDEX` (no token predicts the first).
 """
 
 from __future__ import annotations
@@ -33,9 +29,7 @@ from alignkit.errors import AlignkitError
 from alignkit.losses.sft import IGNORE_INDEX
 
 Message = dict[str, str]
-Example = dict[str, Any]
-"""A tokenized example: `input_ids` and `labels` (lists of int, same length) and `prompt_length`
-(tokens before the final response)."""
+Example = dict[str, Any]  # input_ids, labels (lists of int, same length), prompt_length
 
 
 def special_prefix(tokenizer: Any) -> list[int]:
@@ -91,7 +85,7 @@ def conversation_segments(
         segments.append((_increment(before, done, f"turn {i}'s context"), False))
         segments.append((_increment(after, before, f"turn {i}"), True))
         done = after
-    if messages and (messages[-1]["role"] != "assistant" or not segments):
+    if messages and (messages[-1]["role"] != "assistant" or not segments):  # the tail after the last turn
         full = render(tokenizer, messages, add_generation_prompt=add_generation_prompt)
         segments.append((_increment(full, done, "the conversation"), False))
     return [(text, trained) for text, trained in segments if text]
@@ -138,14 +132,12 @@ def encode_segments(
     return ids, flags, len(ids) if last_start is None else last_start
 
 
-def record_segments(record: dict[str, Any]) -> tuple[list[tuple[str, bool]] | None, list[Message] | None]:
-    """A record as `(string segments, None)` or `(None, messages)`; see the module docstring."""
-    if "messages" in record:
-        return None, [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
-    prompt, completion = record["prompt"], record["completion"]
-    if isinstance(prompt, str):
-        return [(prompt, False), (completion, True)], None
-    return None, [{"role": m["role"], "content": m["content"]} for m in [*prompt, *completion]]
+def record_segments(tokenizer: Any, record: dict[str, Any]) -> list[tuple[str, bool]]:
+    """The `(text, is_assistant)` segments of an `sft` record (plain strings, or the chat template)."""
+    if isinstance(record.get("prompt"), str):
+        return [(record["prompt"], False), (record["completion"], True)]
+    messages = record["messages"] if "messages" in record else [*record["prompt"], *record["completion"]]
+    return conversation_segments(tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages])
 
 
 def encode_prompt(tokenizer: Any, prompt: str | list[Message]) -> list[int]:
@@ -162,19 +154,10 @@ def encode_prompt(tokenizer: Any, prompt: str | list[Message]) -> list[int]:
 def encode_example(tokenizer: Any, record: dict[str, Any], *, train_on_prompt: bool = False) -> Example:
     """Tokenize one `sft`-format record (`{prompt, completion}` or `{messages}`) with its labels.
 
-    Args:
-        tokenizer: A Hugging Face tokenizer (with a chat template for message data).
-        record: A validated record (see `alignkit.data.formats.validate_records(..., "sft")`).
-        train_on_prompt: Also train on every non-response token (all but the first).
-
-    Returns:
-        `{"input_ids", "labels", "prompt_length"}`; `prompt_length` counts the tokens before the
-        final response (for a conversation: before the last assistant turn).
+    With `train_on_prompt`, every token but the first is trained. Returns `{"input_ids", "labels",
+    "prompt_length"}`; `prompt_length` counts the tokens before the final (last assistant) response.
     """
-    segments, messages = record_segments(record)
-    if messages is not None:
-        segments = conversation_segments(tokenizer, messages)
-    ids, flags, prompt_length = encode_segments(tokenizer, segments, final_eos=True)
+    ids, flags, prompt_length = encode_segments(tokenizer, record_segments(tokenizer, record), final_eos=True)
     if train_on_prompt:
         flags = [True] * len(ids)
     labels = [tok if (flag and t > 0) else IGNORE_INDEX for t, (tok, flag) in enumerate(zip(ids, flags, strict=True))]
@@ -184,14 +167,10 @@ def encode_example(tokenizer: Any, record: dict[str, Any], *, train_on_prompt: b
 def truncate_example(
     example: Example, *, max_length: int, policy: Literal["left", "drop"], keep_prefix: int = 0
 ) -> tuple[Example | None, bool]:
-    """Fit an example into `max_length` tokens.
-
-    "left" removes the oldest prompt tokens (after the first `keep_prefix` tokens, the BOS), never
+    """Fit an example into `max_length` tokens. "left" removes the oldest prompt tokens (after the first `keep_prefix` tokens, the BOS), never
     the final response; if the response still does not fit, its end is cut. "drop" returns None
-    for any example that is too long.
-
-    Returns:
-        `(example or None, truncated)`; None also when no trained token is left.
+    for any example that is too long. Returns `(example or None, truncated)`; None also when no
+    trained token is left.
     """
     ids, labels, plen = example["input_ids"], example["labels"], example["prompt_length"]
     if len(ids) <= max_length:
@@ -212,14 +191,10 @@ def truncate_example(
 class TokenizedSFT:
     """The outcome of `tokenize_sft`: the examples and what happened to the others."""
 
-    examples: list[Example]
-    """Tokenized examples, in record order."""
-    truncated: int = 0
-    """Examples shortened to fit `max_length` (policy "left")."""
-    dropped: int = 0
-    """Examples left out because they were too long (policy "drop")."""
-    skipped: list[tuple[int, str | None, str]] = field(default_factory=list)
-    """`(row, field, reason)` of records skipped with `on_bad_rows="skip"` (e.g. response fully truncated)."""
+    examples: list[Example]  # in record order
+    truncated: int = 0  # shortened to fit `max_length` (policy "left")
+    dropped: int = 0  # left out for being too long (policy "drop")
+    skipped: list[tuple[int, str | None, str]] = field(default_factory=list)  # (row, field, reason), on_bad_rows=skip
 
 
 def tokenize_sft(
@@ -237,12 +212,9 @@ def tokenize_sft(
 
     Args:
         records: Valid `sft` records (`validate_records(..., "sft")`).
-        tokenizer: The tokenizer.
-        max_length: Maximum tokens per example (prompt + response).
-        truncation: "left" (cut the prompt from the left, then the response's end) or "drop".
+        max_length, truncation: See `truncate_example` ("left" or "drop").
         train_on_prompt: Train on prompt tokens too.
-        source: File name used in error messages.
-        rows: 1-based row number of each record in `source` (default 1..N).
+        source, rows: File name and 1-based row of each record (default 1..N), for messages.
         on_bad_rows: "error" raises on a record that cannot be tokenized or whose response is
             truncated away; "skip" leaves it out and lists it in `skipped`.
 
