@@ -1,0 +1,30 @@
+# Quick start: `make demo` (set up, then run the main job on the embedded sentiment world) and
+# `make test` (set up with test extras, then lint and run the test suite).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Keep the world cache inside the checkout, so a clone is self-contained.
+export ALIGNKIT_CACHE ?= $(CURDIR)/.cache/alignkit
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: demo test test-slow lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/alignkit world sentiment build
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check src tests bench
+
+test: lint
+	$(BIN)/pytest -q
+
+test-slow: $(BIN)/.installed
+	$(BIN)/pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) .cache runs
