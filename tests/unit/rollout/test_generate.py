@@ -30,8 +30,13 @@ def prompts(tokenizer):
 def _sample(model, tokenizer, ids, mask, seed=0, **kwargs) -> Rollout:
     kwargs.setdefault("max_new_tokens", 12)
     return sample(
-        model, ids, mask, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        generator=torch.Generator().manual_seed(seed), **kwargs,
+        model,
+        ids,
+        mask,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        generator=torch.Generator().manual_seed(seed),
+        **kwargs,
     )
 
 
@@ -85,9 +90,12 @@ def test_batched_logprobs_equal_unbatched(model, tokenizer, prompts):
     for i in range(len(PROMPTS)):
         keep = batched.prompt_mask[i]
         single = Rollout(
-            prompt_ids=batched.prompt_ids[i : i + 1, keep], prompt_mask=batched.prompt_mask[i : i + 1, keep],
-            response_ids=batched.response_ids[i : i + 1], response_mask=batched.response_mask[i : i + 1],
-            logprobs=batched.logprobs[i : i + 1], ends_with_eos=batched.ends_with_eos[i : i + 1],
+            prompt_ids=batched.prompt_ids[i : i + 1, keep],
+            prompt_mask=batched.prompt_mask[i : i + 1, keep],
+            response_ids=batched.response_ids[i : i + 1],
+            response_mask=batched.response_mask[i : i + 1],
+            logprobs=batched.logprobs[i : i + 1],
+            ends_with_eos=batched.ends_with_eos[i : i + 1],
             lengths=batched.lengths[i : i + 1],
         )
         alone = sequence_logprobs(model, single, temperature=0.7)[0]
@@ -144,8 +152,12 @@ def test_top_k_1_equals_greedy_generate(model, tokenizer, prompts):
     rollout = _sample(model, tokenizer, ids, mask, top_k=1, max_new_tokens=10)
     with torch.inference_mode():
         greedy = model.generate(
-            input_ids=ids, attention_mask=mask.long(), do_sample=False, max_new_tokens=10,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            input_ids=ids,
+            attention_mask=mask.long(),
+            do_sample=False,
+            max_new_tokens=10,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )[:, ids.shape[1] :]
     width = min(greedy.shape[1], rollout.response_ids.shape[1])
     assert torch.equal(rollout.response_ids[:, :width], greedy[:, :width])
@@ -175,5 +187,50 @@ def test_rollout_helpers(model, tokenizer, prompts):
         assert pos[i][mask[i]].tolist() == list(range(int(mask[i].sum())))
     assert len(rollout.texts(tokenizer)) == 4
     assert rollout.prompt_texts(tokenizer)[0] == PROMPTS[0]
-    both = Rollout.concat([rollout.select([0]), rollout.select(slice(1, 4))], pad_token_id=tokenizer.pad_token_id)
+    both = Rollout.concat(
+        [rollout.select([0]), rollout.select(slice(1, 4))], pad_token_id=tokenizer.pad_token_id
+    )
     assert torch.equal(both.full_ids(), full) and torch.equal(both.logprobs, rollout.logprobs)
+
+
+def test_right_padded_prompts_are_refused(model, tokenizer, prompts):
+    ids, mask = prompts
+    with pytest.raises(ValueError, match="left-padded"):
+        _sample(model, tokenizer, ids.flip(1), mask.flip(1), max_new_tokens=2)
+
+
+def test_entropy_matches_plain_definition(model, tokenizer, prompts):
+    rollout = _sample(model, tokenizer, *prompts, max_new_tokens=4)
+    logprobs, entropy = sequence_logprobs(model, rollout, temperature=0.7, with_entropy=True)
+    logits = (
+        model(
+            input_ids=rollout.full_ids(),
+            attention_mask=rollout.full_mask().long(),
+            position_ids=rollout.position_ids(),
+        ).logits[:, rollout.prompt_length - 1 : -1]
+        / 0.7
+    )
+    logp = logits.log_softmax(-1)
+    expected = -(logp.exp() * logp).sum(-1)
+    torch.testing.assert_close(entropy[rollout.response_mask], expected[rollout.response_mask])
+    assert torch.equal(logprobs, sequence_logprobs(model, rollout, temperature=0.7))
+    logprobs.sum().backward()  # the training pass carries gradients (rollout tensors are not inference tensors)
+
+
+def test_batched_greedy_sampling_equals_one_prompt_at_a_time(model, tokenizer, prompts):
+    ids, mask = prompts
+    batched = _sample(model, tokenizer, ids, mask, top_k=1, max_new_tokens=8, temperature=0.7)
+    for i in range(len(PROMPTS)):
+        keep = mask[i]
+        alone = _sample(
+            model,
+            tokenizer,
+            ids[i : i + 1, keep],
+            mask[i : i + 1, keep],
+            top_k=1,
+            max_new_tokens=8,
+            temperature=0.7,
+        )
+        n = int(alone.lengths[0])
+        assert torch.equal(alone.response_ids[0, :n], batched.response_ids[i, :n])
+        assert (alone.logprobs[0, :n] - batched.logprobs[i, :n]).abs().max() < 1e-5
