@@ -234,3 +234,14 @@ def test_batched_greedy_sampling_equals_one_prompt_at_a_time(model, tokenizer, p
         n = int(alone.lengths[0])
         assert torch.equal(alone.response_ids[0, :n], batched.response_ids[i, :n])
         assert (alone.logprobs[0, :n] - batched.logprobs[i, :n]).abs().max() < 1e-5
+
+
+def test_concat_of_different_widths_keeps_logprobs(model, tokenizer, prompts):
+    ids, mask = prompts
+    short = _sample(model, tokenizer, ids[1:2, -3:], mask[1:2, -3:], max_new_tokens=3)
+    long = _sample(model, tokenizer, ids, mask, max_new_tokens=7, seed=1)
+    both = Rollout.concat([short, long], pad_token_id=tokenizer.pad_token_id)
+    assert both.full_ids().shape == (5, ids.shape[1] + 7)
+    recomputed = sequence_logprobs(model, both)
+    assert (recomputed - both.logprobs).abs().max() < 1e-5
+    assert both.texts(tokenizer)[1:] == long.texts(tokenizer)
