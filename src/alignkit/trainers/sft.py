@@ -27,7 +27,7 @@ from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from alignkit.data.collate import collate_packed, collate_padded, left_pad
 from alignkit.data.tokenize import encode_prompt, tokenize_sft
 from alignkit.errors import AlignkitError
-from alignkit.losses.sft import causal_lm_loss_sum
+from alignkit.losses.sft import IGNORE_INDEX, causal_lm_loss_sum
 from alignkit.trainers.loop import TrainLoop, evaluate
 
 
@@ -197,7 +197,7 @@ def evaluate_and_sample(loop: TrainLoop, cfg: SFTConfig, tokenizer: Any, batches
 
 def _plan(data: dict[str, Any], loop: TrainLoop, cfg: SFTConfig) -> dict[str, str]:
     n_tokens = sum(len(ex["input_ids"]) for ex in data["train"])
-    n_terms = sum(sum(label != -100 for label in ex["labels"]) for ex in data["train"])
+    n_terms = sum(sum(label != IGNORE_INDEX for label in ex["labels"]) for ex in data["train"])
     mean = n_tokens / len(data["train"])
     return {
         "tokens": f"{n_tokens:,} training tokens ({n_terms:,} trained), {mean:.1f} per example; "
@@ -229,7 +229,8 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
     if start == 0:
         first = evaluate_and_sample(loop, cfg, tokenizer, batches, data["eval_prompts"])
         loop.stage_state["first_eval_loss"] = first.get("eval/loss")
-        loop.log(first)
+        if first:
+            loop.log(first)
     for _ in range(start, loop.total_steps):
         t0 = time.perf_counter()
         micro = [collate([train[i] for i in idx]) for idx in loop.micro_batch_indices(len(train), loop.step)]
@@ -240,7 +241,8 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
             metrics.update(evaluate_and_sample(loop, cfg, tokenizer, batches, data["eval_prompts"]))
         loop.end_step(metrics)
     final = evaluate_and_sample(loop, cfg, tokenizer, batches, data["eval_prompts"])
-    loop.log(final)
+    if final:
+        loop.log(final)
     summary = {
         "examples": len(train), "eval_examples": len(data["eval"]), "truncated": data["truncated"],
         "dropped": data["dropped"], "skipped_rows": data["skipped_rows"],
