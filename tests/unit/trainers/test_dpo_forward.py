@@ -1,0 +1,155 @@
+"""DPO through the trainer's forward pass: one concatenated pass, policy == reference gives log 2."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from alignkit.config import ModelConfig
+from alignkit.errors import AlignkitError
+from alignkit.losses.preference import dpo_loss
+from alignkit.trainers.dpo import DPOConfig, Reference, make_loss_fn, response_logps
+from alignkit.trainers.dpo_data import collate_groups, encode_group, fit_group, tokenize_groups
+
+PAIRS = [
+    {"prompt": "The quick brown", "chosen": " fox jumps over the lazy dog.", "rejected": " dog."},
+    {"prompt": "I loved this movie,", "chosen": " it was wonderful!", "rejected": " I hated every minute of it."},
+    {"prompt": "What a", "chosen": " beautiful, moving story about friendship.", "rejected": " film."},
+]
+
+
+@pytest.fixture(scope="module")
+def tok_model(tiny_llama_dir):
+    from alignkit.models.load import load_causal_lm, load_tokenizer
+
+    cfg = ModelConfig(name_or_path=str(tiny_llama_dir))
+    tokenizer = load_tokenizer(cfg)
+    return tokenizer, load_causal_lm(cfg, tokenizer).eval()
+
+
+def _groups(tokenizer, records=PAIRS, kind="preference", loss="sigmoid"):
+    return tokenize_groups(records, kind, loss, tokenizer, max_length=64).groups
+
+
+def test_prompt_is_a_strict_prefix_of_every_response(tok_model):
+    tokenizer, _ = tok_model
+    for record in PAIRS:
+        examples, plen = encode_group(tokenizer, record["prompt"], [record["chosen"], record["rejected"]])
+        prompt_ids = examples[0]["input_ids"][:plen]
+        assert examples[1]["input_ids"][:plen] == prompt_ids
+        assert prompt_ids.count(tokenizer.bos_token_id) == 1
+
+
+def test_concatenated_forward_equals_separate_forwards(tok_model):
+    tokenizer, model = tok_model
+    groups = _groups(tokenizer)
+    with torch.no_grad():
+        joint, n_tokens = response_logps(model, collate_groups(groups, tokenizer.pad_token_id))  # B×K
+        for b, group in enumerate(groups):
+            for k, response in enumerate(group["responses"]):
+                alone, n_alone = response_logps(model, collate_groups([{"responses": [response]}], 0))
+                assert_close(joint[b, k], alone[0, 0])
+                assert n_tokens[b, k] == n_alone[0, 0]
+
+
+def test_sequence_logprobs_equal_a_plain_loop_over_tokens(tok_model):
+    tokenizer, model = tok_model
+    groups = _groups(tokenizer)
+    with torch.no_grad():
+        joint, _ = response_logps(model, collate_groups(groups, tokenizer.pad_token_id))
+        for b, group in enumerate(groups):
+            for k, response in enumerate(group["responses"]):
+                ids = torch.tensor([response["input_ids"]])
+                logp = model(input_ids=ids).logits[0].log_softmax(-1)
+                expected = sum(logp[t - 1, tok] for t, tok in enumerate(response["labels"]) if tok != -100)
+                assert_close(joint[b, k], expected)
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "plackett_luce", "cdpo"])
+def test_policy_equal_to_reference_gives_log_2(tok_model, loss):
+    tokenizer, model = tok_model
+    cfg = DPOConfig(loss=loss, beta=0.1, label_smoothing=0.1)
+    batch = collate_groups(_groups(tokenizer, loss=loss), tokenizer.pad_token_id)
+    loss_sum, metrics = make_loss_fn(cfg, Reference(copy.deepcopy(model), model))(model, batch)
+    assert_close(loss_sum / batch["n_terms"], torch.tensor(math.log(2.0)))
+    assert_close(metrics["rewards/margins"], torch.tensor(0.0))
+
+
+def test_forward_loss_is_dpo_on_the_sequence_logprobs(tok_model):
+    tokenizer, model = tok_model
+    torch.manual_seed(0)
+    policy = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = collate_groups(_groups(tokenizer), tokenizer.pad_token_id)
+    loss_sum, _ = make_loss_fn(DPOConfig(beta=0.5), Reference(model, policy))(policy, batch)
+    with torch.no_grad():
+        pol, ref = response_logps(policy, batch)[0], response_logps(model, batch)[0]
+    expected, _ = dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], beta=0.5)
+    assert_close(loss_sum / 3, expected)
+    loss_sum.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
+
+
+def test_lora_reference_is_the_base_with_adapters_disabled(tiny_llama_dir):
+    from alignkit.models.load import load_causal_lm, load_tokenizer
+
+    cfg = ModelConfig(name_or_path=str(tiny_llama_dir), lora_r=4)
+    tokenizer = load_tokenizer(cfg)
+    policy = load_causal_lm(cfg, tokenizer)
+    base = load_causal_lm(ModelConfig(name_or_path=str(tiny_llama_dir)), tokenizer).eval()
+    with torch.no_grad():  # make the adapters matter
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    batch = collate_groups(_groups(tokenizer), tokenizer.pad_token_id)
+    reference = Reference(None, policy)
+    with torch.no_grad():
+        assert_close(reference.logps(batch), response_logps(base, batch)[0])
+        assert not torch.allclose(response_logps(policy, batch)[0], response_logps(base, batch)[0])
+    assert policy.training  # the reference pass restores the policy's mode
+
+
+def test_ranking_groups_of_different_sizes_are_masked(tok_model):
+    tokenizer, model = tok_model
+    records = [{"prompt": "What a", "responses": [" story.", " film.", " dog."]},
+               {"prompt": "The quick", "responses": [" fox.", " dog."]}]
+    groups = _groups(tokenizer, records, kind="ranking", loss="plackett_luce")
+    batch = collate_groups(groups, tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[0] == 6 and batch["group_mask"].tolist() == [[True] * 3, [True, True, False]]
+    loss_sum, _ = make_loss_fn(DPOConfig(loss="plackett_luce"), Reference(copy.deepcopy(model), model))(model, batch)
+    # policy == reference: each list's loss is log K! (all orders equally likely): (log 6 + log 2) / 2
+    assert_close(loss_sum / 2, torch.tensor((math.log(6) + math.log(2)) / 2))
+
+
+def test_kto_from_preferences_and_unpaired_labels(tok_model):
+    tokenizer, model = tok_model
+    groups = _groups(tokenizer, loss="kto")
+    assert [g["label"] for g in groups] == [True, False] * 3
+    batch = collate_groups(groups, tokenizer.pad_token_id)
+    assert batch["kto_labels"].tolist() == [True, False] * 3
+    loss_sum, _ = make_loss_fn(DPOConfig(loss="kto"), Reference(copy.deepcopy(model), model))(model, batch)
+    assert_close(loss_sum / 6, torch.tensor(0.5))  # r = z0 = 0: 1 - Sigmoid(0) for every example
+
+
+def test_truncation_cuts_the_same_prompt_tokens_from_every_response(tok_model):
+    tokenizer, _ = tok_model
+    record = PAIRS[1]
+    examples, plen = encode_group(tokenizer, record["prompt"], [record["chosen"], record["rejected"]])
+    longest = max(len(e["input_ids"]) for e in examples)
+    fitted, cut = fit_group(examples, plen, max_length=longest - 2, keep_prefix=1, policy="left")
+    assert cut and all(len(e["input_ids"]) <= longest - 2 for e in fitted)
+    assert fitted[0]["input_ids"][: plen - 2] == fitted[1]["input_ids"][: plen - 2]
+    assert fitted[0]["input_ids"][0] == tokenizer.bos_token_id
+
+
+def test_wrong_record_kind_for_the_loss_is_an_error(tok_model):
+    tokenizer, _ = tok_model
+    unpaired = [{"prompt": "Hi", "completion": " there", "label": True}]
+    with pytest.raises(AlignkitError, match="loss 'sigmoid' trains on preference or ranking"):
+        tokenize_groups(unpaired, "unpaired", "sigmoid", tokenizer, max_length=32, source="d.jsonl")
