@@ -1,0 +1,156 @@
+"""The reward model: a transformer backbone with a linear head on one token (Xiao & Zhu, Eq. 10.34).
+
+    r(x, y) = h_last W_r        h_last: the top-layer representation of the last non-pad token of [x, y]
+
+A reward model is a Hugging Face `*ForSequenceClassification` with one label. Decoder backbones
+(Llama, GPT-2, Qwen, ...) score the last non-pad token; encoder backbones (BERT, ...) score their
+pooled output (the first token), so they must be right-padded. `reward_scores` passes positions
+cumsum(mask) - 1, so a left-padded and a right-padded batch give the same rewards.
+
+Initialised from a causal LM (e.g. the SFT model) the head is new and drawn from N(0, 1 / (d + 1))
+(Ziegler et al. 2019, Sec. 2.2); from a sequence classifier it is kept.
+
+Normalisation (Ziegler et al. 2019, Sec. 2.2): after training the reward is made mean 0 and std 1
+on samples from the reference policy, r' = g r + b with g = 1 / std, b = -mean / std. The gain is
+folded into the head weight exactly. The bias is folded into the head bias when the head has one
+(e.g. BERT's classifier). Llama's (and most decoders') Hugging Face head has *no* bias and no exact
+rewrite of the weights adds a constant, so for those heads b is stored in `config.json` as
+`reward_bias` (with `reward_bias_folded: false`) and applied by `load_reward_model` /
+`reward_scores`. A plain `AutoModelForSequenceClassification.from_pretrained` of such a model gives
+g r = r' - b: unit std on the reference samples, shifted by the constant -b. Differences of rewards
+(preferences, best-of-N, PPO with whitened advantages) are unaffected; raw values are.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from alignkit.errors import AlignkitError
+
+CONFIG_GAIN = "reward_gain"
+CONFIG_BIAS = "reward_bias"
+CONFIG_BIAS_FOLDED = "reward_bias_folded"
+
+
+def hf_model(model: torch.nn.Module) -> Any:
+    """The Hugging Face model inside a peft / accelerate wrapper (the model itself otherwise)."""
+    model = getattr(model, "module", model)  # DDP
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def score_head(model: torch.nn.Module) -> torch.nn.Linear:
+    """The linear head of a sequence classifier (`score` for decoders, `classifier` for encoders)."""
+    hf = hf_model(model)
+    head = getattr(hf, "score", None)
+    head = getattr(hf, "classifier", None) if head is None else head
+    if hasattr(head, "modules_to_save"):  # peft trains (and saves) a copy of the head
+        head = head.modules_to_save["default"]
+    if head is not None and not isinstance(head, torch.nn.Linear):
+        head = getattr(head, "out_proj", head)  # RoBERTa-style heads end in `out_proj`
+    if not isinstance(head, torch.nn.Linear):
+        raise AlignkitError(f"{type(hf).__name__} has no linear `score`/`classifier` head to use as a reward head")
+    if head.out_features != 1:
+        raise AlignkitError(f"the reward head has {head.out_features} outputs; a reward model needs num_labels=1")
+    return head
+
+
+def init_head(model: torch.nn.Module, seed: int = 0) -> None:
+    """Draw the head weight from N(0, 1 / (d + 1)) and zero its bias (Ziegler et al. 2019, Sec. 2.2)."""
+    head = score_head(model)
+    gen = torch.Generator().manual_seed(seed)
+    d = head.in_features
+    with torch.no_grad():
+        weight = torch.randn(head.weight.shape, generator=gen) / math.sqrt(d + 1)
+        head.weight.copy_(weight.to(head.weight.dtype))
+        if head.bias is not None:
+            head.bias.zero_()
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Column of each row's last real token, for left- and right-padded rows alike.
+
+    Shapes:
+        attention_mask: B×T (bool or 0/1); returns B long.
+    """
+    T = attention_mask.shape[1]
+    return T - 1 - attention_mask.long().flip(1).argmax(dim=1)
+
+
+def reward_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                  pad_token_id: int | None = None, apply_bias: bool = False) -> torch.Tensor:
+    """Rewards r(x, y) of a padded batch of [x, y] sequences (Eq. 10.34), with gradients if enabled.
+
+    The Hugging Face head reads the rightmost token that is not the pad id; we check that this is
+    the last token of the attention mask (pad ids never occur inside a sequence), so the reward is
+    never read at a pad. Positions are cumsum(mask) - 1, so left padding does not shift them.
+
+    Args:
+        model: A sequence classifier with one label (or its peft / DDP wrapper).
+        input_ids, attention_mask: B×T, right- or (decoders only) left-padded.
+        pad_token_id: The pad id (default: the model config's).
+        apply_bias: Add the stored normalisation bias `reward_bias` when the head has no bias.
+
+    Shapes:
+        returns: B float.
+    """
+    config = hf_model(model).config
+    pad = config.pad_token_id if pad_token_id is None else pad_token_id
+    mask = attention_mask.long()
+    if pad is not None and bool(((input_ids == pad) & mask.bool()).any()):
+        raise AlignkitError(f"the pad id {pad} occurs inside a sequence; the reward would be read at the wrong "
+                            "token. Use a tokenizer whose pad token is distinct (alignkit's loader adds one)")
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # B×T
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions)
+    scores = out.logits[:, 0].float()  # B
+    if apply_bias and not getattr(config, CONFIG_BIAS_FOLDED, True):
+        scores = scores + float(getattr(config, CONFIG_BIAS, 0.0))
+    return scores
+
+
+def normalization(scores: torch.Tensor) -> tuple[float, float]:
+    """Gain and bias making `scores` mean 0 and std 1: g = 1 / std, b = -mean / std (Ziegler et al. 2019).
+
+    Shapes:
+        scores: N float (N >= 2, not all equal); returns two floats.
+    """
+    scores = scores.double()
+    std = scores.std(unbiased=False).item()
+    if scores.numel() < 2 or not math.isfinite(std) or std <= 0:
+        raise AlignkitError(f"cannot normalise the reward: {scores.numel()} normalisation samples with std {std}")
+    return 1.0 / std, -scores.mean().item() / std
+
+
+def apply_normalization(model: torch.nn.Module, gain: float, bias: float) -> bool:
+    """Make the model output g r + b: fold g into the head weight and b into its bias, if it has one.
+
+    Without a head bias, `reward_bias` is written to the config for `reward_scores(apply_bias=True)`
+    and `load_reward_model`. Composes with an earlier normalisation. Returns True if b was folded.
+    """
+    head = score_head(model)
+    config = hf_model(model).config
+    old_gain = float(getattr(config, CONFIG_GAIN, 1.0))
+    old_bias = float(getattr(config, CONFIG_BIAS, 0.0)) if not getattr(config, CONFIG_BIAS_FOLDED, True) else 0.0
+    with torch.no_grad():
+        head.weight.mul_(gain)
+        if head.bias is not None:
+            head.bias.mul_(gain).add_(bias)
+    folded = head.bias is not None
+    setattr(config, CONFIG_GAIN, old_gain * gain)
+    setattr(config, CONFIG_BIAS, 0.0 if folded else gain * old_bias + bias)
+    setattr(config, CONFIG_BIAS_FOLDED, folded)
+    return folded
+
+
+def load_reward_model(path: str, *, dtype: str = "float32", allow_unsafe_pickle: bool = False) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer) of a saved reward model; `reward_scores(..., apply_bias=True)` scores it."""
+    from alignkit.config import ModelConfig
+    from alignkit.models.load import load_sequence_classifier, load_tokenizer
+
+    cfg = ModelConfig(name_or_path=str(path), dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle)
+    tokenizer = load_tokenizer(cfg)
+    model = load_sequence_classifier(cfg, num_labels=1, tokenizer=tokenizer).eval()
+    score_head(model)  # fail early on a classifier with several labels
+    return model, tokenizer
