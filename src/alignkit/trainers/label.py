@@ -1,0 +1,297 @@
+"""`alignkit label`: sample K responses per prompt from a policy and ask a labeler (Ziegler et al. 2019, Sec. 2.2).
+
+For each prompt the policy samples K responses (KV-cache sampler, temperature `temperature`); the
+prompt and its responses form a query `{id, prompt, responses}`, and the labeler answers it in the
+chosen format (pairs, best-of-K choices, rankings or ratings; see `alignkit.feedback.labelers`).
+Queries whose responses are empty, or identical where they must differ, are skipped and counted.
+Prompts are drawn (shuffled by `run.seed`) until `budget` records are labelled.
+
+Run directory: `queries.jsonl` (every query, with its split), `train.jsonl` and `heldout.jsonl` (the
+labelled records), `heldout_gold.jsonl` (when a world is given: every held-out response as a
+`{prompt, response, score}` record with its gold score, for `alignkit reward`'s Spearman check),
+`config.yaml` and `summary.json`. With the `file` labeler and no `answers`, the run stops after
+writing `queries.jsonl`: export it to an annotation tool, then rerun with `--queries` and `--answers`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from alignkit.config import ModelConfig, RunConfig
+from alignkit.errors import AlignkitError
+from alignkit.trainers.rundir import prepare_run_dir, resolve_output_dir, write_json_atomic
+
+
+@dataclass
+class LabelConfig:
+    """Sample K responses per prompt from a policy and label them (pairs, choices, rankings, ratings)."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    world: str = ""
+    """Embedded world (e.g. `sentiment`): default prompts, gold labeler and, if `model.name_or_path` is empty, its base model."""
+    prompts: str = ""
+    """File of `{prompt}` records to sample from (default: the world's train prompts)."""
+    heldout_prompts: str = ""
+    """File of held-out `{prompt}` records (default: the world's held-out prompts)."""
+    format: Literal["pairs", "choice", "ranking", "rating"] = "pairs"
+    """Record format written: pairs (k=2), best-of-K choices, full rankings or ratings."""
+    k: int = 2
+    """Responses sampled per prompt."""
+    budget: int = 5000
+    """Labelled training records to collect (a rating per response counts as one)."""
+    heldout_budget: int = 500
+    """Labelled held-out records to collect (0: none)."""
+    labeler: Literal["gold", "reward-model", "file"] = "gold"
+    """Who answers: the world's gold scorer, a reward model (`scorer`), or an answers file (`answers`)."""
+    tau: float = 0.0
+    """Noise temperature of gold / reward-model labels: P(a > b) = sigmoid((s_a - s_b) / tau); 0 = noise-free."""
+    scorer: str = ""
+    """Scorer of the `reward-model` labeler: a reward model or ensemble directory, or `gold:<world>`."""
+    answers: str = ""
+    """Answers file of the `file` labeler: rows `{id, best | ranking | chosen | scores}`."""
+    queries: str = ""
+    """Reuse the queries (`queries.jsonl`) of an earlier run instead of sampling."""
+    max_new_tokens: int = 24
+    """Maximum new tokens per response."""
+    temperature: float = 1.0
+    """Sampling temperature of the policy."""
+    top_k: int = 0
+    """Top-k sampling (0: off)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1: off)."""
+    batch_size: int = 64
+    """Prompts per sampling batch (each gives k rows)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_prompts(path: str) -> list[Any]:
+    from alignkit.data.formats import validate_records
+    from alignkit.data.load import load_records
+
+    return [r["prompt"] for r in validate_records(load_records(path), "prompt", path).records]
+
+
+def resolve_inputs(cfg: LabelConfig) -> tuple[dict[str, list[Any]], Any]:
+    """Prompts per split and the world (or None); fills `model.name_or_path` from the world if empty."""
+    world = None
+    if cfg.world:
+        from alignkit.worlds.base import get_world
+
+        world = get_world(cfg.world)
+        if not cfg.model.name_or_path:
+            cfg.model.name_or_path = str(world.base_model_path)
+    splits = {}
+    for split, path in (("train", cfg.prompts), ("heldout", cfg.heldout_prompts)):
+        if path:
+            splits[split] = _read_prompts(path)
+        elif world is not None:
+            splits[split] = world.prompts(split)
+        elif split == "train" and not cfg.queries:
+            raise AlignkitError("option `prompts` is required without `world`: a file of {prompt} records")
+        else:
+            splits[split] = []
+    return splits, world
+
+
+class Sampler:
+    """K responses per prompt from the policy, as text, with the sampler's seeded generator."""
+
+    def __init__(self, cfg: LabelConfig):
+        from alignkit.models.load import load_causal_lm, load_tokenizer
+
+        if not cfg.model.name_or_path:
+            raise AlignkitError("option `model.name_or_path` is required (the policy), or give a `world`")
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.model, padding_side="left")
+        self.model = load_causal_lm(cfg.model, self.tokenizer).eval()
+        self.generator = torch.Generator().manual_seed(cfg.run.seed)
+        self.n_tokens = 0
+
+    def __call__(self, prompts: list[Any]) -> list[list[str]]:
+        from alignkit.rollout.generate import sample, tokenize_prompts
+
+        c, tok = self.cfg, self.tokenizer
+        chat = isinstance(prompts[0], list)
+        texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if chat else p
+                 for p in prompts]
+        ids, mask = tokenize_prompts(tok, texts)
+        rollout = sample(self.model, ids.repeat_interleave(c.k, dim=0), mask.repeat_interleave(c.k, dim=0),
+                         max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, generator=self.generator)
+        self.n_tokens += int(rollout.lengths.sum())
+        responses = rollout.texts(tok)
+        return [responses[i * c.k : (i + 1) * c.k] for i in range(len(prompts))]
+
+
+def query_problem(query: dict[str, Any], fmt: str) -> str | None:
+    """Why a query cannot be labelled in `fmt` (`empty`, `duplicate`), or None."""
+    responses = query["responses"]
+    if any(not str(r).strip() for r in responses):
+        return "empty"
+    if fmt in ("pairs", "ranking") and len(set(map(str, responses))) < len(responses):
+        return "duplicate"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Labelling
+# ---------------------------------------------------------------------------------------------
+
+
+def _make_labeler(cfg: LabelConfig, world: Any) -> Any:
+    from alignkit.feedback.labelers import make_labeler
+
+    scorer = None
+    if cfg.labeler == "gold":
+        if world is None:
+            raise AlignkitError("labeler `gold` needs option `world` (whose gold scorer labels)")
+        from alignkit.rollout.score import GoldScorer
+
+        scorer = GoldScorer(world.gold_scorer())
+    elif cfg.labeler == "reward-model":
+        if not cfg.scorer:
+            raise AlignkitError("labeler `reward-model` needs option `scorer`: a reward model directory")
+        from alignkit.rollout.score import load_scorer
+
+        scorer = load_scorer(cfg.scorer)
+    return make_labeler(cfg.labeler, scorer=scorer, tau=cfg.tau, seed=cfg.run.seed, answers=cfg.answers)
+
+
+def collect(split: str, prompts: list[Any], budget: int, sampler: Sampler | None, labeler: Any,
+            cfg: LabelConfig, stats: dict[str, int]) -> tuple[list[dict], list[dict]]:
+    """Sample and label queries of `split` until `budget` records; return (queries, records)."""
+    order = list(range(len(prompts)))
+    random.Random(f"{cfg.run.seed}-{split}").shuffle(order)
+    queries: list[dict] = []
+    records: list[dict] = []
+    per_query = cfg.k if cfg.format == "rating" else 1
+    for start in range(0, len(order), cfg.batch_size):
+        if len(records) >= budget:
+            break
+        need = -(-(budget - len(records)) // per_query)
+        chunk = [prompts[i] for i in order[start : start + min(cfg.batch_size, need + need // 8 + 1)]]
+        batch = [{"id": f"{split}-{start + j}", "split": split, "prompt": p, "responses": rs}
+                 for j, (p, rs) in enumerate(zip(chunk, sampler(chunk), strict=True))]
+        queries += batch
+        _label_into(records, batch, labeler, cfg.format, stats)
+    if len(records) < budget:
+        print(f"[label] warning: only {len(records)} {split} records for a budget of {budget} (prompts exhausted)")
+    return queries, records[:budget]
+
+
+def _label_into(records: list[dict], batch: list[dict], labeler: Any, fmt: str, stats: dict[str, int]) -> None:
+    good = []
+    for query in batch:
+        problem = query_problem(query, fmt)
+        if problem:
+            stats[f"skipped_{problem}"] = stats.get(f"skipped_{problem}", 0) + 1
+        else:
+            good.append(query)
+    for answer in labeler(good, fmt):
+        if answer is None:
+            stats["unanswered"] = stats.get("unanswered", 0) + 1
+        else:
+            records.extend(answer if isinstance(answer, list) else [answer])
+
+
+def heldout_gold_records(queries: list[dict], world: Any) -> list[dict]:
+    """Every held-out response as `{prompt, response, score}` with its gold score."""
+    from alignkit.rollout.score import GoldScorer
+
+    pairs = [(q["prompt"], r) for q in queries if q["split"] == "heldout" for r in q["responses"] if str(r).strip()]
+    if not pairs:
+        return []
+    scores = GoldScorer(world.gold_scorer())([p for p, _ in pairs], [r for _, r in pairs]).tolist()
+    return [{"prompt": p, "response": r, "score": s} for (p, r), s in zip(pairs, scores, strict=True)]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def _from_queries(cfg: LabelConfig, labeler: Any, stats: dict[str, int]) -> tuple[list[dict], dict[str, list]]:
+    from alignkit.data.load import load_records
+
+    queries = load_records(cfg.queries)
+    for row, q in enumerate(queries, start=1):
+        for name in ("id", "prompt", "responses"):
+            if name not in q:
+                raise AlignkitError(f"{cfg.queries}, row {row}, field '{name}': missing in a query")
+    out: dict[str, list] = {"train": [], "heldout": []}
+    for split, budget in (("train", cfg.budget), ("heldout", cfg.heldout_budget)):
+        records: list[dict] = []
+        _label_into(records, [q for q in queries if q.get("split", "train") == split], labeler, cfg.format, stats)
+        out[split] = records[:budget]
+    return queries, out
+
+
+def run(cfg: LabelConfig) -> dict[str, Any]:
+    """Sample (or reuse) queries, label them, write the datasets; return the summary."""
+    if cfg.k < 2 and cfg.format != "rating" or cfg.format == "pairs" and cfg.k != 2:
+        raise AlignkitError(f"option `k`: format {cfg.format!r} needs {'k=2' if cfg.format == 'pairs' else 'k>=2'}, "
+                            f"got k={cfg.k}")
+    t0 = time.perf_counter()
+    splits, world = resolve_inputs(cfg)
+    out_dir = resolve_output_dir("label", cfg.run.output_dir)
+    prepare_run_dir(out_dir, cfg, resume=False)
+    torch.manual_seed(cfg.run.seed)
+    stats: dict[str, int] = {}
+    waiting = cfg.labeler == "file" and not cfg.answers
+    labeler = None if waiting else _make_labeler(cfg, world)
+    records: dict[str, list] = {"train": [], "heldout": []}
+    if cfg.queries:
+        queries, records = _from_queries(cfg, labeler, stats)
+        sampler = None
+    else:
+        sampler = Sampler(cfg)
+        print(f"[label] run dir: {out_dir}\n  {cfg.k} samples per prompt, format {cfg.format}, labeler {cfg.labeler}"
+              f" (tau={cfg.tau}); budget {cfg.budget} train + {cfg.heldout_budget} held-out records from "
+              f"{len(splits['train'])} / {len(splits['heldout'])} prompts; policy {cfg.model.name_or_path}")
+        queries = []
+        for split, budget in (("train", cfg.budget), ("heldout", cfg.heldout_budget)):
+            if budget > 0 and splits[split]:
+                qs, records[split] = collect(split, splits[split], budget, sampler,
+                                             labeler or (lambda batch, fmt: [None] * len(batch)), cfg, stats)
+                queries += qs
+    _write_jsonl(out_dir / "queries.jsonl", queries)
+    summary: dict[str, Any] = {"stage": "label", "output_dir": str(out_dir), "queries": len(queries), **stats}
+    if waiting:
+        print(f"[label] wrote {out_dir / 'queries.jsonl'}; label it, then rerun with --queries and --answers")
+    else:
+        for split in ("train", "heldout"):
+            _write_jsonl(out_dir / f"{split}.jsonl", records[split])
+            summary[f"{split}_records"] = len(records[split])
+        summary.update(_agreement(records["train"], cfg.format))
+    if world is not None and any(q.get("split") == "heldout" for q in queries):
+        gold_rows = heldout_gold_records(queries, world)
+        _write_jsonl(out_dir / "heldout_gold.jsonl", gold_rows)
+        summary["heldout_gold_records"] = len(gold_rows)
+    summary["sampled_tokens"] = sampler.n_tokens if sampler else 0
+    summary["wall_time_s"] = time.perf_counter() - t0
+    write_json_atomic(out_dir / "summary.json", summary)
+    return summary
+
+
+def _agreement(records: list[dict], fmt: str) -> dict[str, float]:
+    """How often the label agrees with the labeler's noise-free utilities (1.0 at tau = 0)."""
+    if fmt == "pairs":
+        hits = [r["utilities"][0] >= r["utilities"][1] for r in records if "utilities" in r]
+    elif fmt == "choice":
+        hits = [r["utilities"][r["best"]] >= max(r["utilities"]) for r in records if "utilities" in r]
+    else:
+        return {}
+    return {"label_agreement_with_utilities": sum(hits) / len(hits)} if hits else {}
