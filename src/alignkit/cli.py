@@ -23,9 +23,6 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "label": ("alignkit.trainers.label", "LabelConfig", "sample K responses per prompt and label them (pairs, "
               "choices, rankings, ratings)"),
     "reward": ("alignkit.trainers.reward", "RewardConfig", "train a (normalised) reward model or ensemble on feedback"),
-    "label": ("alignkit.trainers.label", "LabelConfig", "sample K responses per prompt and label them (pairs, "
-              "choices, rankings, ratings)"),
-    "reward": ("alignkit.trainers.reward", "RewardConfig", "train a (normalised) reward model or ensemble on feedback"),
     "ppo": ("alignkit.trainers.rl", "PPOConfig", "PPO from a reward model or gold scorer, KL to the reference"),
     "rloo": ("alignkit.trainers.rl", "RLOOConfig", "REINFORCE leave-one-out (k samples per prompt, no critic)"),
     "grpo": ("alignkit.trainers.rl", "GRPOConfig", "GRPO (group-normalised advantages, k3 KL in the loss)"),
