@@ -1,0 +1,190 @@
+"""`alignkit best-of-n`: sample N responses per prompt, score them, keep the best (Xiao & Zhu, Sec. 10.4.5).
+
+For each prompt x the policy samples y_1..y_N (Eq. 10.85, by sampling), a scorer (a reward model,
+an ensemble, or a world's gold scorer; see `alignkit.rollout.score.load_scorer`) gives r(x, y_i), and
+the best response is y_best = argmax_i r(x, y_i) (Eq. 10.86). From the one set of N samples the
+stage reports, for each N' in `ns`, the mean reward of best-of-N' (model and gold, averaged exactly
+over all N'-subsets, `alignkit.rollout.best_of_n`) and the analytic KL log N' - (N' - 1) / N'.
+
+Run directory: `config.yaml`; `samples.jsonl` (`{prompt, responses, scores, gold, best}` per prompt);
+`best.jsonl` (`{prompt, completion, score, gold}`: the winners, SFT data for rejection sampling;
+prompts whose best response is empty are left out); `summary.json` (the curve and counts).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from alignkit.config import ModelConfig, RunConfig
+from alignkit.errors import AlignkitError
+from alignkit.rollout.best_of_n import best_index, best_of_n_curve
+
+
+@dataclass
+class BestOfNConfig:
+    """Best-of-N sampling: N samples per prompt ranked by a scorer; the reward-vs-N (and KL) curve."""
+
+    run: RunConfig = field(default_factory=lambda: RunConfig(tensorboard=False))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    scorer: str = ""
+    """Scorer that picks the best: a reward model or ensemble directory, or `gold:<world>`; default `gold:<world>`."""
+    world: str = ""
+    """A built world (e.g. `sentiment`): its prompts (unless `prompts_path`) and its gold scorer."""
+    gold: bool = True
+    """Also score every sample with the world's gold scorer (needs `world`)."""
+    prompts_path: str = ""
+    """File of `{prompt}` records; default: the world's prompts of `split`."""
+    split: Literal["train", "heldout"] = "heldout"
+    """Which of the world's prompt sets to use when `prompts_path` is not given."""
+    prompt_offset: int = 0
+    """Skip this many prompts first (e.g. a new slice per rejection-sampling round)."""
+    max_prompts: int = 256
+    """Use at most this many prompts (0: all)."""
+    n: int = 16
+    """Samples per prompt (N_max)."""
+    ns: list[int] = field(default_factory=list)
+    """The N's of the reported curve (each <= n); default 1, 2, 4, ... up to n."""
+    max_new_tokens: int = 24
+    """Maximum new tokens per sample."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_k: int = 0
+    """Top-k sampling (0: off)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1: off)."""
+    batch_size: int = 128
+    """Sequences per generation batch."""
+
+
+def load_prompts(cfg: Any) -> list[Any]:
+    """The prompts: `prompts_path` records, else the world's `split`, sliced by `prompt_offset` / `max_prompts`."""
+    if cfg.prompts_path:
+        from alignkit.data.formats import validate_records
+        from alignkit.data.load import load_records
+
+        prompts = [r["prompt"] for r in validate_records(load_records(cfg.prompts_path), "prompt",
+                                                        cfg.prompts_path).records]
+    elif cfg.world:
+        from alignkit.worlds.base import get_world
+
+        prompts = get_world(cfg.world).prompts(cfg.split)
+    else:
+        raise AlignkitError("best-of-n needs prompts: set `prompts_path` (records with `prompt`) or `world`")
+    prompts = prompts[cfg.prompt_offset :]
+    prompts = prompts[: cfg.max_prompts] if cfg.max_prompts > 0 else prompts
+    if not prompts:
+        raise AlignkitError(f"no prompts left after `prompt_offset` {cfg.prompt_offset}")
+    if any(not isinstance(p, str) for p in prompts):
+        raise AlignkitError("best-of-n samples from string prompts; conversation (message list) prompts are not supported")
+    return prompts
+
+
+def generate_samples(model: Any, tokenizer: Any, prompts: list[str], cfg: BestOfNConfig) -> list[list[str]]:
+    """N sampled responses per prompt (decoded, special tokens dropped), seeded by `run.seed`."""
+    from alignkit.rollout.generate import sample, tokenize_prompts
+
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    device = next(model.parameters()).device
+    flat = [p for p in prompts for _ in range(cfg.n)]
+    texts: list[str] = []
+    t0 = time.perf_counter()
+    for start in range(0, len(flat), cfg.batch_size):
+        ids, mask = tokenize_prompts(tokenizer, flat[start : start + cfg.batch_size])
+        rollout = sample(model, ids.to(device), mask.to(device), max_new_tokens=cfg.max_new_tokens,
+                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=gen,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        texts += rollout.texts(tokenizer)
+        if cfg.run.progress:
+            print(f"[best-of-n] sampled {len(texts)}/{len(flat)} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return [texts[i * cfg.n : (i + 1) * cfg.n] for i in range(len(prompts))]
+
+
+def score_samples(scorer: Any, prompts: list[str], samples: list[list[str]], batch: int = 512) -> torch.Tensor:
+    """Scores of every sample, P×N (scored in chunks of `batch` texts)."""
+    flat_p = [p for p, row in zip(prompts, samples, strict=True) for _ in row]
+    flat_r = [r for row in samples for r in row]
+    parts = [torch.as_tensor(scorer(flat_p[i : i + batch], flat_r[i : i + batch]), dtype=torch.float32).reshape(-1)
+             for i in range(0, len(flat_r), batch)]
+    return torch.cat(parts).view(len(samples), -1)
+
+
+def _check(cfg: BestOfNConfig) -> list[int]:
+    if cfg.n < 1:
+        raise AlignkitError(f"option `n`: expected >= 1, got {cfg.n}")
+    ns = cfg.ns or [2**i for i in range(cfg.n.bit_length()) if 2**i <= cfg.n]
+    bad = [n for n in ns if not 1 <= n <= cfg.n]
+    if bad:
+        raise AlignkitError(f"option `ns`: every N must be in 1..n={cfg.n}, got {bad}")
+    if not (cfg.scorer or cfg.world):
+        raise AlignkitError("option `scorer` is required (a reward model directory or gold:<world>), or set `world`")
+    return sorted(set(ns))
+
+
+def _write_outputs(out_dir: Path, prompts: list[str], samples: list[list[str]], scores: torch.Tensor,
+                   gold: torch.Tensor | None) -> int:
+    """Write `samples.jsonl` and `best.jsonl`; return the number of winners written."""
+    # An empty response cannot be SFT data: it never wins when any response has text.
+    blank = torch.tensor([[not r.strip() for r in row] for row in samples])
+    best = best_index(scores.masked_fill(blank, float("-inf")))
+    rows, winners = [], []
+    for i, prompt in enumerate(prompts):
+        b = int(best[i])
+        row = {"prompt": prompt, "responses": samples[i], "scores": scores[i].tolist(), "best": b}
+        if gold is not None:
+            row["gold"] = gold[i].tolist()
+        rows.append(row)
+        if samples[i][b].strip():
+            winner = {"prompt": prompt, "completion": samples[i][b], "score": float(scores[i, b])}
+            winners.append(winner | ({"gold": float(gold[i, b])} if gold is not None else {}))
+    for name, items in (("samples.jsonl", rows), ("best.jsonl", winners)):
+        tmp = out_dir / f".{name}.tmp"
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items))
+        tmp.replace(out_dir / name)
+    return len(winners)
+
+
+def _print_curve(curve: list[dict[str, float]]) -> None:
+    has_gold = "reward/gold" in curve[0]
+    print(f"[best-of-n] {'N':>5} {'KL (analytic)':>14} {'reward/model':>13}" + (f" {'reward/gold':>12}" if has_gold else ""))
+    for row in curve:
+        gold = f" {row['reward/gold']:12.4f}" if has_gold else ""
+        print(f"[best-of-n] {row['n']:5d} {row['kl_analytic']:14.4f} {row['reward/model']:13.4f}{gold}")
+
+
+def run(cfg: BestOfNConfig) -> dict[str, Any]:
+    """Sample, score, select; write the samples, the winners and the reward/KL curve; return the summary."""
+    from alignkit.models.load import load_causal_lm, load_tokenizer
+    from alignkit.rollout.score import load_scorer
+    from alignkit.trainers.rundir import prepare_run_dir, resolve_output_dir, write_json_atomic
+
+    ns = _check(cfg)
+    t0 = time.perf_counter()
+    out_dir = resolve_output_dir("best-of-n", cfg.run.output_dir)
+    prepare_run_dir(out_dir, cfg, resume=False)
+    torch.manual_seed(cfg.run.seed)
+    prompts = load_prompts(cfg)
+    tokenizer = load_tokenizer(cfg.model, padding_side="left")
+    model = load_causal_lm(cfg.model, tokenizer).eval()
+    scorer = load_scorer(cfg.scorer or f"gold:{cfg.world}")
+    gold_scorer = load_scorer(f"gold:{cfg.world}") if cfg.gold and cfg.world else None
+    print(f"[best-of-n] run dir: {out_dir}\n  {len(prompts)} prompts x N={cfg.n} samples = {len(prompts) * cfg.n} "
+          f"generations of <= {cfg.max_new_tokens} tokens (T={cfg.temperature}); scorer "
+          f"{cfg.scorer or 'gold:' + cfg.world}; curve at N in {ns}", flush=True)
+    samples = generate_samples(model, tokenizer, prompts, cfg)
+    scores = score_samples(scorer, prompts, samples)
+    gold = score_samples(gold_scorer, prompts, samples) if gold_scorer is not None else None
+    n_winners = _write_outputs(out_dir, prompts, samples, scores, gold)
+    curve = best_of_n_curve(scores, ns, gold)
+    _print_curve(curve)
+    summary = {"stage": "best-of-n", "output_dir": str(out_dir), "prompts": len(prompts), "n": cfg.n,
+               "winners": n_winners, "best_file": str(out_dir / "best.jsonl"), "curve": curve,
+               **{f"n{row['n']}/{k}": v for row in curve for k, v in row.items() if k != "n"},
+               "wall_time_s": time.perf_counter() - t0}
+    write_json_atomic(out_dir / "summary.json", summary)
+    return summary
