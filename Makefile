@@ -28,3 +28,8 @@ test-slow: $(BIN)/.installed
 
 clean:
 	rm -rf $(VENV) .cache runs
+
+# Side-by-side speed against TRL (installs TRL 1.16 / 1.12 in bench/.venv-trl*); not part of `make test`.
+bench: $(BIN)/.installed
+	bash bench/setup_peers.sh
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
