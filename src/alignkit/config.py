@@ -180,6 +180,8 @@ def _type_name(tp: Any) -> str:
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if tp is type(None):
+        return "None"
     return getattr(tp, "__name__", str(tp))
 
 
