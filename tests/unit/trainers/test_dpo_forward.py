@@ -153,3 +153,15 @@ def test_wrong_record_kind_for_the_loss_is_an_error(tok_model):
     unpaired = [{"prompt": "Hi", "completion": " there", "label": True}]
     with pytest.raises(AlignkitError, match="loss 'sigmoid' trains on preference or ranking"):
         tokenize_groups(unpaired, "unpaired", "sigmoid", tokenizer, max_length=32, source="d.jsonl")
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "cdpo", "simpo", "orpo", "kto", "plackett_luce"])
+def test_every_loss_runs_through_the_forward_with_gradients(tok_model, loss):
+    tokenizer, model = tok_model
+    policy = copy.deepcopy(model).train()
+    batch = collate_groups(_groups(tokenizer, loss=loss), tokenizer.pad_token_id)
+    reference = None if loss in ("simpo", "orpo") else Reference(model, policy)  # reference-free losses
+    loss_sum, metrics = make_loss_fn(DPOConfig(loss=loss, label_smoothing=0.1), reference)(policy, batch)
+    assert torch.isfinite(loss_sum) and {"rewards/chosen", "rewards/accuracy"} <= set(metrics)
+    loss_sum.backward()
+    assert all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
