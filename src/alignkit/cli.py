@@ -20,6 +20,11 @@ from alignkit.errors import AlignkitError
 STAGES: dict[str, tuple[str, str, str]] = {
     "pretrain": ("alignkit.trainers.pretrain", "PretrainConfig", "causal LM training on raw text {text}"),
     "sft": ("alignkit.trainers.sft", "SFTConfig", "supervised fine-tuning on {prompt, completion} or {messages}"),
+    "ppo": ("alignkit.trainers.rl", "PPOConfig", "PPO from a reward model or gold scorer, KL to the reference"),
+    "rloo": ("alignkit.trainers.rl", "RLOOConfig", "REINFORCE leave-one-out (k samples per prompt, no critic)"),
+    "grpo": ("alignkit.trainers.rl", "GRPOConfig", "GRPO (group-normalised advantages, k3 KL in the loss)"),
+    "reinforce": ("alignkit.trainers.rl", "ReinforceConfig", "REINFORCE with a learned baseline"),
+    "a2c": ("alignkit.trainers.rl", "A2CConfig", "advantage actor-critic (TD advantages)"),
     "label": ("alignkit.trainers.label", "LabelConfig", "sample K responses per prompt and label them (pairs, "
               "choices, rankings, ratings)"),
     "reward": ("alignkit.trainers.reward", "RewardConfig", "train a (normalised) reward model or ensemble on feedback"),

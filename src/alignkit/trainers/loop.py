@@ -183,8 +183,13 @@ class TrainLoop:
             ckpt.prune_checkpoints(root, self.cfg.run.keep_last)
 
     # -- the optimizer step --------------------------------------------------------------------
-    def update(self, micro_batches: list[dict], loss_fn: Any) -> dict[str, float]:
-        """Forward/backward every micro-batch, then one optimizer step; returns logged metrics."""
+    def update(self, micro_batches: list[dict], loss_fn: Any, *, advance: bool = True) -> dict[str, float]:
+        """Forward/backward every micro-batch, then one optimizer step; returns logged metrics.
+
+        With `advance=False` the step is one of several optimizer steps of a single training step
+        (e.g. PPO's epochs x minibatches over one rollout batch): neither the step counter nor the
+        learning-rate schedule moves; call `advance()` once after the last of them.
+        """
         acc = self.accelerator
         local_terms = torch.tensor(float(sum(b["n_terms"] for b in micro_batches)), device=acc.device)
         total_terms = acc.reduce(local_terms, "sum").item()
@@ -204,8 +209,9 @@ class TrainLoop:
         loss = acc.reduce(loss_total, "sum").item() / max(total_terms, 1.0)
         bad = acc.reduce(torch.tensor(float(not (math.isfinite(loss) and torch.isfinite(grad_norm))),
                                       device=acc.device), "sum").item()
-        self.step += 1
         out = {"loss": loss, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0]}
+        if advance:
+            self.step += 1
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
             self._on_nonfinite(loss, float(grad_norm))
@@ -213,9 +219,15 @@ class TrainLoop:
         else:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        if advance:
+            self.scheduler.step()
         out.update({k: acc.reduce(torch.stack(v).mean(), "mean").item() for k, v in extra.items()})
         return out
+
+    def advance(self) -> None:
+        """End a step made of several `update(..., advance=False)` calls: the counter and LR schedule move on."""
+        self.step += 1
+        self.scheduler.step()
 
     def _on_nonfinite(self, loss: float, grad_norm: float) -> None:
         msg = (f"non-finite loss or gradient at step {self.step} (loss={loss}, grad_norm={grad_norm}); "
@@ -249,8 +261,13 @@ class TrainLoop:
         if self.logger is not None:
             self.logger.close()
 
-    def finish(self, tokenizer: Any, summary: dict[str, Any], *, merge_lora: bool = True) -> dict[str, Any]:
-        """Save `final/` (HF format; LoRA adapters merged unless `merge_lora=False`) and `summary.json`."""
+    def finish(self, tokenizer: Any, summary: dict[str, Any], *, merge_lora: bool = True,
+               model: torch.nn.Module | None = None) -> dict[str, Any]:
+        """Save `final/` (HF format; LoRA adapters merged unless `merge_lora=False`) and `summary.json`.
+
+        `model` is the model saved in `final/` (default: the trained model); e.g. the policy of an
+        actor-critic pair whose wrapper is what the loop trains.
+        """
         from alignkit.models.save import save_pretrained_atomic
 
         self.close()
@@ -260,7 +277,8 @@ class TrainLoop:
                    "final_dir": str(self.out_dir / "final"),
                    "wall_time_s": time.perf_counter() - self._t0, **summary}
         if acc.is_main_process:
-            save_pretrained_atomic(acc.unwrap_model(self.model), tokenizer, self.out_dir / "final",
+            save_pretrained_atomic(model if model is not None else acc.unwrap_model(self.model), tokenizer,
+                                   self.out_dir / "final",
                                    merge_lora=merge_lora)
             write_json_atomic(self.out_dir / "summary.json", summary)
         acc.wait_for_everyone()
