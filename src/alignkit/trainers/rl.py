@@ -1,0 +1,568 @@
+"""`alignkit ppo | a2c | reinforce | rloo | grpo`: RL from a reward with a KL penalty to the reference.
+
+The objective (Ziegler et al. 2019, Eq. 2; Xiao & Zhu, Eq. 10.54-10.56) is
+
+    maximise E_{x ~ D, y ~ pi(.|x)} [ r(x, y) - beta * log(pi(y|x) / pi_ref(y|x)) ]
+
+with four models (Xiao & Zhu, Sec. 10.3.3): the policy pi (trained), the frozen reference pi_ref
+(the starting policy; for a LoRA policy the same weights with the adapters disabled), the value
+model V (trained, PPO / A2C / REINFORCE-with-baseline only; initialised from the reward model or
+the policy) and the reward r (a reward model, or a world's gold scorer). One step, for every
+algorithm (`rl_step`):
+
+    1. rollout     prompts_per_step prompts x samples_per_prompt samples, KV-cache sampler, seeded
+                   by (seed, step) so a resumed run draws the same tokens
+    2. score       r(x, y), normalised, EOS trick, clipped (`alignkit.rollout.rewards`)
+    3. forward     log pi_old, log pi_ref, V_old of the sampled tokens (parity with the sampler logged)
+    4. rewards     r_t = -beta (log pi_old - log pi_ref) on every token, + score at the EOS
+    5. advantages  per algorithm (`ALGORITHMS`): GAE, TD, reward-to-go - V, leave-one-out, group-normalised
+    6. update      `epochs` passes over the batch in `minibatches` shuffled minibatches (one optimizer
+                   step each), optionally stopped early when the approximate KL to pi_old is too large
+    7. beta        fixed, or Ziegler's adaptive controller towards `kl.target`
+
+Every `run.eval_every` steps and at the start and end, `evaluate_policy` samples held-out prompts
+with a fixed seed and reports gold/RM reward, exact KL to the reference, length and distinct-n;
+`summary.json` holds the first and last evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Literal
+
+import torch
+
+from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
+from alignkit.errors import AlignkitError
+from alignkit.losses.kl import AdaptiveKLController, FixedKLController, kl_k3, kl_penalized_rewards
+from alignkit.losses.rl_algorithms import ALGORITHMS, Algorithm
+from alignkit.ops.masking import masked_mean, masked_var
+from alignkit.rollout.evaluate import evaluate_policy
+from alignkit.rollout.generate import sample, sequence_logprobs, tokenize_prompts
+from alignkit.rollout.rewards import ScoreNormalizer, score_index, shape_scores
+from alignkit.rollout.types import Rollout
+from alignkit.trainers.loop import TrainLoop, global_batch_indices
+
+Algo = Literal["ppo", "a2c", "reinforce", "rloo", "grpo"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RewardConfig:
+    """Where the reward comes from and how its raw scores are shaped."""
+
+    model: str | None = None
+    """Reward model directory (or ensemble directory), scored by `alignkit.rollout.score.load_scorer`."""
+    gold_world: str | None = None
+    """Use this built world's gold scorer as the reward (e.g. `sentiment`), when there is no reward model."""
+    normalize: Literal["initial", "running", "none"] = "initial"
+    """Score normalisation: mean/std of the first batch (the initial policy), running mean/std, or none."""
+    missing_eos_penalty: float | None = None
+    """EOS trick: the (normalised) score of a response that does not end with EOS becomes this value."""
+    clip: float | None = None
+    """Clip normalised scores to [-clip, clip]."""
+    batch_size: int = 64
+    """Texts per reward-model forward pass."""
+
+
+@dataclass
+class KLConfig:
+    """The KL penalty beta * (log pi - log pi_ref) and its coefficient beta."""
+
+    coef: float = 0.05
+    """Initial beta."""
+    adaptive: bool = True
+    """Adapt beta towards `target` (Ziegler et al. 2019, Sec. 2.2); else beta stays fixed."""
+    target: float = 6.0
+    """Target KL(pi || pi_ref) per response, in nats, of the adaptive controller."""
+    horizon: float = 10000.0
+    """Controller horizon in samples: beta <- beta (1 + clip((KL - target) / target, +-0.2) * B / horizon)."""
+
+
+@dataclass
+class RLConfig:
+    """RL from a reward with a KL penalty: PPO, A2C, REINFORCE, RLOO or GRPO in one loop."""
+
+    run: RunConfig = field(default_factory=lambda: RunConfig(log_every=1))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        lr=3e-5, scheduler="constant", max_steps=100, per_device_batch_size=64, max_grad_norm=1.0))
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    algorithm: Algo = "ppo"
+    """Policy-gradient algorithm (see `alignkit.losses.rl_algorithms`)."""
+    world: str | None = None
+    """Take train/held-out prompts from this built world (e.g. `sentiment`) instead of `data.path`; its
+    gold scorer is logged as `reward/gold`."""
+    chat: bool = False
+    """Wrap each prompt as a user message in the tokenizer's chat template."""
+    prompts_per_step: int = 16
+    """Prompts sampled per step (per device)."""
+    samples_per_prompt: int = 4
+    """Responses per prompt (k; >= 2 for rloo and grpo). Rollout batch = prompts_per_step x k."""
+    max_new_tokens: int = 24
+    """Maximum response length."""
+    min_new_tokens: int = 0
+    """EOS is masked before this many tokens."""
+    temperature: float = 1.0
+    """Sampling temperature (log-probs are computed from logits / temperature)."""
+    top_k: int = 0
+    """Top-k sampling (0: off)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1: off)."""
+    epochs: int = 4
+    """Passes over each rollout batch (K of PPO)."""
+    minibatches: int = 4
+    """Minibatches (optimizer steps) per pass; micro-batches of `optim.per_device_batch_size` within."""
+    cliprange: float = 0.2
+    """PPO/GRPO/RLOO ratio clip epsilon."""
+    cliprange_value: float | None = 0.2
+    """Value clip around the old values (None: unclipped MSE)."""
+    value_coef: float = 0.5
+    """Weight of the value loss."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE lambda (PPO)."""
+    whiten_advantages: bool = True
+    """Normalise advantages to mean 0, variance 1 over each rollout batch (not GRPO's: already normalised)."""
+    target_approx_kl: float | None = None
+    """Stop the epochs of a step early when an epoch's mean approx KL(pi_old || pi) exceeds this."""
+    value_model: Literal["auto", "reward", "policy"] = "auto"
+    """Initialise the value model from the reward model or the policy (auto: the reward model if any)."""
+    eval_prompts: int = 256
+    """Held-out prompts per evaluation (0: no evaluation)."""
+    eval_batch_size: int = 64
+    """Prompts per evaluation generation batch."""
+    n_samples: int = 16
+    """Evaluation samples written to `samples/step-N.jsonl`."""
+
+
+@dataclass
+class PPOConfig(RLConfig):
+    """PPO (clipped surrogate, GAE, value model, K epochs of minibatch updates)."""
+
+    algorithm: Algo = "ppo"
+    """Policy-gradient algorithm (see `alignkit.losses.rl_algorithms`)."""
+
+
+@dataclass
+class A2CConfig(RLConfig):
+    """Advantage actor-critic (TD advantages), one update per rollout batch."""
+
+    algorithm: Algo = "a2c"
+    """Policy-gradient algorithm (see `alignkit.losses.rl_algorithms`)."""
+    epochs: int = 1
+    """Passes over each rollout batch."""
+    minibatches: int = 1
+    """Minibatches (optimizer steps) per pass."""
+
+
+@dataclass
+class ReinforceConfig(A2CConfig):
+    """REINFORCE with a learned baseline, one update per rollout batch."""
+
+    algorithm: Algo = "reinforce"
+    """Policy-gradient algorithm (see `alignkit.losses.rl_algorithms`)."""
+
+
+@dataclass
+class RLOOConfig(A2CConfig):
+    """REINFORCE leave-one-out (k samples per prompt, no critic), one update per rollout batch."""
+
+    algorithm: Algo = "rloo"
+    """Policy-gradient algorithm (see `alignkit.losses.rl_algorithms`)."""
+
+
+@dataclass
+class GRPOConfig(A2CConfig):
+    """GRPO (group-normalised advantages, clip, k3 KL in the loss, no critic)."""
+
+    algorithm: Algo = "grpo"
+    """Policy-gradient algorithm (see `alignkit.losses.rl_algorithms`)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and state
+# ---------------------------------------------------------------------------------------------
+
+
+class ActorCritic(torch.nn.Module):
+    """The trained models as one module (one optimizer, one checkpoint): policy and value model (or None)."""
+
+    def __init__(self, policy: torch.nn.Module, value: torch.nn.Module | None) -> None:
+        super().__init__()
+        self.policy, self.value = policy, value
+
+    def forward(self, rollout: Rollout, temperature: float, with_entropy: bool = False) -> tuple:
+        """(logprobs B×R, entropy B×R or None, values B×R or None) of the rollout's response tokens."""
+        from alignkit.models.value_head import response_values
+
+        out = sequence_logprobs(self.policy, rollout, temperature=temperature, with_entropy=with_entropy)
+        logprobs, entropy = out if with_entropy else (out, None)
+        values = response_values(self.value, rollout) if self.value is not None else None
+        return logprobs, entropy, values
+
+
+@dataclass
+class RLContext:
+    """What a step reads: config, algorithm, loop, models, scorers, prompts, KL controller, normaliser."""
+
+    cfg: RLConfig
+    algo: Algorithm
+    loop: TrainLoop
+    tokenizer: Any
+    policy: torch.nn.Module
+    ref: Any
+    scorer: Any
+    gold: Any
+    prompts: list[str]
+    eval_prompts: list[str]
+    kl_ctl: AdaptiveKLController | FixedKLController
+    normalizer: ScoreNormalizer
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def sampling(self) -> dict[str, Any]:
+        c = self.cfg
+        return {"max_new_tokens": c.max_new_tokens, "min_new_tokens": c.min_new_tokens,
+                "temperature": c.temperature, "top_k": c.top_k, "top_p": c.top_p}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What changes during training besides the weights: beta, the normaliser, the first evaluation."""
+        return {"kl_ctl": self.kl_ctl.state_dict(), "normalizer": self.normalizer.state_dict(),
+                "summary": self.summary}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self.kl_ctl.load_state_dict(state["kl_ctl"])
+            self.normalizer.load_state_dict(state["normalizer"])
+            self.summary = dict(state.get("summary", {}))
+
+
+def step_seed(seed: int, step: int, rank: int, purpose: str) -> int:
+    """A 63-bit seed, a pure function of (seed, step, rank, purpose): resumed steps draw the same numbers."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{rank}/{purpose}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def _check(cfg: RLConfig) -> Algorithm:
+    algo = ALGORITHMS[cfg.algorithm]
+    if (cfg.reward.model is None) == (cfg.reward.gold_world is None):
+        raise AlignkitError("set exactly one of `reward.model` (a reward model directory) and "
+                            "`reward.gold_world` (a built world whose gold scorer is the reward)")
+    if algo.grouped and cfg.samples_per_prompt < 2:
+        raise AlignkitError(f"algorithm {cfg.algorithm} needs `samples_per_prompt` >= 2, "
+                            f"got {cfg.samples_per_prompt}")
+    batch = cfg.prompts_per_step * cfg.samples_per_prompt
+    if cfg.epochs < 1 or not 1 <= cfg.minibatches <= batch:
+        raise AlignkitError("options: need `epochs` >= 1 and 1 <= `minibatches` <= prompts_per_step x "
+                            f"samples_per_prompt = {batch}")
+    if cfg.optim.max_steps < 1:
+        raise AlignkitError("option `optim.max_steps` (the number of RL steps) must be >= 1")
+    return algo
+
+
+def _load_prompts(cfg: RLConfig) -> tuple[list[str], list[str]]:
+    """Training and held-out prompts, from `world` or `data.path` / `data.eval_path` ({prompt} records)."""
+    if cfg.world:
+        from alignkit.worlds.base import get_world
+
+        world = get_world(cfg.world)
+        return world.prompts("train")[: cfg.data.limit], world.prompts("heldout")
+    if not cfg.data.path:
+        raise AlignkitError("give prompts: `world` (e.g. sentiment) or `data.path` (records with a `prompt` "
+                            "string)")
+    from alignkit.data.load import load_records, split_records
+
+    def texts(records: list[dict], source: str) -> list[str]:
+        for row, rec in enumerate(records, start=1):
+            if not isinstance(rec.get("prompt"), str) or not rec["prompt"]:
+                raise AlignkitError(f"{source}, row {row}, field 'prompt': expected a non-empty string")
+        return [rec["prompt"] for rec in records]
+
+    records = load_records(cfg.data.path)[: cfg.data.limit]
+    if cfg.data.eval_path:
+        return texts(records, cfg.data.path), texts(load_records(cfg.data.eval_path), cfg.data.eval_path)
+    train, held = split_records(records, cfg.data.eval_fraction, cfg.run.seed)
+    return texts(train, cfg.data.path), texts(held, cfg.data.path)
+
+
+def _load_scorers(cfg: RLConfig) -> tuple[Any, Any]:
+    """(reward scorer, gold scorer or None). The gold scorer is the reward when `reward.gold_world` is set."""
+    from alignkit.rollout.score import load_scorer
+
+    gold_world = cfg.reward.gold_world or cfg.world
+    gold = load_scorer(f"gold:{gold_world}") if gold_world else None
+    if cfg.reward.gold_world:
+        return gold, gold
+    return load_scorer(cfg.reward.model, batch_size=cfg.reward.batch_size), gold
+
+
+def _load_models(cfg: RLConfig, algo: Algorithm, tokenizer: Any) -> tuple[torch.nn.Module, Any, Any]:
+    """(policy, reference, value model or None), all with dropout off; the reference frozen."""
+    from alignkit.models.load import load_causal_lm
+    from alignkit.models.value_head import AdapterDisabledReference, load_value_model
+
+    policy = load_causal_lm(cfg.model, tokenizer).eval()
+    if cfg.model.lora_r > 0:
+        ref = AdapterDisabledReference(policy)  # no second copy of the base weights
+    else:
+        ref = load_causal_lm(dataclasses.replace(cfg.model, lora_r=0), tokenizer).eval().requires_grad_(False)
+    value = None
+    if algo.critic:
+        init = cfg.value_model if cfg.value_model != "auto" else ("reward" if cfg.reward.model else "policy")
+        if init == "reward" and not cfg.reward.model:
+            raise AlignkitError("`value_model reward` needs `reward.model`; use --value_model policy")
+        source = cfg.reward.model if init == "reward" else cfg.model.name_or_path
+        value = load_value_model(source, init, tokenizer, cfg.model)
+    return policy, ref, value
+
+
+def setup(cfg: RLConfig) -> RLContext:
+    """Load prompts, scorers and models; build the loop, the KL controller and the normaliser."""
+    from alignkit.models.load import load_tokenizer
+
+    algo = _check(cfg)
+    tokenizer = load_tokenizer(cfg.model, padding_side="left")
+    prompts, eval_prompts = _load_prompts(cfg)
+    if not prompts:
+        raise AlignkitError("no training prompts")
+    scorer, gold = _load_scorers(cfg)
+    policy, ref, value = _load_models(cfg, algo, tokenizer)
+    loop = TrainLoop(cfg.algorithm, cfg, ActorCritic(policy, value), total_steps=cfg.optim.max_steps)
+    k = cfg.kl
+    kl_ctl = (AdaptiveKLController(k.coef, target=k.target, horizon=k.horizon) if k.adaptive
+              else FixedKLController(k.coef))
+    return RLContext(cfg=cfg, algo=algo, loop=loop, tokenizer=tokenizer, policy=policy, ref=ref,
+                     scorer=scorer, gold=gold, prompts=prompts, eval_prompts=eval_prompts[: cfg.eval_prompts],
+                     kl_ctl=kl_ctl,
+                     normalizer=ScoreNormalizer(cfg.reward.normalize))
+
+
+def print_plan(ctx: RLContext) -> None:
+    c, loop = ctx.cfg, ctx.loop
+    batch = c.prompts_per_step * c.samples_per_prompt
+    minibatch = math.ceil(batch / c.minibatches)
+    lines = [
+        f"[{c.algorithm}] run dir: {loop.out_dir}",
+        f"  rollout: {c.prompts_per_step} prompts x {c.samples_per_prompt} samples x {loop.world} device(s)"
+        " = "
+        f"{batch * loop.world} responses per step, <= {c.max_new_tokens} new tokens each",
+        f"  update: {c.epochs} epoch(s) x {c.minibatches} minibatch(es) of ~{minibatch} responses "
+        f"(micro-batches of {c.optim.per_device_batch_size}) = {c.epochs * c.minibatches} optimizer steps "
+        "per step",
+        f"  data: {len(ctx.prompts)} training prompts, {loop.total_steps} steps = "
+        f"{loop.total_steps * c.prompts_per_step * loop.world / len(ctx.prompts):.2f} epochs; "
+        f"{len(ctx.eval_prompts)} held-out prompts per evaluation",
+        f"  models: policy {c.model.name_or_path}{f' (LoRA r={c.model.lora_r})' if c.model.lora_r else ''}, "
+        f"reference {'= policy without adapters' if c.model.lora_r else 'a frozen copy'}, "
+        f"value model {'yes' if ctx.algo.critic else 'none'}; reward "
+        f"{c.reward.model or 'gold:' + str(c.reward.gold_world)}",
+        f"  KL: beta {ctx.kl_ctl.value:g} "
+        f"({f'adaptive, target {c.kl.target:g} nats' if c.kl.adaptive else 'fixed'})",
+    ]
+    loop.accelerator.print("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------
+# One step: rollout -> score -> KL-shaped rewards -> advantages -> epochs of minibatch updates
+# ---------------------------------------------------------------------------------------------
+
+
+def generate_rollout(ctx: RLContext, step: int) -> tuple[Rollout, list[str], list[str]]:
+    """Sample k responses to each prompt of this step (prompt-major rows); (rollout, prompts, responses)."""
+    c, acc = ctx.cfg, ctx.loop.accelerator
+    indices = global_batch_indices(len(ctx.prompts), c.prompts_per_step * acc.num_processes, step, c.run.seed)
+    mine = [ctx.prompts[i] for i in indices[acc.process_index :: acc.num_processes]]
+    prompt_ids, prompt_mask = tokenize_prompts(ctx.tokenizer, mine, chat=c.chat)
+    k = c.samples_per_prompt
+    generator = torch.Generator(device=acc.device).manual_seed(step_seed(c.run.seed, step, acc.process_index,
+                                                                         "rollout"))
+    rollout = sample(ctx.policy, prompt_ids.repeat_interleave(k, 0).to(acc.device),
+                     prompt_mask.repeat_interleave(k, 0).to(acc.device), generator=generator,
+                     eos_token_id=ctx.tokenizer.eos_token_id, pad_token_id=ctx.tokenizer.pad_token_id,
+                     **ctx.sampling())
+    return rollout, [p for p in mine for _ in range(k)], rollout.texts(ctx.tokenizer)
+
+
+def score_rollout(ctx: RLContext, rollout: Rollout, prompts: list[str], responses: list[str]) -> tuple:
+    """(shaped scores B, metrics): reward-model scores normalised, EOS trick, clipped; gold logged."""
+    r = ctx.cfg.reward
+    raw = torch.as_tensor(ctx.scorer(prompts, responses), dtype=torch.float32).to(rollout.logprobs.device)
+    try:
+        scores, metrics = shape_scores(raw, rollout.ends_with_eos, normalizer=ctx.normalizer,
+                                       missing_eos_penalty=r.missing_eos_penalty, clip=r.clip)
+    except ValueError as err:
+        raise AlignkitError(f"step {ctx.loop.step}: {err}") from None
+    metrics["reward/model"] = raw.mean()
+    if ctx.gold is not None:
+        gold = raw if ctx.gold is ctx.scorer else torch.as_tensor(ctx.gold(prompts, responses))
+        metrics["reward/gold"] = gold.float().mean()
+    return scores, metrics
+
+
+@torch.no_grad()
+def forward_passes(ctx: RLContext, rollout: Rollout) -> dict[str, torch.Tensor]:
+    """log pi_old (with entropy), log pi_ref and V_old of the response tokens, in micro-batches."""
+    model, size = ctx.loop.model, ctx.cfg.optim.per_device_batch_size
+    names = ("old_logprobs", "entropy", "old_values", "ref_logprobs")
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    for start in range(0, rollout.batch_size, size):
+        chunk = rollout.select(slice(start, start + size))
+        logprobs, entropy, values = model(chunk, ctx.cfg.temperature, with_entropy=True)
+        parts["old_logprobs"].append(logprobs)
+        parts["entropy"].append(entropy)
+        parts["old_values"].append(values if values is not None else torch.zeros_like(logprobs))
+        parts["ref_logprobs"].append(sequence_logprobs(ctx.ref, chunk, temperature=ctx.cfg.temperature))
+    return {name: torch.cat(tensors) for name, tensors in parts.items()}
+
+
+def rl_step(ctx: RLContext) -> dict[str, Any]:
+    """One RL step on a fresh rollout batch; returns its metrics (the loop's step advances by one)."""
+    c, step, t0 = ctx.cfg, ctx.loop.step, time.perf_counter()
+    rollout, prompts, responses = generate_rollout(ctx, step)  # 1. rollout
+    t_gen = time.perf_counter()
+    scores, metrics = score_rollout(ctx, rollout, prompts, responses)  # 2. score
+    t_score = time.perf_counter()
+    exp = forward_passes(ctx, rollout)  # 3. log pi_old, log pi_ref, V_old
+    mask, beta = rollout.response_mask, ctx.kl_ctl.value
+    rewards, kl_metrics = kl_penalized_rewards(  # 4. per-token KL penalty + score at the EOS
+        scores, exp["old_logprobs"], exp["ref_logprobs"], mask,
+        kl_coef=beta if ctx.algo.kl_in_reward else 0.0, last_index=score_index(rollout.response_ids, mask))
+    exp["advantages"], exp["returns"] = ctx.algo.targets(  # 5. advantages and value targets
+        rewards, exp["old_values"], scores, mask, gamma=c.gamma, lam=c.lam, k=c.samples_per_prompt,
+        whiten=c.whiten_advantages)
+    exp["response_mask"], exp["scores"] = mask, scores
+    update_metrics = update_epochs(ctx, rollout, exp, step, beta)  # 6. epochs of minibatch updates
+    ctx.kl_ctl.update(kl_metrics["objective/kl"], n_steps=rollout.batch_size * ctx.loop.world)  # 7. beta
+    t_end = time.perf_counter()
+    n_tokens = int(rollout.lengths.sum())
+    metrics.update(kl_metrics)
+    metrics.update(update_metrics)
+    metrics.update(rollout_metrics(rollout, exp))
+    metrics.update({
+        "objective/kl_coef": beta, "objective/kl_coef_next": ctx.kl_ctl.value,
+        "objective/scores": scores.mean(), "time/generation_s": t_gen - t0, "time/scoring_s": t_score - t_gen,
+        "time/training_s": t_end - t_score, "perf/tokens_per_s": n_tokens / (t_end - t0),
+        "perf/generation_tokens_per_s": n_tokens / max(t_gen - t0, 1e-9),
+    })
+    return {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+
+
+def rollout_metrics(rollout: Rollout, exp: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """KL k3, entropy, parity, value fit, lengths and a hash of the sampled token ids."""
+    mask = rollout.response_mask
+    parity = torch.where(mask, (exp["old_logprobs"] - rollout.logprobs).abs(), 0.0).max()
+    residual_var = masked_var(exp["returns"] - exp["old_values"], mask)
+    explained = 1.0 - residual_var / masked_var(exp["returns"], mask).clamp(min=1e-8)
+    k3 = torch.where(mask, kl_k3(exp["old_logprobs"], exp["ref_logprobs"]), 0.0).sum(dim=1).mean()
+    digest = hashlib.sha1(rollout.response_ids.cpu().numpy().tobytes()).hexdigest()[:16]
+    return {"objective/kl_k3": k3, "policy/entropy": masked_mean(exp["entropy"], mask),
+            "rollout/logprob_parity_max_abs": parity, "value/explained_variance": explained,
+            "rollout/length": rollout.lengths.float().mean(),
+            "rollout/eos_fraction": rollout.ends_with_eos.float().mean(),
+            "rollout/hash": digest}
+
+
+def _minibatch(rollout: Rollout, exp: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, Any]:
+    batch: dict[str, Any] = {name: tensor[index] for name, tensor in exp.items()}
+    batch["rollout"] = rollout.select(index)
+    batch["n_terms"] = int(batch["response_mask"].sum())
+    return batch
+
+
+def rl_loss(model: torch.nn.Module, batch: dict[str, Any], *, algo: Algorithm, cfg: RLConfig,
+            kl_coef: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The algorithm's loss on one micro-batch, as a SUM over its response tokens (`TrainLoop.update`)."""
+    logprobs, _, values = model(batch["rollout"], cfg.temperature)
+    loss, metrics = algo.loss(logprobs, values, batch, cliprange=cfg.cliprange,
+                              cliprange_value=cfg.cliprange_value, value_coef=cfg.value_coef, kl_coef=kl_coef)
+    return loss * batch["n_terms"], metrics
+
+
+def update_epochs(ctx: RLContext, rollout: Rollout, exp: dict[str, torch.Tensor], step: int,
+                  kl_coef: float) -> dict[str, float]:
+    """`epochs` passes over the batch in shuffled minibatches, one optimizer step each; mean metrics."""
+    c, loop = ctx.cfg, ctx.loop
+    seed = step_seed(c.run.seed, step, loop.accelerator.process_index, "shuffle")
+    generator = torch.Generator().manual_seed(seed)
+    size = math.ceil(rollout.batch_size / c.minibatches)
+    micro = c.optim.per_device_batch_size
+    loss_fn = partial(rl_loss, algo=ctx.algo, cfg=c, kl_coef=kl_coef)
+    history: list[dict[str, float]] = []
+    epochs_run = 0
+    for _ in range(c.epochs):
+        order = torch.randperm(rollout.batch_size, generator=generator).to(rollout.response_ids.device)
+        epoch = []
+        for start in range(0, rollout.batch_size, size):
+            index = order[start : start + size]
+            parts = [_minibatch(rollout, exp, index[i : i + micro]) for i in range(0, len(index), micro)]
+            epoch.append(loop.update(parts, loss_fn, advance=False))
+        history += epoch
+        epochs_run += 1
+        approx_kl = sum(m.get("policy/approx_kl", 0.0) for m in epoch) / len(epoch)
+        if c.target_approx_kl is not None and approx_kl > c.target_approx_kl:
+            break
+    loop.advance()
+    keys = {k for m in history for k in m if isinstance(m[k], int | float)}
+    out = {k: sum(m.get(k, 0.0) for m in history) / len(history) for k in keys}
+    out["policy/epochs"] = epochs_run
+    out.pop("value/mean", None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and the stage
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate(ctx: RLContext) -> dict[str, float]:
+    """Held-out evaluation (fixed seed); writes `samples/step-N.jsonl`. Empty without held-out prompts."""
+    if not ctx.eval_prompts or not ctx.loop.accelerator.is_main_process:
+        return {}
+    scorer = None if ctx.scorer is ctx.gold else ctx.scorer
+    metrics, samples = evaluate_policy(
+        ctx.policy, ctx.ref, ctx.tokenizer, ctx.eval_prompts, scorer=scorer, gold=ctx.gold,
+        sampling=ctx.sampling(), seed=ctx.cfg.run.seed, batch_size=ctx.cfg.eval_batch_size,
+        n_keep=ctx.cfg.n_samples)
+    path = ctx.loop.out_dir / "samples" / f"step-{ctx.loop.step}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in samples))
+    return metrics
+
+
+def run(cfg: RLConfig) -> dict[str, Any]:
+    """Train the policy with `cfg.algorithm`, evaluate before and after, save `final/`; return the summary."""
+    ctx = setup(cfg)
+    loop = ctx.loop
+    print_plan(ctx)
+    start = loop.resume()
+    ctx.load_state_dict(loop.stage_state)
+    if start == 0:
+        ctx.summary["before"] = evaluate(ctx)
+        if ctx.summary["before"]:
+            loop.log(ctx.summary["before"])
+    for _ in range(start, loop.total_steps):
+        metrics = rl_step(ctx)
+        if cfg.run.eval_every and loop.step % cfg.run.eval_every == 0 and loop.step < loop.total_steps:
+            metrics.update(evaluate(ctx))
+        loop.stage_state = ctx.state_dict()
+        loop.end_step(metrics)
+    after = evaluate(ctx)
+    if after:
+        loop.log(after)
+    summary = {"algorithm": cfg.algorithm, "before": ctx.summary.get("before", {}), "after": after,
+               "kl_coef": ctx.kl_ctl.value, "train_prompts": len(ctx.prompts),
+               "eval_prompts": len(ctx.eval_prompts)}
+    return loop.finish(ctx.tokenizer, summary, merge_lora=cfg.model.save_merged, model=ctx.policy)
