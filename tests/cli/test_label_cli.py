@@ -68,7 +68,7 @@ def test_file_labeler_two_phases(tmp_path, tiny_llama_dir, prompts):
     res = cli(_args(tiny_llama_dir, prompts, first, "--labeler", "file", "--budget", "2", "--heldout_budget", "0"))
     assert res.returncode == 0, res.stderr
     queries = _jsonl(first / "queries.jsonl")
-    assert queries and all(len(q["responses"]) == 2 for q in queries)
+    assert 2 <= len(queries) <= 3 and all(len(q["responses"]) == 2 for q in queries)  # the budget counts queries
     answers = tmp_path / "answers.jsonl"
     answers.write_text("".join(json.dumps({"id": q["id"], "chosen": 1}) + "\n" for q in queries))
     second = tmp_path / "join"

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from tqdm.auto import tqdm
 
 from alignkit.config import ModelConfig, RunConfig
 from alignkit.errors import AlignkitError
@@ -169,25 +170,37 @@ def _make_labeler(cfg: LabelConfig, world: Any) -> Any:
     return make_labeler(cfg.labeler, scorer=scorer, tau=cfg.tau, seed=cfg.run.seed, answers=cfg.answers)
 
 
-def collect(split: str, prompts: list[Any], budget: int, sampler: Sampler | None, labeler: Any,
+def collect(split: str, prompts: list[Any], budget: int, sampler: Sampler, labeler: Any,
             cfg: LabelConfig, stats: dict[str, int]) -> tuple[list[dict], list[dict]]:
-    """Sample and label queries of `split` until `budget` records; return (queries, records)."""
+    """Sample and label queries of `split` until `budget` records; return (queries, records).
+
+    With `labeler` None (answers to come from a file) the queries themselves count toward the budget.
+    """
     order = list(range(len(prompts)))
     random.Random(f"{cfg.run.seed}-{split}").shuffle(order)
     queries: list[dict] = []
     records: list[dict] = []
     per_query = cfg.k if cfg.format == "rating" else 1
+    bar = tqdm(total=budget, desc=f"label {split}", unit="record", disable=not cfg.run.progress)
+
+    def have() -> int:
+        return len(records) if labeler is not None else len(queries) * per_query
+
     for start in range(0, len(order), cfg.batch_size):
-        if len(records) >= budget:
+        if have() >= budget:
             break
-        need = -(-(budget - len(records)) // per_query)
+        need = -(-(budget - have()) // per_query)
         chunk = [prompts[i] for i in order[start : start + min(cfg.batch_size, need + need // 8 + 1)]]
         batch = [{"id": f"{split}-{start + j}", "split": split, "prompt": p, "responses": rs}
                  for j, (p, rs) in enumerate(zip(chunk, sampler(chunk), strict=True))]
         queries += batch
-        _label_into(records, batch, labeler, cfg.format, stats)
-    if len(records) < budget:
-        print(f"[label] warning: only {len(records)} {split} records for a budget of {budget} (prompts exhausted)")
+        done = have()
+        if labeler is not None:
+            _label_into(records, batch, labeler, cfg.format, stats)
+        bar.update(min(have(), budget) - min(done, budget))
+    bar.close()
+    if have() < budget:
+        print(f"[label] warning: only {have()} {split} records for a budget of {budget} (prompts exhausted)")
     return queries, records[:budget]
 
 
@@ -264,8 +277,7 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
         queries = []
         for split, budget in (("train", cfg.budget), ("heldout", cfg.heldout_budget)):
             if budget > 0 and splits[split]:
-                qs, records[split] = collect(split, splits[split], budget, sampler,
-                                             labeler or (lambda batch, fmt: [None] * len(batch)), cfg, stats)
+                qs, records[split] = collect(split, splits[split], budget, sampler, labeler, cfg, stats)
                 queries += qs
     _write_jsonl(out_dir / "queries.jsonl", queries)
     summary: dict[str, Any] = {"stage": "label", "output_dir": str(out_dir), "queries": len(queries), **stats}
