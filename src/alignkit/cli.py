@@ -39,6 +39,11 @@ STAGES: dict[str, tuple[str, str, str]] = {
                   "reward and KL per N"),
     "rejection-sampling": ("alignkit.recipes.rejection_sampling", "RejectionSamplingConfig",
                            "rounds of best-of-N winners -> SFT"),
+    "eval": ("alignkit.eval", "EvalConfig", "policies on held-out prompts: gold +- CI, proxy, exact KL, win rate, "
+             "diversity, length"),
+    "report": ("alignkit.report", "ReportConfig", "HTML report (reward-KL frontier, over-optimisation, samples) "
+               "+ summary.json"),
+    "pipeline": ("alignkit.pipeline", "PipelineConfig", "chain the stages with caching (`--only`, `--from`)"),
 }
 
 WORLD_COMMANDS = ("build", "info")
@@ -89,6 +94,7 @@ def run_stage(stage: str, argv: list[str]) -> Any:
         print(f"usage: alignkit {stage} [CONFIG.yaml] [--<field> VALUE ...]\n\n{desc}\n{format_help(cls)}")
         return None
     config, rest = _split_config(argv)
+    rest = [a.replace("--from", "--from_step", 1) if a.split("=")[0] == "--from" else a for a in rest]
     cfg = resolve_config(cls, config, rest)
     return _load(module, "run")(cfg)
 
