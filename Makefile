@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/alignkit world sentiment build
+	$(BIN)/alignkit pipeline configs/sentiment/pipeline.yaml
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests bench
