@@ -66,11 +66,14 @@ def shard_indices(indices: list[int], micro: int, accum: int, world: int, rank: 
 
 
 def build_optimizer(model: torch.nn.Module, optim: Any) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; a model with `optimizer_groups(lr)` (a list of AdamW
+    parameter groups, e.g. a value model with its own learning rate) chooses its groups."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise AlignkitError("the model has no trainable parameters")
+    groups = model.optimizer_groups(optim.lr) if hasattr(model, "optimizer_groups") else params
     return torch.optim.AdamW(
-        params, lr=optim.lr, betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_eps,
+        groups, lr=optim.lr, betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_eps,
         weight_decay=optim.weight_decay,
     )
 

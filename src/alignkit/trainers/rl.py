@@ -131,6 +131,8 @@ class RLConfig:
     """Value clip around the old values (None: unclipped MSE)."""
     value_coef: float = 0.5
     """Weight of the value loss."""
+    value_lr: float | None = None
+    """Learning rate of the value model (default: `optim.lr`); a value head that starts at 0 needs more."""
     gamma: float = 1.0
     """Discount."""
     lam: float = 0.95
@@ -201,9 +203,17 @@ class GRPOConfig(A2CConfig):
 class ActorCritic(torch.nn.Module):
     """The trained models as one module (one optimizer, one checkpoint): policy and value model (or None)."""
 
-    def __init__(self, policy: torch.nn.Module, value: torch.nn.Module | None) -> None:
+    def __init__(self, policy: torch.nn.Module, value: torch.nn.Module | None,
+                 value_lr: float | None = None) -> None:
         super().__init__()
-        self.policy, self.value = policy, value
+        self.policy, self.value, self.value_lr = policy, value, value_lr
+
+    def optimizer_groups(self, lr: float) -> list[dict[str, Any]]:
+        """AdamW groups: the policy at `lr`, the value model at `value_lr` (default `lr`)."""
+        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad]}]
+        if self.value is not None:
+            groups.append({"params": list(self.value.parameters()), "lr": self.value_lr or lr})
+        return groups
 
     def forward(self, rollout: Rollout, temperature: float, with_entropy: bool = False) -> tuple:
         """(logprobs B×R, entropy B×R or None, values B×R or None) of the rollout's response tokens."""
@@ -340,7 +350,8 @@ def setup(cfg: RLConfig) -> RLContext:
         raise AlignkitError("no training prompts")
     scorer, gold = _load_scorers(cfg)
     policy, ref, value = _load_models(cfg, algo, tokenizer)
-    loop = TrainLoop(cfg.algorithm, cfg, ActorCritic(policy, value), total_steps=cfg.optim.max_steps)
+    model = ActorCritic(policy, value, cfg.value_lr)
+    loop = TrainLoop(cfg.algorithm, cfg, model, total_steps=cfg.optim.max_steps)
     k = cfg.kl
     kl_ctl = (AdaptiveKLController(k.coef, target=k.target, horizon=k.horizon) if k.adaptive
               else FixedKLController(k.coef))
@@ -456,6 +467,7 @@ def rl_step(ctx: RLContext) -> dict[str, Any]:
         "objective/scores": scores.mean(), "time/generation_s": t_gen - t0, "time/scoring_s": t_score - t_gen,
         "time/training_s": t_end - t_score, "perf/tokens_per_s": n_tokens / (t_end - t0),
         "perf/generation_tokens_per_s": n_tokens / max(t_gen - t0, 1e-9),
+        "time/process_cpu_s": time.process_time(),  # CPU seconds of this process so far (all threads)
     })
     return {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
 
@@ -563,6 +575,6 @@ def run(cfg: RLConfig) -> dict[str, Any]:
     if after:
         loop.log(after)
     summary = {"algorithm": cfg.algorithm, "before": ctx.summary.get("before", {}), "after": after,
-               "kl_coef": ctx.kl_ctl.value, "train_prompts": len(ctx.prompts),
+               "kl_coef": ctx.kl_ctl.value, "cpu_s": time.process_time(), "train_prompts": len(ctx.prompts),
                "eval_prompts": len(ctx.eval_prompts)}
     return loop.finish(ctx.tokenizer, summary, merge_lora=cfg.model.save_merged, model=ctx.policy)
