@@ -128,18 +128,30 @@ class RewardModelScorer:
 
 
 class GoldScorer:
-    """A world's gold scorer as a scorer: gold(prompt + separator + response), e.g. P(positive) in [0, 1]."""
+    """A world's gold scorer as a scorer: gold(prompt + separator + response), e.g. P(positive) in [0, 1].
 
-    def __init__(self, gold_fn: Any, separator: str = ""):
+    With `memo`, scores are remembered by text, so a text scored twice (labels, then evaluation) costs once.
+    """
+
+    def __init__(self, gold_fn: Any, separator: str = "", memo: bool = False):
         self.gold_fn, self.separator = gold_fn, separator
+        self.memo: dict[str, float] | None = {} if memo else None
 
     def __call__(self, prompts: list[Any], responses: list[Any]) -> torch.Tensor:
         _check_batch(prompts, responses)
         if not prompts:
             return torch.empty(0)
         texts = [f"{p}{self.separator}{r}" for p, r in zip(prompts, responses, strict=True)]
-        with torch.inference_mode():
-            return torch.as_tensor(self.gold_fn(texts), dtype=torch.float32).reshape(-1).clone()
+        known = self.memo if self.memo is not None else {}
+        todo = list(dict.fromkeys(t for t in texts if t not in known))
+        if todo:
+            with torch.inference_mode():
+                scores = torch.as_tensor(self.gold_fn(todo), dtype=torch.float32).reshape(-1)
+            known.update(zip(todo, scores.tolist(), strict=True))
+        out = torch.tensor([known[t] for t in texts], dtype=torch.float32)
+        if self.memo is None:
+            known.clear()
+        return out
 
 
 def load_scorer(spec: str | Path, **kwargs: Any) -> Scorer:

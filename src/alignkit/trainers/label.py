@@ -151,16 +151,15 @@ def query_problem(query: dict[str, Any], fmt: str) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _make_labeler(cfg: LabelConfig, world: Any) -> Any:
+def _make_labeler(cfg: LabelConfig, gold: Any) -> Any:
+    """The labeler of `cfg`; `gold` is the world's `GoldScorer` (or None without a world)."""
     from alignkit.feedback.labelers import make_labeler
 
     scorer = None
     if cfg.labeler == "gold":
-        if world is None:
+        if gold is None:
             raise AlignkitError("labeler `gold` needs option `world` (whose gold scorer labels)")
-        from alignkit.rollout.score import GoldScorer
-
-        scorer = GoldScorer(world.gold_scorer())
+        scorer = gold
     elif cfg.labeler == "reward-model":
         if not cfg.scorer:
             raise AlignkitError("labeler `reward-model` needs option `scorer`: a reward model directory")
@@ -219,14 +218,12 @@ def _label_into(records: list[dict], batch: list[dict], labeler: Any, fmt: str, 
             records.extend(answer if isinstance(answer, list) else [answer])
 
 
-def heldout_gold_records(queries: list[dict], world: Any) -> list[dict]:
+def heldout_gold_records(queries: list[dict], gold: Any) -> list[dict]:
     """Every held-out response as `{prompt, response, score}` with its gold score."""
-    from alignkit.rollout.score import GoldScorer
-
     pairs = [(q["prompt"], r) for q in queries if q["split"] == "heldout" for r in q["responses"] if str(r).strip()]
     if not pairs:
         return []
-    scores = GoldScorer(world.gold_scorer())([p for p, _ in pairs], [r for _, r in pairs]).tolist()
+    scores = gold([p for p, _ in pairs], [r for _, r in pairs]).tolist()
     return [{"prompt": p, "response": r, "score": s} for (p, r), s in zip(pairs, scores, strict=True)]
 
 
@@ -264,7 +261,12 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.run.seed)
     stats: dict[str, int] = {}
     waiting = cfg.labeler == "file" and not cfg.answers
-    labeler = None if waiting else _make_labeler(cfg, world)
+    gold = None
+    if world is not None:
+        from alignkit.rollout.score import GoldScorer
+
+        gold = GoldScorer(world.gold_scorer(), memo=True)  # labels and held-out scores share the texts
+    labeler = None if waiting else _make_labeler(cfg, gold)
     records: dict[str, list] = {"train": [], "heldout": []}
     if cfg.queries:
         queries, records = _from_queries(cfg, labeler, stats)
@@ -289,7 +291,7 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
             summary[f"{split}_records"] = len(records[split])
         summary.update(_agreement(records["train"], cfg.format))
     if world is not None and any(q.get("split") == "heldout" for q in queries):
-        gold_rows = heldout_gold_records(queries, world)
+        gold_rows = heldout_gold_records(queries, gold)
         _write_jsonl(out_dir / "heldout_gold.jsonl", gold_rows)
         summary["heldout_gold_records"] = len(gold_rows)
     summary["sampled_tokens"] = sampler.n_tokens if sampler else 0

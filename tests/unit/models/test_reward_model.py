@@ -189,3 +189,7 @@ def test_gold_scorer_wrapper_and_bad_specs(tmp_path):
     with pytest.raises(AlignkitError, match="scorer"):
         load_scorer(tmp_path)
     assert math.isfinite(gold(["a"], ["b"]).item())
+    calls = []
+    memo = GoldScorer(lambda texts: calls.append(list(texts)) or torch.ones(len(texts)), memo=True)
+    memo(["a", "a"], ["b", "b"])
+    assert memo(["a", "c"], ["b", "d"]).tolist() == [1.0, 1.0] and calls == [["ab"], ["cd"]]
