@@ -244,6 +244,7 @@ class RLContext:
     summary: dict[str, Any] = field(default_factory=dict)
 
     def sampling(self) -> dict[str, Any]:
+        """Keyword arguments of `sample` (and `evaluate_policy`) from the config."""
         c = self.cfg
         return {"max_new_tokens": c.max_new_tokens, "min_new_tokens": c.min_new_tokens,
                 "temperature": c.temperature, "top_k": c.top_k, "top_p": c.top_p}
@@ -267,6 +268,7 @@ def step_seed(seed: int, step: int, rank: int, purpose: str) -> int:
 
 
 def _check(cfg: RLConfig) -> Algorithm:
+    """The algorithm of `cfg`, after checking the options that depend on each other."""
     algo = ALGORITHMS[cfg.algorithm]
     if (cfg.reward.model is None) == (cfg.reward.gold_world is None):
         raise AlignkitError("set exactly one of `reward.model` (a reward model directory) and "
@@ -362,6 +364,7 @@ def setup(cfg: RLConfig) -> RLContext:
 
 
 def print_plan(ctx: RLContext) -> None:
+    """Print rollout and update sizes, steps, data and models before step 0."""
     c, loop = ctx.cfg, ctx.loop
     batch = c.prompts_per_step * c.samples_per_prompt
     minibatch = math.ceil(batch / c.minibatches)
@@ -488,6 +491,7 @@ def rollout_metrics(rollout: Rollout, exp: dict[str, torch.Tensor]) -> dict[str,
 
 
 def _minibatch(rollout: Rollout, exp: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, Any]:
+    """Rows `index` of the rollout and its per-sample tensors, with `n_terms` = their response tokens."""
     batch: dict[str, Any] = {name: tensor[index] for name, tensor in exp.items()}
     batch["rollout"] = rollout.select(index)
     batch["n_terms"] = int(batch["response_mask"].sum())
