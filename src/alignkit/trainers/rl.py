@@ -535,6 +535,8 @@ def update_epochs(ctx: RLContext, rollout: Rollout, exp: dict[str, torch.Tensor]
     out = {k: sum(m.get(k, 0.0) for m in history) / len(history) for k in keys}
     out["policy/epochs"] = epochs_run
     out.pop("value/mean", None)
+    if "objective/kl" in out:  # GRPO's in-loss token-mean k3: not the sequence KL logged under that name
+        out["policy/kl_k3_token_mean"] = out.pop("objective/kl")
     return out
 
 
