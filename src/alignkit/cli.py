@@ -8,6 +8,7 @@ lists every field with its default and documentation.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from typing import Any
@@ -20,11 +21,6 @@ from alignkit.errors import AlignkitError
 STAGES: dict[str, tuple[str, str, str]] = {
     "pretrain": ("alignkit.trainers.pretrain", "PretrainConfig", "causal LM training on raw text {text}"),
     "sft": ("alignkit.trainers.sft", "SFTConfig", "supervised fine-tuning on {prompt, completion} or {messages}"),
-    "ppo": ("alignkit.trainers.rl", "PPOConfig", "PPO from a reward model or gold scorer, KL to the reference"),
-    "rloo": ("alignkit.trainers.rl", "RLOOConfig", "REINFORCE leave-one-out (k samples per prompt, no critic)"),
-    "grpo": ("alignkit.trainers.rl", "GRPOConfig", "GRPO (group-normalised advantages, k3 KL in the loss)"),
-    "reinforce": ("alignkit.trainers.rl", "ReinforceConfig", "REINFORCE with a learned baseline"),
-    "a2c": ("alignkit.trainers.rl", "A2CConfig", "advantage actor-critic (TD advantages)"),
     "label": ("alignkit.trainers.label", "LabelConfig", "sample K responses per prompt and label them (pairs, "
               "choices, rankings, ratings)"),
     "reward": ("alignkit.trainers.reward", "RewardConfig", "train a (normalised) reward model or ensemble on feedback"),
@@ -100,23 +96,30 @@ def run_stage(stage: str, argv: list[str]) -> Any:
 
 
 def run_world(argv: list[str]) -> Any:
-    from alignkit.worlds.base import WORLDS
+    """`alignkit world <name> build|info [--<field> VALUE ...]`."""
+    from alignkit.worlds.base import WORLD_BUILDERS, get_world
 
+    names = "|".join(WORLD_BUILDERS)
     if len(argv) < 2 or argv[0] in ("-h", "--help") or argv[1] not in WORLD_COMMANDS:
-        print(f"usage: alignkit world <{'|'.join(WORLDS)}> build|info [--<field> VALUE ...]")
+        print(f"usage: alignkit world <{names}> build|info [--<field> VALUE ...]\n\n"
+              "  build  build (or finish building) the world and cache it in $ALIGNKIT_CACHE\n"
+              "  info   print the built world's paths and figures")
         return None
     name, command, rest = argv[0], argv[1], argv[2:]
-    if name not in WORLDS:
-        raise AlignkitError(f"unknown world {name!r}; known worlds: {', '.join(WORLDS)}")
-    build_config, build = WORLDS[name].build_config, WORLDS[name].build
+    if name not in WORLD_BUILDERS:
+        raise AlignkitError(f"unknown world {name!r}; known worlds: {', '.join(WORLD_BUILDERS)}")
+    build_config, build = WORLD_BUILDERS[name]()
     if "-h" in rest or "--help" in rest:
         print(f"usage: alignkit world {name} {command} [--<field> VALUE ...]\n{format_help(build_config)}")
         return None
     config, rest = _split_config(rest)
     cfg = resolve_config(build_config, config, rest)
-    if command == "info":
-        return WORLDS[name].info(cfg)
-    return build(cfg)
+    if command == "build":
+        return build(cfg)
+    world = get_world(name, getattr(cfg, "cache_dir", None))
+    paths = {"root": world.root, "tokenizer": world.tokenizer_path, "base_model": world.base_model_path}
+    print(json.dumps({"paths": paths, **world.summary()}, indent=2, default=str))
+    return world
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -179,23 +179,11 @@ def _run_stage(step: Step, world: str) -> dict[str, Any]:
     if step.stage == "world":
         from alignkit.worlds.base import WORLD_BUILDERS
 
-        summary = WORLD_BUILDERS[world]()[1](config)
-        _ensure_world_sft_data(world)
-        return summary
+        return WORLD_BUILDERS[world]()[1](config)
     from alignkit.cli import STAGES
 
     return importlib.import_module(STAGES[step.stage][0]).run(config)
 
-
-def _ensure_world_sft_data(world: str) -> None:
-    """The sentiment world's SFT pairs (`sft_train.jsonl`), written once after the build."""
-    from alignkit.worlds.base import world_root
-
-    root = world_root(world)
-    if world == "sentiment" and not (root / "sft_train.jsonl").is_file():
-        from alignkit.worlds.sentiment_sft import write_sft_data
-
-        write_sft_data(root)
 
 
 RESULT_KEYS = ("eval/gold", "eval/kl", "eval/pairwise_accuracy", "eval/spearman_gold", "eval/loss", "train_records",

@@ -122,6 +122,15 @@ def _prompts_step(b: _Build) -> dict[str, Any]:
     return {"train": len(train_prompts), "heldout": len(heldout_prompts)}
 
 
+def _sft_data_step(b: _Build) -> dict[str, Any]:
+    """`sft_train.jsonl` / `sft_heldout.jsonl`: tweet prefix -> continuation pairs for `alignkit sft`."""
+    from alignkit.worlds.sentiment_sft import write_sft_data
+
+    counts = write_sft_data(b.root, min_tokens=b.cfg.prompt_min_tokens, max_tokens=b.cfg.prompt_max_tokens,
+                            seed=b.cfg.seed)
+    return {"sft_train": counts["train"], "sft_heldout": counts["heldout"]}
+
+
 def _init_model_step(b: _Build) -> dict[str, Any]:
     c = b.cfg
     params = lm.init_model(b.tokenizer, b.root / "init_model", c.hidden_size, c.num_layers, c.num_heads,
@@ -209,6 +218,7 @@ def build(cfg: SentimentBuildConfig) -> dict[str, Any]:
         b.run("corpus", root / "corpus" / "heldout.jsonl", lambda: _corpus_step(b))
         b.run("tokenizer", root / "tokenizer", lambda: _tokenizer_step(b))
         b.run("prompts", root / "prompts_heldout.jsonl", lambda: _prompts_step(b))
+        b.run("sft_data", root / "sft_heldout.jsonl", lambda: _sft_data_step(b))
         b.run("init_model", root / "init_model", lambda: _init_model_step(b))
         b.run("gold", root / "gold", lambda: _gold_step(b))
         b.run("pretrain", root / "pretrain" / "final", lambda: _pretrain_step(b))

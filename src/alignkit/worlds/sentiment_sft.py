@@ -5,8 +5,8 @@ world build) and writes `sft_train.jsonl` / `sft_heldout.jsonl` with records `{p
 the prompt is the text of the first 2-8 tokens of a tweet, cut at a word boundary (as the world's
 prompts are), and the completion is the rest, starting with its space. `prompt + completion` is
 the tweet, and `alignkit sft` tokenizes string records by plain concatenation, so the pair gives
-the same tokens as the tweet. Run `python -m alignkit.worlds.sentiment_sft` after
-`alignkit world sentiment build`, then `alignkit sft configs/sentiment/sft.yaml`.
+the same tokens as the tweet. `alignkit world sentiment build` writes them (step `sft_data`);
+then `alignkit sft configs/sentiment/sft.yaml`.
 """
 
 from __future__ import annotations
