@@ -164,14 +164,6 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _default_of(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
-    return None
-
-
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -280,10 +272,15 @@ def _unknown_key(key: str, cls: type, prefix: str, where: str) -> AlignkitError:
     return AlignkitError(f"unknown option `{prefix}{key}` in {where}{extra}")
 
 
-def build(cls: type, values: dict[str, Any], where: str = "config", prefix: str = "") -> Any:
-    """Instantiate dataclass `cls` from a nested dict, checking keys and coercing values."""
+def build(cls: type, values: dict[str, Any], where: str = "config", prefix: str = "", base: Any = None) -> Any:
+    """Instantiate dataclass `cls` from a nested dict, checking keys and coercing values.
+
+    Unset fields keep their defaults from `base` (default: `cls()`), so a stage's own defaults for a
+    part (e.g. `OptimConfig(lr=1e-3)` in its `optim` field) survive when only some keys are given.
+    """
     if not isinstance(values, dict):
         raise AlignkitError(f"{where}: `{prefix.rstrip('.') or 'config'}` must be a mapping")
+    base = cls() if base is None else base
     hints = _field_types(cls)
     kwargs = {}
     for key, value in values.items():
@@ -291,10 +288,10 @@ def build(cls: type, values: dict[str, Any], where: str = "config", prefix: str 
             raise _unknown_key(str(key), cls, prefix, where)
         tp = hints[key]
         if _is_dataclass_type(tp):
-            kwargs[key] = build(tp, value or {}, where, f"{prefix}{key}.")
+            kwargs[key] = build(tp, value or {}, where, f"{prefix}{key}.", getattr(base, key))
         else:
             kwargs[key] = _coerce(value, tp, prefix + key)
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -400,17 +397,18 @@ def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def format_help(cls: type, prefix: str = "") -> str:
-    """One line per field: `--key TYPE (default: X)  doc`, grouped by part."""
+def format_help(cls: type, prefix: str = "", defaults: Any = None) -> str:
+    """One line per field: `--key TYPE (default: X)  doc`, grouped by part (defaults as the stage sets them)."""
     lines: list[str] = []
     docs = field_docs(cls)
+    defaults = cls() if defaults is None else defaults
     for f in dataclasses.fields(cls):
         tp = _field_types(cls)[f.name]
+        default = getattr(defaults, f.name)
         if _is_dataclass_type(tp):
             lines.append(f"\n{prefix}{f.name}: {(tp.__doc__ or '').strip().splitlines()[0]}")
-            lines.append(format_help(tp, f"{prefix}{f.name}."))
+            lines.append(format_help(tp, f"{prefix}{f.name}.", default))
             continue
-        default = _default_of(f)
         lines.append(f"  --{prefix}{f.name} {_type_name(tp)} (default: {default!r})")
         if docs.get(f.name):
             lines.append(f"      {docs[f.name]}")

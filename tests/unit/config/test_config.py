@@ -93,6 +93,19 @@ def test_help_lists_every_field_with_default_and_doc():
         assert f"--run.{name} " in text
 
 
+@dataclass
+class CustomDefaults:
+    """A stage whose parts have their own defaults."""
+
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=50))
+
+
+def test_a_stage_s_part_defaults_survive_partial_settings(tmp_path):
+    cfg = resolve_config(CustomDefaults, write(tmp_path, {"optim": {"max_steps": 5}}), ["--optim.epochs", "2"])
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.max_steps, cfg.optim.epochs) == (1e-3, 50, 5, 2.0)
+    assert "--optim.lr float (default: 0.001)" in format_help(CustomDefaults)
+
+
 def test_saved_config_round_trips(tmp_path):
     cfg = resolve_config(StageConfig, None, ["--beta", "0.3", "--optim.lr", "2e-5"])
     save_config(cfg, tmp_path / "config.yaml")
