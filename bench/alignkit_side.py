@@ -33,23 +33,21 @@ from common import BATCH, NEW_TOKENS, PATHS, RL_GENERATIONS, RL_PROMPTS, SEED  #
 KL_COEF = 0.05  # as trl_side.KL_COEF
 
 # stage -> (module, config class, data file, stage-specific overrides).
-# The RL and preference stages are being written: adjust their option names when they land.
+def _rl(prompts: int, generations: int, extra: list[str]) -> list[str]:
+    """The RL stages' options: reward model, fixed KL coefficient, one epoch, no evaluation."""
+    return ["--reward.model", str(PATHS.reward_model), "--kl.coef", str(KL_COEF), "--kl.adaptive", "false",
+            "--prompts_per_step", str(prompts), "--samples_per_prompt", str(generations),
+            "--max_new_tokens", str(NEW_TOKENS), "--epochs", "1", "--minibatches", "1", "--eval_prompts", "0",
+            *extra]
+
+
 STAGE_SPECS: dict[str, tuple[str, str, Path, list[str]]] = {
     "sft": ("alignkit.trainers.sft", "SFTConfig", PATHS.sft_data, ["--n_samples", "0"]),
-    "reward": ("alignkit.trainers.reward", "RewardConfig", PATHS.pref_data, []),
+    "reward": ("alignkit.trainers.reward", "RewardConfig", PATHS.pref_data, ["--normalize", "false"]),
     "dpo": ("alignkit.trainers.dpo", "DPOConfig", PATHS.pref_data, ["--beta", "0.1"]),
-    "ppo": ("alignkit.trainers.ppo", "PPOConfig", PATHS.prompt_data, [
-        "--reward_model.name_or_path", str(PATHS.reward_model), "--kl_coef", str(KL_COEF),
-        "--prompts_per_step", str(BATCH), "--samples_per_prompt", "1", "--max_new_tokens", str(NEW_TOKENS),
-        "--ppo_epochs", "1"]),
-    "rloo": ("alignkit.trainers.rloo", "RLOOConfig", PATHS.prompt_data, [
-        "--reward_model.name_or_path", str(PATHS.reward_model), "--kl_coef", str(KL_COEF),
-        "--prompts_per_step", str(RL_PROMPTS), "--samples_per_prompt", str(RL_GENERATIONS),
-        "--max_new_tokens", str(NEW_TOKENS)]),
-    "grpo": ("alignkit.trainers.grpo", "GRPOConfig", PATHS.prompt_data, [
-        "--reward_model.name_or_path", str(PATHS.reward_model), "--kl_coef", str(KL_COEF),
-        "--prompts_per_step", str(RL_PROMPTS), "--samples_per_prompt", str(RL_GENERATIONS),
-        "--max_new_tokens", str(NEW_TOKENS)]),
+    "ppo": ("alignkit.trainers.rl", "PPOConfig", PATHS.prompt_data, _rl(BATCH, 1, [])),
+    "rloo": ("alignkit.trainers.rl", "RLOOConfig", PATHS.prompt_data, _rl(RL_PROMPTS, RL_GENERATIONS, [])),
+    "grpo": ("alignkit.trainers.rl", "GRPOConfig", PATHS.prompt_data, _rl(RL_PROMPTS, RL_GENERATIONS, [])),
 }
 
 
