@@ -227,7 +227,7 @@ def test_tiny_build_end_to_end_then_everything_is_cached(tmp_path, capsys):
     summary = build(cfg)
     assert summary["prompts"]["train"] == 100 and 400 < summary["prompts"]["heldout"] <= 512
     assert summary["base_lm_heldout_perplexity"] > 1 and 0 < summary["base_rate"] < 1
-    assert set(summary["build_seconds"]) >= {"corpus", "tokenizer", "prompts", "gold", "pretrain", "total"}
+    assert set(summary["build_seconds"]) >= {"corpus", "tokenizer", "prompts", "sft_data", "gold", "pretrain", "total"}
     world = get_world("sentiment", cache_dir=tmp_path)
     assert world.base_model_path.is_dir() and world.tokenizer_path.is_dir()
     prompts = world.prompts("heldout")
@@ -236,4 +236,4 @@ def test_tiny_build_end_to_end_then_everything_is_cached(tmp_path, capsys):
     assert scores.shape == (4,) and world.gold_scorer() is world.gold_scorer()
     capsys.readouterr()
     assert build(cfg)["build_seconds"] == summary["build_seconds"]  # every step skipped
-    assert capsys.readouterr().out.count(": cached (") == 6
+    assert capsys.readouterr().out.count(": cached (") == 7  # corpus .. pretrain, sft_data included
