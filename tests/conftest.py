@@ -93,3 +93,18 @@ def tiny_llama_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     build_tiny_llama(len(tokenizer)).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def reward_dir(tmp_path_factory, tiny_llama_dir) -> Path:
+    """A tiny reward model (the tiny Llama with a scalar head drawn from N(0, 1/(d+1))), HF format."""
+    from alignkit.config import ModelConfig
+    from alignkit.models.load import load_sequence_classifier, load_tokenizer
+    from alignkit.models.reward_model import init_head
+    from alignkit.models.save import save_pretrained_atomic
+
+    cfg = ModelConfig(name_or_path=str(tiny_llama_dir))
+    tokenizer = load_tokenizer(cfg)
+    model = load_sequence_classifier(cfg, num_labels=1, tokenizer=tokenizer)
+    init_head(model)
+    return save_pretrained_atomic(model, tokenizer, tmp_path_factory.mktemp("rm") / "rm")

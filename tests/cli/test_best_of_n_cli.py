@@ -28,19 +28,6 @@ def prompts(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def reward_dir(tmp_path_factory, tiny_llama_dir) -> Path:
-    from alignkit.config import ModelConfig
-    from alignkit.models.load import load_sequence_classifier, load_tokenizer
-    from alignkit.models.reward_model import init_head
-    from alignkit.models.save import save_pretrained_atomic
-
-    cfg = ModelConfig(name_or_path=str(tiny_llama_dir))
-    tokenizer = load_tokenizer(cfg)
-    model = load_sequence_classifier(cfg, num_labels=1, tokenizer=tokenizer)
-    init_head(model)
-    return save_pretrained_atomic(model, tokenizer, tmp_path_factory.mktemp("rm") / "rm")
-
 
 def test_best_of_n_writes_samples_winners_and_curve(tmp_path, tiny_llama_dir, prompts, reward_dir):
     out = tmp_path / "run"

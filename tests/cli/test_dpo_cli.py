@@ -72,19 +72,6 @@ def test_dpo_offline_trains_and_writes_the_run_dir(tmp_path, tiny_llama_dir, dat
     assert summary["final"]["eval/loss"] < summary["first"]["eval/loss"]
 
 
-@pytest.fixture(scope="module")
-def reward_dir(tmp_path_factory, tiny_llama_dir) -> Path:
-    from alignkit.config import ModelConfig
-    from alignkit.models.load import load_sequence_classifier, load_tokenizer
-    from alignkit.models.reward_model import init_head
-    from alignkit.models.save import save_pretrained_atomic
-
-    cfg = ModelConfig(name_or_path=str(tiny_llama_dir))
-    tokenizer = load_tokenizer(cfg)
-    model = load_sequence_classifier(cfg, num_labels=1, tokenizer=tokenizer)
-    init_head(model)
-    return save_pretrained_atomic(model, tokenizer, tmp_path_factory.mktemp("rm") / "rm")
-
 
 @pytest.mark.slow
 def test_dpo_online_rounds_sample_label_and_train(tmp_path, tiny_llama_dir, data, reward_dir):
