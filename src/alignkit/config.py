@@ -212,6 +212,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:  # noqa: C901 - one branch pe
         raise AlignkitError(f"option `{key}`: {value!r} is not one of {list(choices)}{extra}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str) and value.strip().startswith("["):  # YAML flow style: [500, 1000] or []
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise AlignkitError(f"option `{key}`: cannot read {value!r} as a list") from None
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()] if value.strip() else []
         if not isinstance(value, list | tuple):

@@ -51,6 +51,10 @@ def test_types_are_coerced_and_checked():
                                              "--data.limit", "none", "--run.on_nonfinite", "skip"])
     assert cfg.run.resume is True and cfg.steps == [3, 4, 5] and cfg.run.output_dir == "x"
     assert cfg.data.limit is None and cfg.run.on_nonfinite == "skip"
+    assert resolve_config(StageConfig, None, ["--steps", "[6, 7]"]).steps == [6, 7]  # YAML flow style
+    assert resolve_config(StageConfig, None, ["--steps", "[]"]).steps == []
+    with pytest.raises(AlignkitError, match=r"`steps`: cannot read '\[1, 2' as a list"):
+        resolve_config(StageConfig, None, ["--steps", "[1, 2"])
     with pytest.raises(AlignkitError, match=r"`optim.max_steps`: expected int, got 'ten'"):
         resolve_config(StageConfig, None, ["--optim.max_steps", "ten"])
     with pytest.raises(AlignkitError, match=r"`run.on_nonfinite`: 'skp' is not one of .*did you mean 'skip'"):
