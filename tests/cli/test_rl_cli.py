@@ -89,6 +89,21 @@ def test_ppo_run_dir_metrics_and_summary(tmp_path, tiny_llama_dir, reward_dir, p
     assert AutoModelForCausalLM.from_pretrained(out / "final") is not None
 
 
+def test_sampler_logprobs_as_old_logprobs_equal_a_recomputed_forward(tmp_path, tiny_llama_dir, reward_dir, prompts):
+    """The default (log pi_old and entropy from the sampler, no policy pass) trains as the recomputing run."""
+    runs = {}
+    for name, extra in [("reuse", []), ("recompute", ["--recompute_logprobs"])]:
+        res = cli(rl_args("ppo", tiny_llama_dir, reward_dir, prompts, tmp_path / name, "--optim.max_steps", "2",
+                          "--eval_prompts", "0", *extra))
+        assert res.returncode == 0, res.stderr
+        runs[name] = step_rows(tmp_path / name)
+    a, b = runs["reuse"], runs["recompute"]
+    assert [r["rollout/hash"] for r in a] == [r["rollout/hash"] for r in b]
+    for key in ["objective/kl", "objective/kl_k3", "policy/entropy", "loss/policy", "loss/value",
+                "policy/approx_kl", "loss"]:
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], abs=1e-4), key
+
+
 def test_missing_reward_is_an_error_without_traceback(tmp_path, tiny_llama_dir, prompts):
     args = rl_args("ppo", tiny_llama_dir, Path("x"), prompts, tmp_path / "x")
     i = args.index("--reward.model")

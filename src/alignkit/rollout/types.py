@@ -35,6 +35,9 @@ class Rollout:
             probabilities: they are the probabilities of the policy being trained.
         ends_with_eos: B bool, True when the row produced EOS within `max_new_tokens`.
         lengths: B long, number of response tokens (`response_mask.sum(1)`, EOS included).
+        entropy: B×R float or None, the entropy of the same (unfiltered, temperature-scaled)
+            next-token distribution at each response position, recorded by the sampler; 0 where
+            `response_mask` is False. None for rollouts built without it.
     """
 
     prompt_ids: torch.Tensor
@@ -44,6 +47,7 @@ class Rollout:
     logprobs: torch.Tensor
     ends_with_eos: torch.Tensor
     lengths: torch.Tensor
+    entropy: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -96,11 +100,11 @@ class Rollout:
 
     def select(self, index: torch.Tensor | slice | list[int]) -> Rollout:
         """The rollout restricted to some rows (e.g. a PPO minibatch); columns are kept as they are."""
-        return Rollout(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        return Rollout(**{f.name: _apply(getattr(self, f.name), lambda t: t[index]) for f in fields(self)})
 
     def to(self, device: torch.device | str) -> Rollout:
         """A copy with every tensor moved to `device`."""
-        return Rollout(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return Rollout(**{f.name: _apply(getattr(self, f.name), lambda t: t.to(device)) for f in fields(self)})
 
     @classmethod
     def concat(cls, rollouts: list[Rollout], *, pad_token_id: int) -> Rollout:
@@ -128,4 +132,11 @@ class Rollout:
             logprobs=torch.cat([pad(r.logprobs, width_r, 0.0, False) for r in rollouts]),
             ends_with_eos=torch.cat([r.ends_with_eos for r in rollouts]),
             lengths=torch.cat([r.lengths for r in rollouts]),
+            entropy=(torch.cat([pad(r.entropy, width_r, 0.0, False) for r in rollouts])
+                     if all(r.entropy is not None for r in rollouts) else None),
         )
+
+
+def _apply(value: torch.Tensor | None, fn) -> torch.Tensor | None:
+    """`fn(value)` for a tensor field, None for an absent optional one."""
+    return None if value is None else fn(value)

@@ -13,7 +13,9 @@ algorithm (`rl_step`):
     1. rollout     prompts_per_step prompts x samples_per_prompt samples, KV-cache sampler, seeded
                    by (seed, step) so a resumed run draws the same tokens
     2. score       r(x, y), normalised, EOS trick, clipped (`alignkit.rollout.rewards`)
-    3. forward     log pi_old, log pi_ref, V_old of the sampled tokens (parity with the sampler logged)
+    3. forward     log pi_ref and V_old of the sampled tokens; log pi_old is the sampler's own (no
+                   extra policy pass; `recompute_logprobs` recomputes it), and the first minibatch's
+                   training forward, before any update, logs its parity with the sampler's
     4. rewards     r_t = -beta (log pi_old - log pi_ref) on every token, + score at the EOS
     5. advantages  per algorithm (`ALGORITHMS`): GAE, TD, reward-to-go - V, leave-one-out, group-normalised
     6. update      `epochs` passes over the batch in `minibatches` shuffled minibatches (one optimizer
@@ -121,6 +123,10 @@ class RLConfig:
     """Top-k sampling (0: off)."""
     top_p: float = 1.0
     """Nucleus sampling mass (1: off)."""
+    recompute_logprobs: bool = False
+    """Recompute log pi_old (and the entropy) with a policy forward pass after sampling, instead of
+    using the sampler's own: they are the same distribution and agree to float rounding (the largest
+    difference is logged every step as `rollout/logprob_parity_max_abs`), so this only costs time."""
     epochs: int = 4
     """Passes over each rollout batch (K of PPO)."""
     minibatches: int = 4
@@ -217,12 +223,15 @@ class ActorCritic(torch.nn.Module):
 
     def forward(self, rollout: Rollout, temperature: float, with_entropy: bool = False) -> tuple:
         """(logprobs B×R, entropy B×R or None, values B×R or None) of the rollout's response tokens."""
-        from alignkit.models.value_head import response_values
-
         out = sequence_logprobs(self.policy, rollout, temperature=temperature, with_entropy=with_entropy)
         logprobs, entropy = out if with_entropy else (out, None)
-        values = response_values(self.value, rollout) if self.value is not None else None
-        return logprobs, entropy, values
+        return logprobs, entropy, self.values(rollout)
+
+    def values(self, rollout: Rollout) -> torch.Tensor | None:
+        """V B×R of the rollout's response tokens (None without a value model)."""
+        from alignkit.models.value_head import response_values
+
+        return response_values(self.value, rollout) if self.value is not None else None
 
 
 @dataclass
@@ -428,13 +437,22 @@ def score_rollout(ctx: RLContext, rollout: Rollout, prompts: list[str], response
 
 @torch.no_grad()
 def forward_passes(ctx: RLContext, rollout: Rollout) -> dict[str, torch.Tensor]:
-    """log pi_old (with entropy), log pi_ref and V_old of the response tokens, in micro-batches."""
+    """log pi_old (with entropy), log pi_ref and V_old of the response tokens, in micro-batches.
+
+    log pi_old and the entropy are the sampler's (recorded with the tokens from the same distribution)
+    unless `recompute_logprobs` is set; then a policy forward pass recomputes them here.
+    """
     model, size = ctx.loop.model, ctx.cfg.optim.per_device_batch_size
+    reuse = not ctx.cfg.recompute_logprobs and rollout.entropy is not None
+    actor_critic = ctx.loop.accelerator.unwrap_model(model)
     names = ("old_logprobs", "entropy", "old_values", "ref_logprobs")
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for start in range(0, rollout.batch_size, size):
         chunk = rollout.select(slice(start, start + size))
-        logprobs, entropy, values = model(chunk, ctx.cfg.temperature, with_entropy=True)
+        if reuse:
+            logprobs, entropy, values = chunk.logprobs, chunk.entropy, actor_critic.values(chunk)
+        else:
+            logprobs, entropy, values = model(chunk, ctx.cfg.temperature, with_entropy=True)
         parts["old_logprobs"].append(logprobs)
         parts["entropy"].append(entropy)
         parts["old_values"].append(values if values is not None else torch.zeros_like(logprobs))
@@ -478,13 +496,12 @@ def rl_step(ctx: RLContext) -> dict[str, Any]:
 def rollout_metrics(rollout: Rollout, exp: dict[str, torch.Tensor]) -> dict[str, Any]:
     """KL k3, entropy, parity, value fit, lengths and a hash of the sampled token ids."""
     mask = rollout.response_mask
-    parity = torch.where(mask, (exp["old_logprobs"] - rollout.logprobs).abs(), 0.0).max()
     residual_var = masked_var(exp["returns"] - exp["old_values"], mask)
     explained = 1.0 - residual_var / masked_var(exp["returns"], mask).clamp(min=1e-8)
     k3 = torch.where(mask, kl_k3(exp["old_logprobs"], exp["ref_logprobs"]), 0.0).sum(dim=1).mean()
     digest = hashlib.sha1(rollout.response_ids.cpu().numpy().tobytes()).hexdigest()[:16]
     return {"objective/kl_k3": k3, "policy/entropy": masked_mean(exp["entropy"], mask),
-            "rollout/logprob_parity_max_abs": parity, "value/explained_variance": explained,
+            "value/explained_variance": explained,
             "rollout/length": rollout.lengths.float().mean(),
             "rollout/eos_fraction": rollout.ends_with_eos.float().mean(),
             "rollout/hash": digest}
@@ -499,9 +516,16 @@ def _minibatch(rollout: Rollout, exp: dict[str, torch.Tensor], index: torch.Tens
 
 
 def rl_loss(model: torch.nn.Module, batch: dict[str, Any], *, algo: Algorithm, cfg: RLConfig,
-            kl_coef: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The algorithm's loss on one micro-batch, as a SUM over its response tokens (`TrainLoop.update`)."""
+            kl_coef: float, parity_out: list | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The algorithm's loss on one micro-batch, as a SUM over its response tokens (`TrainLoop.update`).
+
+    With `parity_out` (the step's first minibatch, before any update) the largest difference between
+    these log-probs and the sampler's is appended to it: the log-prob parity check.
+    """
     logprobs, _, values = model(batch["rollout"], cfg.temperature)
+    if parity_out is not None:
+        rollout = batch["rollout"]
+        parity_out.append(torch.where(rollout.response_mask, (logprobs.detach() - rollout.logprobs).abs(), 0.0).max())
     loss, metrics = algo.loss(logprobs, values, batch, cliprange=cfg.cliprange,
                               cliprange_value=cfg.cliprange_value, value_coef=cfg.value_coef, kl_coef=kl_coef)
     return loss * batch["n_terms"], metrics
@@ -518,13 +542,16 @@ def update_epochs(ctx: RLContext, rollout: Rollout, exp: dict[str, torch.Tensor]
     loss_fn = partial(rl_loss, algo=ctx.algo, cfg=c, kl_coef=kl_coef)
     history: list[dict[str, float]] = []
     epochs_run = 0
+    parity: list[torch.Tensor] = []
     for _ in range(c.epochs):
         order = torch.randperm(rollout.batch_size, generator=generator).to(rollout.response_ids.device)
         epoch = []
         for start in range(0, rollout.batch_size, size):
             index = order[start : start + size]
             parts = [_minibatch(rollout, exp, index[i : i + micro]) for i in range(0, len(index), micro)]
-            epoch.append(loop.update(parts, loss_fn, advance=False))
+            first = not history and not epoch
+            epoch.append(loop.update(parts, partial(loss_fn, parity_out=parity) if first else loss_fn,
+                                     advance=False))
         history += epoch
         epochs_run += 1
         approx_kl = sum(m.get("policy/approx_kl", 0.0) for m in epoch) / len(epoch)
@@ -534,6 +561,7 @@ def update_epochs(ctx: RLContext, rollout: Rollout, exp: dict[str, torch.Tensor]
     keys = {k for m in history for k in m if isinstance(m[k], int | float)}
     out = {k: sum(m.get(k, 0.0) for m in history) / len(history) for k in keys}
     out["policy/epochs"] = epochs_run
+    out["rollout/logprob_parity_max_abs"] = float(torch.stack(parity).max())
     out.pop("value/mean", None)
     if "objective/kl" in out:  # GRPO's in-loss token-mean k3: not the sequence KL logged under that name
         out["policy/kl_k3_token_mean"] = out.pop("objective/kl")

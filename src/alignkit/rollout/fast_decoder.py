@@ -1,0 +1,174 @@
+"""A lean forward pass for decoding Llama-family models, used by `sample` when the model allows it.
+
+Profiling the RL stages on CPU showed the sampler spending most of each decode step in per-module
+Python overhead of the Hugging Face forward (hooks, output capturing, cache bookkeeping, mask
+building), not in arithmetic: a step of a 4-layer model on 8 rows took ~6 ms for ~1 ms of kernels.
+`FastDecoder` runs the same maths as `LlamaForCausalLM` (also Mistral and Qwen2, which share its
+layer) as plain tensor ops on the model's own parameters: fused q/k/v and gate/up projections, one
+rotary application for q and k together, a preallocated B×H×W×D key/value cache per layer, and
+`scaled_dot_product_attention` over the columns written so far. It is exact up to float rounding
+(the sampler's recorded log-probs still match a trainer's forward; see tests/unit/rollout).
+
+Anything else (other architectures, peft wrappers, sliding-window attention, non-SiLU MLPs, Gemma
+style norms) makes `FastDecoder.build` return None and `sample` uses the Hugging Face forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class _Layer:
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor | None
+    o_w: torch.Tensor
+    o_b: torch.Tensor | None
+    gate_up_w: torch.Tensor
+    gate_up_b: torch.Tensor | None
+    down_w: torch.Tensor
+    down_b: torch.Tensor | None
+    eps1: float
+    eps2: float
+
+
+def _cat_bias(*linears: torch.nn.Linear) -> torch.Tensor | None:
+    biases = [lin.bias for lin in linears]
+    if all(b is None for b in biases):
+        return None
+    return torch.cat([b if b is not None else lin.weight.new_zeros(lin.out_features)
+                      for b, lin in zip(biases, linears, strict=True)])
+
+
+def _unsupported_reason(model: torch.nn.Module, width: int) -> str | None:
+    """Why `model` cannot use the fast path (None when it can)."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return "not a Llama/Mistral/Qwen2 causal LM"
+    inner = getattr(model, "model", None)
+    if type(model).__name__ not in {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}:
+        return f"class {type(model).__name__}"
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+        return "unexpected module layout"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act}"
+    window = getattr(config, "sliding_window", None)
+    uses_window = getattr(config, "use_sliding_window", config.model_type == "mistral")
+    if uses_window and window is not None and window < width:
+        return f"sliding window {window} < {width}"
+    if getattr(config, "pretraining_tp", 1) != 1:
+        return "pretraining_tp > 1"
+    return None
+
+
+class FastDecoder:
+    """Prefill and one-token decode steps of a Llama-family model with its own KV cache.
+
+    Build it with `FastDecoder.build(model, batch, width, dtype)` inside `torch.inference_mode()`;
+    it reads the model's current weights (q/k/v and gate/up are concatenated once, at build time).
+    Columns of the cache are absolute: prompt columns 0..P-1, response token t at column P + t.
+    """
+
+    def __init__(self, model: torch.nn.Module, batch: int, width: int) -> None:
+        inner = model.model
+        config = model.config
+        attn0 = inner.layers[0].self_attn
+        self.head_dim = attn0.head_dim
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.scaling = attn0.scaling
+        self.embed = inner.embed_tokens.weight
+        self.rotary = inner.rotary_emb
+        self.norm_w, self.norm_eps = inner.norm.weight, inner.norm.variance_epsilon
+        self.lm_head_w = model.lm_head.weight
+        self.lm_head_b = model.lm_head.bias
+        self.layers = []
+        for layer in inner.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            self.layers.append(_Layer(
+                ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
+                qkv_w=torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]),
+                qkv_b=_cat_bias(att.q_proj, att.k_proj, att.v_proj),
+                o_w=att.o_proj.weight, o_b=att.o_proj.bias,
+                gate_up_w=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                gate_up_b=_cat_bias(mlp.gate_proj, mlp.up_proj),
+                down_w=mlp.down_proj.weight, down_b=mlp.down_proj.bias,
+                eps1=layer.input_layernorm.variance_epsilon, eps2=layer.post_attention_layernorm.variance_epsilon,
+            ))
+        dtype, device = self.embed.dtype, self.embed.device
+        shape = (batch, self.n_kv, width, self.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        self.gqa = self.n_heads != self.n_kv
+
+    @classmethod
+    def build(cls, model: torch.nn.Module, batch: int, width: int) -> FastDecoder | None:
+        """A decoder for `model`, or None when its architecture needs the Hugging Face forward."""
+        if _unsupported_reason(model, width) is not None:
+            return None
+        return cls(model, batch, width)
+
+    @staticmethod
+    def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """LlamaRMSNorm: w * (x / rms(x)), computed in float32 and cast back as Hugging Face does."""
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, weight.shape, weight, eps)
+        xf = x.float()
+        return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, start: int,
+                 attn_mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states B×T×H of tokens `ids` (B×T) written at cache columns start..start+T-1."""
+        batch, width_t = ids.shape
+        stop = start + width_t
+        x = F.embedding(ids, self.embed)
+        cos, sin = self.rotary(x, positions)  # B×T×D each
+        cos, sin = cos[:, None], sin[:, None]
+        half = self.head_dim // 2
+        n_qk = self.n_heads + self.n_kv
+        for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache, strict=True):
+            h = self._rms(x, layer.ln1, layer.eps1)
+            qkv = F.linear(h, layer.qkv_w, layer.qkv_b).view(batch, width_t, n_qk + self.n_kv, self.head_dim)
+            qkv = qkv.transpose(1, 2)  # B×(Hq+2Hkv)×T×D
+            qk, v = qkv[:, :n_qk], qkv[:, n_qk:]
+            rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
+            qk = qk * cos + rotated * sin
+            k_cache[:, :, start:stop] = qk[:, self.n_heads:]
+            v_cache[:, :, start:stop] = v
+            attn = F.scaled_dot_product_attention(
+                qk[:, : self.n_heads], k_cache[:, :, :stop], v_cache[:, :, :stop], attn_mask=attn_mask,
+                scale=self.scaling, enable_gqa=self.gqa)
+            x = x + F.linear(attn.transpose(1, 2).reshape(batch, width_t, -1), layer.o_w, layer.o_b)
+            gate, up = F.linear(self._rms(x, layer.ln2, layer.eps2), layer.gate_up_w, layer.gate_up_b).chunk(2, -1)
+            x = x + F.linear(F.silu(gate) * up, layer.down_w, layer.down_b)
+        return x
+
+    def _logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._rms(last_hidden, self.norm_w, self.norm_eps), self.lm_head_w, self.lm_head_b)
+
+    def prefill(self, prompt_ids: torch.Tensor, positions: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """Next-token logits B×V after left-padded prompts (B×P ids, positions, bool mask)."""
+        width_p = prompt_ids.shape[1]
+        causal = torch.ones(width_p, width_p, dtype=torch.bool, device=prompt_ids.device).tril()
+        # Real queries see real keys at or before them; a pad query sees only itself, which keeps its
+        # (never attended) row finite instead of a softmax over nothing.
+        mask = (causal & prompt_mask[:, None, None, :]) | torch.eye(width_p, dtype=torch.bool,
+                                                                      device=prompt_ids.device)
+        hidden = self._forward(prompt_ids, positions, 0, mask)
+        return self._logits(hidden[:, -1])
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor, column: int) -> torch.Tensor:
+        """Next-token logits B×V after `tokens` (B) at `positions` (B), written at cache `column`.
+
+        `key_mask` is B×W bool over cache columns (True: attend); columns > `column` are ignored.
+        """
+        mask = key_mask[:, None, None, : column + 1]
+        hidden = self._forward(tokens[:, None], positions[:, None], column, mask)
+        return self._logits(hidden[:, -1])

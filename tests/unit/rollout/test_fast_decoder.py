@@ -1,0 +1,101 @@
+"""`FastDecoder`, the sampler's lean Llama-family forward: same tokens and log-probs as Hugging Face's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.conftest import build_tiny_llama, build_tiny_tokenizer
+
+import alignkit.rollout.generate as generate
+from alignkit.rollout.fast_decoder import FastDecoder
+from alignkit.rollout.generate import sample, sequence_logprobs, tokenize_prompts
+
+PROMPTS = ["The quick brown fox", "I loved", "Terrible film. I hated every minute", "What"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS)
+    assert not mask.all()  # left padding is exercised
+    return ids, mask
+
+
+def _tiny(kind: str, vocab: int) -> torch.nn.Module:
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64, vocab_size=vocab, max_position_embeddings=256, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    if kind == "llama":  # grouped-query attention, attention and MLP biases
+        return build_tiny_llama(vocab, num_key_value_heads=2, attention_bias=True, mlp_bias=True).eval()
+    if kind == "llama-rope-scaled":
+        return build_tiny_llama(vocab, rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                        "rope_theta": 10000.0}).eval()
+    if kind == "qwen2":  # q/k/v biases only
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+    if kind == "mistral":
+        from transformers import MistralConfig, MistralForCausalLM
+
+        return MistralForCausalLM(MistralConfig(**common, sliding_window=None)).eval()
+    raise ValueError(kind)
+
+
+def _sample(model, tokenizer, prompts, *, fast: bool, monkeypatch, **kwargs):
+    monkeypatch.setattr(generate, "USE_FAST_DECODER", fast)
+    return sample(model, *prompts, max_new_tokens=16, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(7), **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-rope-scaled", "qwen2", "mistral"])
+def test_fast_decoder_matches_hugging_face_forward(kind, tokenizer, prompts, monkeypatch):
+    model = _tiny(kind, len(tokenizer))
+    assert FastDecoder.build(model, 4, 32) is not None
+    fast = _sample(model, tokenizer, prompts, fast=True, monkeypatch=monkeypatch, temperature=0.8)
+    slow = _sample(model, tokenizer, prompts, fast=False, monkeypatch=monkeypatch, temperature=0.8)
+    assert torch.equal(fast.response_ids, slow.response_ids)
+    assert torch.equal(fast.response_mask, slow.response_mask)
+    torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.entropy, slow.entropy, atol=1e-5, rtol=0)
+    # ... and both equal the training forward pass
+    recomputed = sequence_logprobs(model, fast, temperature=0.8)
+    assert (recomputed - fast.logprobs).abs().max() < 1e-5
+
+
+def test_fast_decoder_refuses_what_it_does_not_implement(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tokenizer)))
+    assert FastDecoder.build(gpt2, 2, 16) is None
+    windowed = MistralForCausalLM(MistralConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                num_key_value_heads=4, intermediate_size=64,
+                                                vocab_size=len(tokenizer), sliding_window=8))
+    assert FastDecoder.build(windowed, 2, 16) is None  # the window would cut the context
+    assert FastDecoder.build(windowed, 2, 8) is not None
+    gelu = build_tiny_llama(len(tokenizer), hidden_act="gelu")
+    assert FastDecoder.build(gelu, 2, 16) is None
+
+
+def test_unsupported_model_still_samples_through_hugging_face(tokenizer, prompts):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tokenizer))).eval()
+    rollout = sample(gpt2, *prompts, max_new_tokens=6, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0))
+    assert (sequence_logprobs(gpt2, rollout) - rollout.logprobs).abs().max() < 1e-5
+
+
+def test_sampler_entropy_equals_training_forward_entropy(tokenizer, prompts, monkeypatch):
+    model = _tiny("llama", len(tokenizer))
+    for fast in (True, False):
+        rollout = _sample(model, tokenizer, prompts, fast=fast, monkeypatch=monkeypatch, temperature=0.7,
+                          top_k=5)  # filtered sampling: the recorded entropy is still the policy's own
+        _, entropy = sequence_logprobs(model, rollout, temperature=0.7, with_entropy=True)
+        assert (entropy - rollout.entropy).abs().max() < 1e-5
+        assert (rollout.entropy[~rollout.response_mask] == 0).all()
