@@ -1,13 +1,16 @@
 """A lean forward pass for decoding Llama-family models, used by `sample` when the model allows it.
 
-Profiling the RL stages on CPU showed the sampler spending most of each decode step in per-module
-Python overhead of the Hugging Face forward (hooks, output capturing, cache bookkeeping, mask
-building), not in arithmetic: a step of a 4-layer model on 8 rows took ~6 ms for ~1 ms of kernels.
-`FastDecoder` runs the same maths as `LlamaForCausalLM` (also Mistral and Qwen2, which share its
-layer) as plain tensor ops on the model's own parameters: fused q/k/v and gate/up projections, one
-rotary application for q and k together, a preallocated B×H×W×D key/value cache per layer, and
-`scaled_dot_product_attention` over the columns written so far. It is exact up to float rounding
-(the sampler's recorded log-probs still match a trainer's forward; see tests/unit/rollout).
+Decoding a batch of a few rows is memory-bound on CPU: every step reads every weight to multiply it
+by B rows. Profiling `sample` on the benchmark's model (4 layers, hidden 256, vocab 4096; 8 rows,
+32 tokens; bench/profile_stage.py) gave 0.19 s with the Hugging Face forward, of which ~30 ms was
+per-module Python overhead (hooks, output capturing, cache bookkeeping, mask building) and most of
+the rest matrix products. `FastDecoder` runs the same maths as `LlamaForCausalLM` (also Mistral and
+Qwen2, which share its layer) as plain tensor ops on the model's own parameters: fused q/k/v and
+gate/up projections, one rotary application for q and k together, a preallocated B×H×W×D key/value
+cache per layer, `scaled_dot_product_attention` over the columns written so far (0.16 s), and
+weights stored transposed (in×out) at build time, because `x @ W_t` ran ~25% faster than
+`F.linear(x, W)` for these few-row products (0.12 s). It is exact up to float rounding: the
+sampler's recorded log-probs still match a trainer's forward (tests/unit/rollout).
 
 Anything else (other architectures, peft wrappers, sliding-window attention, non-SiLU MLPs, Gemma
 style norms) makes `FastDecoder.build` return None and `sample` uses the Hugging Face forward.
@@ -84,25 +87,25 @@ class FastDecoder:
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
         self.scaling = attn0.scaling
-        self.embed = inner.embed_tokens.weight
+        self.embed = inner.embed_tokens  # called as a module: its hooks see every pass (bench/common.Probe)
         self.rotary = inner.rotary_emb
         self.norm_w, self.norm_eps = inner.norm.weight, inner.norm.variance_epsilon
-        self.lm_head_w = model.lm_head.weight
+        self.lm_head_w = model.lm_head.weight.t().contiguous()
         self.lm_head_b = model.lm_head.bias
         self.layers = []
         for layer in inner.layers:
             att, mlp = layer.self_attn, layer.mlp
             self.layers.append(_Layer(
                 ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
-                qkv_w=torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]),
+                qkv_w=torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]).t().contiguous(),
                 qkv_b=_cat_bias(att.q_proj, att.k_proj, att.v_proj),
-                o_w=att.o_proj.weight, o_b=att.o_proj.bias,
-                gate_up_w=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                o_w=att.o_proj.weight.t().contiguous(), o_b=att.o_proj.bias,
+                gate_up_w=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t().contiguous(),
                 gate_up_b=_cat_bias(mlp.gate_proj, mlp.up_proj),
-                down_w=mlp.down_proj.weight, down_b=mlp.down_proj.bias,
+                down_w=mlp.down_proj.weight.t().contiguous(), down_b=mlp.down_proj.bias,
                 eps1=layer.input_layernorm.variance_epsilon, eps2=layer.post_attention_layernorm.variance_epsilon,
             ))
-        dtype, device = self.embed.dtype, self.embed.device
+        dtype, device = self.embed.weight.dtype, self.embed.weight.device
         shape = (batch, self.n_kv, width, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
@@ -114,6 +117,12 @@ class FastDecoder:
         if _unsupported_reason(model, width) is not None:
             return None
         return cls(model, batch, width)
+
+    @staticmethod
+    def _linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ W^T + b with the transposed weight W^T (in×out) stored at build time."""
+        out = x @ weight_t
+        return out if bias is None else out + bias
 
     @staticmethod
     def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -128,14 +137,14 @@ class FastDecoder:
         """Hidden states B×T×H of tokens `ids` (B×T) written at cache columns start..start+T-1."""
         batch, width_t = ids.shape
         stop = start + width_t
-        x = F.embedding(ids, self.embed)
+        x = self.embed(ids)
         cos, sin = self.rotary(x, positions)  # B×T×D each
         cos, sin = cos[:, None], sin[:, None]
         half = self.head_dim // 2
         n_qk = self.n_heads + self.n_kv
         for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache, strict=True):
             h = self._rms(x, layer.ln1, layer.eps1)
-            qkv = F.linear(h, layer.qkv_w, layer.qkv_b).view(batch, width_t, n_qk + self.n_kv, self.head_dim)
+            qkv = self._linear(h, layer.qkv_w, layer.qkv_b).view(batch, width_t, n_qk + self.n_kv, self.head_dim)
             qkv = qkv.transpose(1, 2)  # B×(Hq+2Hkv)×T×D
             qk, v = qkv[:, :n_qk], qkv[:, n_qk:]
             rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
@@ -145,13 +154,13 @@ class FastDecoder:
             attn = F.scaled_dot_product_attention(
                 qk[:, : self.n_heads], k_cache[:, :, :stop], v_cache[:, :, :stop], attn_mask=attn_mask,
                 scale=self.scaling, enable_gqa=self.gqa)
-            x = x + F.linear(attn.transpose(1, 2).reshape(batch, width_t, -1), layer.o_w, layer.o_b)
-            gate, up = F.linear(self._rms(x, layer.ln2, layer.eps2), layer.gate_up_w, layer.gate_up_b).chunk(2, -1)
-            x = x + F.linear(F.silu(gate) * up, layer.down_w, layer.down_b)
+            x = x + self._linear(attn.transpose(1, 2).reshape(batch, width_t, -1), layer.o_w, layer.o_b)
+            gate, up = self._linear(self._rms(x, layer.ln2, layer.eps2), layer.gate_up_w, layer.gate_up_b).chunk(2, -1)
+            x = x + self._linear(F.silu(gate) * up, layer.down_w, layer.down_b)
         return x
 
     def _logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._rms(last_hidden, self.norm_w, self.norm_eps), self.lm_head_w, self.lm_head_b)
+        return self._linear(self._rms(last_hidden, self.norm_w, self.norm_eps), self.lm_head_w, self.lm_head_b)
 
     def prefill(self, prompt_ids: torch.Tensor, positions: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """Next-token logits B×V after left-padded prompts (B×P ids, positions, bool mask)."""

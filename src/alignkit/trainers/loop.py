@@ -72,9 +72,13 @@ def build_optimizer(model: torch.nn.Module, optim: Any) -> torch.optim.Optimizer
     if not params:
         raise AlignkitError("the model has no trainable parameters")
     groups = model.optimizer_groups(optim.lr) if hasattr(model, "optimizer_groups") else params
+    # The fused kernel (one pass per parameter instead of ~10 foreach passes over all of them) is
+    # 3-5x faster on CPU and the same update up to float rounding; torch has it for float params on
+    # CPU and CUDA.
+    fused = all(p.dtype.is_floating_point and p.device.type in {"cpu", "cuda"} for p in params)
     return torch.optim.AdamW(
         groups, lr=optim.lr, betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_eps,
-        weight_decay=optim.weight_decay,
+        weight_decay=optim.weight_decay, fused=fused or None,
     )
 
 
