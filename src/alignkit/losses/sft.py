@@ -35,3 +35,14 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     )
     n_terms = (shift_labels != IGNORE_INDEX).sum()
     return loss, {"n_terms": n_terms.detach()}
+
+
+def token_nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed negative log-likelihood of `targets` under already-aligned `logits` (no shift).
+
+    Shapes:
+        logits: B×C×V, column c predicting targets[:, c]; targets: B×C, IGNORE_INDEX = not trained.
+    """
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+

@@ -270,7 +270,7 @@ def sequence_logprobs(
     width_r = rollout.response_ids.shape[1]
     inputs = {"input_ids": rollout.full_ids(), "attention_mask": rollout.full_mask().long()}
     out = model(**inputs, position_ids=rollout.position_ids(), use_cache=False, logits_to_keep=width_r + 1)
-    logits = out.logits[:, :-1, :].float()  # B×R×V: the logits that predict each response token
+    logits = out.logits[:, -(width_r + 1) : -1, :].float()  # B×R×V (also when logits_to_keep is ignored)
     if temperature != 1.0:
         logits = logits / temperature
     picked = logits.gather(-1, rollout.response_ids[:, :, None]).squeeze(-1)  # B×R

@@ -35,6 +35,7 @@ from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from alignkit.errors import AlignkitError
 from alignkit.losses.preference import PREFERENCE_LOSSES
 from alignkit.losses.sft import IGNORE_INDEX
+from alignkit.ops.logits import labelled_logits
 from alignkit.trainers.dpo_data import collate_groups, online_inputs, sample_round, tokenize_groups
 from alignkit.trainers.loop import TrainLoop
 
@@ -104,9 +105,9 @@ def response_logps(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]
     Shapes:
         batch: `collate_groups` output ((K·B)×T rows, slot-major). returns: (seq_logps B×K, n_tokens B×K).
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1].float()  # N×(T-1)×V, predicting tokens 1..T-1
-    labels = batch["labels"][:, 1:]  # N×(T-1)
+    logits, labels = labelled_logits(model, batch["labels"], input_ids=batch["input_ids"],
+                                     attention_mask=batch["attention_mask"])  # N×C×V, N×C: response columns only
+    logits = logits.float()
     mask = labels != IGNORE_INDEX
     picked = logits.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # N×(T-1)
     logprobs = torch.where(mask, picked - logits.logsumexp(dim=-1), 0.0)

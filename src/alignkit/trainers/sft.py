@@ -27,7 +27,8 @@ from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from alignkit.data.collate import collate_packed, collate_padded, left_pad
 from alignkit.data.tokenize import encode_prompt, tokenize_sft
 from alignkit.errors import AlignkitError
-from alignkit.losses.sft import IGNORE_INDEX, causal_lm_loss_sum
+from alignkit.losses.sft import IGNORE_INDEX, token_nll_sum
+from alignkit.ops.logits import labelled_logits
 from alignkit.trainers.loop import TrainLoop, evaluate
 
 
@@ -131,10 +132,10 @@ def make_collate(packing: bool, pad_id: int, max_length: int, dtype: torch.dtype
 
 def sft_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
     """Summed response NLL of a padded or packed batch (Eq. 10.2; Eq. 10.6 for conversations)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch.get("position_ids")).logits  # B x T x V
-    loss, _ = causal_lm_loss_sum(logits, batch["labels"])
-    return loss, {}
+    logits, targets = labelled_logits(model, batch["labels"], input_ids=batch["input_ids"],
+                                      attention_mask=batch["attention_mask"],
+                                      position_ids=batch.get("position_ids"))  # B x C x V, B x C
+    return token_nll_sum(logits, targets), {}
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
