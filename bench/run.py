@@ -46,9 +46,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    f"the first {common.WARMUP_STEPS} are warm-up)")
     p.add_argument("--quick", action="store_true", help=f"{common.QUICK_STEPS} steps per run, 1 repeat")
     p.add_argument("--sides", default="alignkit,trl", help="comma-separated: alignkit, trl")
-    p.add_argument("--omp-wait-policy", default="passive", choices=["passive", "active", "unset"],
-                   help="OMP_WAIT_POLICY of both sides. passive (default): spinning OpenMP threads collapse "
-                        "when other processes share the cores (generate was 20-60x slower here)")
+    p.add_argument("--omp-wait-policy", default="unset", choices=["passive", "active", "unset"],
+                   help="OMP_WAIT_POLICY of both sides. unset (default): OpenMP's own default, as users run "
+                        "both libraries; run on a quiet machine. passive: threads sleep between parallel "
+                        "regions, which survives other processes sharing the cores (spinning threads made "
+                        "generate 20-60x slower then) but costs every small op a wake-up (grpo 0.37 vs "
+                        "0.25 s/step here)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per side run")
     p.add_argument("--output", default=str(BENCH_DIR / "results.json"))
     args = p.parse_args(argv)

@@ -9,6 +9,13 @@ not answer gives None.
     choice    {prompt, responses, best}                 P(best = i) = softmax(s / tau)_i        (Ziegler et al. 2019)
     ranking   {prompt, responses} best first            Plackett-Luce with worths exp(s / tau)  (Eq. 10.58-10.61)
     rating    {prompt, response, score} per response    score = s + tau * N(0, 1)
+    steps     {prompt, steps, labels} per response      labels[k] = s(x, y_<=k) - s(x, y_<k) + tau * N(0, 1)
+
+For `steps` (segment rewards, Sec. 10.4.1.3) each response is split into segments y_1 .. y_n (a
+`split` function: sentences or token chunks) and every prefix y_<=k is scored in context; segment k
+is labelled with the change it makes, s(x, y_<=k) - s(x, y_<k) (the first segment with s(x, y_1)), so
+a response's segment labels sum to its own score s(x, y) (credit assignment by differences of prefix
+scores, the gold counterpart of a process reward model's step labels).
 
 Choices and rankings are drawn by perturbing s / tau with Gumbel noise and sorting (the Gumbel-max
 trick samples exactly the softmax / Plackett-Luce distributions); with K = 2 both reduce to the
@@ -29,7 +36,7 @@ import torch
 
 from alignkit.errors import AlignkitError
 
-FORMATS = ("pairs", "choice", "ranking", "rating")
+FORMATS = ("pairs", "choice", "ranking", "rating", "steps")
 
 
 class Labeler(Protocol):
@@ -96,10 +103,11 @@ class ScorerLabeler:
         seed: Seed of the noise.
     """
 
-    def __init__(self, scorer: Callable[[list[Any], list[Any]], torch.Tensor], tau: float = 0.0, seed: int = 0):
+    def __init__(self, scorer: Callable[[list[Any], list[Any]], torch.Tensor], tau: float = 0.0, seed: int = 0,
+                 split: Callable[[str], list[str]] | None = None):
         if tau < 0 or not math.isfinite(tau):
             raise AlignkitError(f"option `tau`: expected a finite number >= 0, got {tau}")
-        self.scorer, self.tau = scorer, tau
+        self.scorer, self.tau, self.split = scorer, tau, split
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, queries: list[dict[str, Any]], fmt: str) -> list[Any]:
@@ -107,6 +115,8 @@ class ScorerLabeler:
             raise AlignkitError(f"option `format`: expected one of {', '.join(FORMATS)}, got {fmt!r}")
         if not queries:
             return []
+        if fmt == "steps":
+            return self._steps(queries)
         prompts = [q["prompt"] for q in queries for _ in q["responses"]]
         responses = [r for q in queries for r in q["responses"]]
         flat = self.scorer(prompts, responses).double()  # sum K
@@ -116,6 +126,27 @@ class ScorerLabeler:
             out.append(record_from_utilities(query, flat[start : start + k], fmt, self.tau, self.generator))
             start += k
         return out
+
+
+    def _steps(self, queries: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        """Per query, one `steps` record per response: segments and their prefix-score differences."""
+        if self.split is None:
+            raise AlignkitError("format `steps` needs a segmentation (option `segments`)")
+        rows = [(q, i, self.split(str(r))) for q in queries for i, r in enumerate(q["responses"])]
+        prompts = [q["prompt"] for q, _, segs in rows for _ in segs]
+        prefixes = ["".join(segs[: k + 1]) for _, _, segs in rows for k in range(len(segs))]
+        flat = self.scorer(prompts, prefixes).double()
+        out: dict[str, list[dict[str, Any]]] = {}
+        start = 0
+        for query, i, segs in rows:
+            scores = flat[start : start + len(segs)]
+            start += len(segs)
+            labels = torch.diff(scores, prepend=scores.new_zeros(1))
+            labels = labels + torch.randn(len(segs), generator=self.generator, dtype=torch.float64) * self.tau
+            out.setdefault(query["id"], []).append(
+                {"id": f"{query['id']}/{i}", "prompt": query["prompt"], "steps": segs,
+                 "labels": [float(v) for v in labels], "utility": float(scores[-1])})
+        return [out[q["id"]] for q in queries]
 
 
 class FileLabeler:
@@ -138,6 +169,9 @@ class FileLabeler:
             self.answers[str(answer["id"])] = (row, answer)
 
     def __call__(self, queries: list[dict[str, Any]], fmt: str) -> list[Any]:
+        if fmt == "steps":
+            raise AlignkitError("labeler `file` answers pairs, choices, rankings and ratings, not format `steps`; "
+                                "give step labels directly as `{prompt, steps, labels}` records to `alignkit reward`")
         out = []
         for query in queries:
             found = self.answers.get(str(query["id"]))
@@ -172,12 +206,13 @@ class FileLabeler:
 
 
 def make_labeler(name: str, *, scorer: Callable | None = None, tau: float = 0.0, seed: int = 0,
-                 answers: str = "") -> Labeler:
-    """A labeler by name: `gold` / `reward-model` (a scorer with noise `tau`) or `file` (`answers`)."""
+                 answers: str = "", split: Callable[[str], list[str]] | None = None) -> Labeler:
+    """A labeler by name: `gold` / `reward-model` (a scorer with noise `tau`; `split` segments responses
+    for the `steps` format) or `file` (`answers`)."""
     if name in ("gold", "reward-model"):
         if scorer is None:
             raise AlignkitError(f"labeler `{name}` needs a scorer (`world` for gold, `scorer` for reward-model)")
-        return ScorerLabeler(scorer, tau=tau, seed=seed)
+        return ScorerLabeler(scorer, tau=tau, seed=seed, split=split)
     if name == "file":
         if not answers:
             raise AlignkitError("labeler `file` needs option `answers`: the file of answers joined by query id")

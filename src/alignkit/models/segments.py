@@ -44,6 +44,22 @@ def parse_segmentation(spec: str) -> tuple[str, int]:
     raise AlignkitError(f"option `segments`: expected 'none', 'sentences' or 'chunks:N' (N > 0), got {spec!r}")
 
 
+def split_text(text: str, spec: str, tokenizer: Any = None) -> list[str]:
+    """Segments of `text` as strings (for labelling): `none`, `sentences`, or `chunks:N` tokens of `tokenizer`.
+
+    Sentences concatenate back to `text` exactly; token chunks are decoded one by one.
+    """
+    kind, size = parse_segmentation(spec)
+    if kind == "none":
+        return [text]
+    if kind == "sentences":
+        return split_sentences(text) or [text]
+    if tokenizer is None:
+        raise AlignkitError(f"option `segments`: {spec!r} needs a tokenizer (the policy's)")
+    ids = encode_text(tokenizer, text)
+    return [tokenizer.decode(ids[i : i + size]) for i in range(0, len(ids), size)] or [text]
+
+
 def segment_ids(tokenizer: Any, response: str, spec: str) -> list[list[int]]:
     """Token ids of each segment of `response` (the last one gets EOS appended)."""
     kind, size = parse_segmentation(spec)

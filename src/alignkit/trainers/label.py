@@ -2,7 +2,8 @@
 
 For each prompt the policy samples K responses (KV-cache sampler, temperature `temperature`); the
 prompt and its responses form a query `{id, prompt, responses}`, and the labeler answers it in the
-chosen format (pairs, best-of-K choices, rankings or ratings; see `alignkit.feedback.labelers`).
+chosen format (pairs, best-of-K choices, rankings, ratings, or per-segment `steps` labels; see
+`alignkit.feedback.labelers`).
 Queries whose responses are empty, or identical where they must differ, are skipped and counted.
 Prompts are drawn (shuffled by `run.seed`) until `budget` records are labelled.
 
@@ -19,6 +20,7 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,8 +44,11 @@ class LabelConfig:
     """File of `{prompt}` records to sample from (default: the world's train prompts)."""
     heldout_prompts: str = ""
     """File of held-out `{prompt}` records (default: the world's held-out prompts)."""
-    format: Literal["pairs", "choice", "ranking", "rating"] = "pairs"
-    """Record format written: pairs (k=2), best-of-K choices, full rankings or ratings."""
+    format: Literal["pairs", "choice", "ranking", "rating", "steps"] = "pairs"
+    """Record format written: pairs (k=2), best-of-K choices, full rankings, ratings, or `steps` (each
+    response split by `segments`, each segment labelled with the change in score it makes)."""
+    segments: str = "sentences"
+    """How the `steps` format splits a response: `sentences` or `chunks:N` (N tokens of the policy)."""
     k: int = 2
     """Responses sampled per prompt."""
     budget: int = 5000
@@ -166,7 +171,15 @@ def _make_labeler(cfg: LabelConfig, gold: Any) -> Any:
         from alignkit.rollout.score import load_scorer
 
         scorer = load_scorer(cfg.scorer)
-    return make_labeler(cfg.labeler, scorer=scorer, tau=cfg.tau, seed=cfg.run.seed, answers=cfg.answers)
+    split = None
+    if cfg.format == "steps":
+        from alignkit.models.load import load_tokenizer
+        from alignkit.models.segments import parse_segmentation, split_text
+
+        tokenizer = load_tokenizer(cfg.model) if parse_segmentation(cfg.segments)[0] == "chunks" else None
+        split = partial(split_text, spec=cfg.segments, tokenizer=tokenizer)
+    return make_labeler(cfg.labeler, scorer=scorer, tau=cfg.tau, seed=cfg.run.seed, answers=cfg.answers,
+                        split=split)
 
 
 def collect(split: str, prompts: list[Any], budget: int, sampler: Sampler, labeler: Any,
@@ -179,7 +192,7 @@ def collect(split: str, prompts: list[Any], budget: int, sampler: Sampler, label
     random.Random(f"{cfg.run.seed}-{split}").shuffle(order)
     queries: list[dict] = []
     records: list[dict] = []
-    per_query = cfg.k if cfg.format == "rating" else 1
+    per_query = cfg.k if cfg.format in ("rating", "steps") else 1
     bar = tqdm(total=budget, desc=f"label {split}", unit="record", disable=not cfg.run.progress)
 
     def have() -> int:
@@ -251,7 +264,7 @@ def _from_queries(cfg: LabelConfig, labeler: Any, stats: dict[str, int]) -> tupl
 
 def run(cfg: LabelConfig) -> dict[str, Any]:
     """Sample (or reuse) queries, label them, write the datasets; return the summary."""
-    if cfg.k < 2 and cfg.format != "rating" or cfg.format == "pairs" and cfg.k != 2:
+    if cfg.k < 2 and cfg.format not in ("rating", "steps") or cfg.format == "pairs" and cfg.k != 2:
         raise AlignkitError(f"option `k`: format {cfg.format!r} needs {'k=2' if cfg.format == 'pairs' else 'k>=2'}, "
                             f"got k={cfg.k}")
     t0 = time.perf_counter()

@@ -82,3 +82,24 @@ def test_file_labeler_joins_by_id(tmp_path):
         make_labeler("file")
     with pytest.raises(AlignkitError, match="tau"):
         ScorerLabeler(length_scorer, tau=-1.0)
+
+
+def test_steps_label_each_segment_with_its_change_in_score():
+    from functools import partial
+
+    from alignkit.models.segments import split_text
+
+    def scorer(prompts, texts):  # s(x, y) = number of "!" in y, squared: not additive over segments
+        return torch.tensor([float(t.count("!") ** 2) for t in texts])
+
+    queries = [{"id": "q0", "prompt": "p", "responses": ["Great! Really great!! Meh.", "No."]}]
+    labeler = ScorerLabeler(scorer, tau=0.0, split=partial(split_text, spec="sentences"))
+    records = labeler(queries, "steps")[0]
+    validate_records(records, "steps", "steps")
+    first, second = records
+    assert first["steps"] == ["Great!", " Really great!!", " Meh."] and "".join(first["steps"]) == queries[0]["responses"][0]
+    # prefix scores 1, 9, 9 -> labels 1, 9 - 1, 9 - 9; they sum to the whole response's score
+    assert first["labels"] == [1.0, 8.0, 0.0] and first["utility"] == 9.0 == sum(first["labels"])
+    assert second["steps"] == ["No."] and second["labels"] == [0.0] and second["id"] == "q0/1"
+    with pytest.raises(AlignkitError, match="needs a segmentation"):
+        ScorerLabeler(scorer)(queries, "steps")
