@@ -132,9 +132,13 @@ class FastDecoder:
         xf = x.float()
         return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, start: int,
-                 attn_mask: torch.Tensor) -> torch.Tensor:
-        """Hidden states B×T×H of tokens `ids` (B×T) written at cache columns start..start+T-1."""
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, start: int, attn_mask: torch.Tensor,
+                 caches: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> torch.Tensor:
+        """Hidden states B×T×H of tokens `ids` (B×T) written at cache columns start..start+T-1.
+
+        `caches` (keys, values per layer) defaults to the decoder's own B-row cache.
+        """
+        k_caches, v_caches = caches or (self.k_cache, self.v_cache)
         batch, width_t = ids.shape
         stop = start + width_t
         x = self.embed(ids)
@@ -142,7 +146,7 @@ class FastDecoder:
         cos, sin = cos[:, None], sin[:, None]
         half = self.head_dim // 2
         n_qk = self.n_heads + self.n_kv
-        for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache, strict=True):
+        for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches, strict=True):
             h = self._rms(x, layer.ln1, layer.eps1)
             qkv = self._linear(h, layer.qkv_w, layer.qkv_b).view(batch, width_t, n_qk + self.n_kv, self.head_dim)
             qkv = qkv.transpose(1, 2)  # B×(Hq+2Hkv)×T×D
@@ -163,15 +167,32 @@ class FastDecoder:
         return self._linear(self._rms(last_hidden, self.norm_w, self.norm_eps), self.lm_head_w, self.lm_head_b)
 
     def prefill(self, prompt_ids: torch.Tensor, positions: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        """Next-token logits B×V after left-padded prompts (B×P ids, positions, bool mask)."""
+        """Next-token logits B×V after left-padded prompts (B×P ids, positions, bool mask).
+
+        Identical prompt rows (k samples per prompt, as RL and labelling sample) are run once and
+        their keys and values copied to every row that repeats them.
+        """
         width_p = prompt_ids.shape[1]
+        unique, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask.long()], dim=1), dim=0,
+                                       return_inverse=True)
+        if unique.shape[0] == prompt_ids.shape[0]:  # no repeated prompt: write the cache directly
+            ids, mask_rows, row_positions = prompt_ids, prompt_mask, positions
+        else:
+            ids, mask_rows = unique[:, :width_p], unique[:, width_p:].bool()
+            row_positions = (mask_rows.long().cumsum(dim=1) - 1).clamp(min=0)
         causal = torch.ones(width_p, width_p, dtype=torch.bool, device=prompt_ids.device).tril()
         # Real queries see real keys at or before them; a pad query sees only itself, which keeps its
         # (never attended) row finite instead of a softmax over nothing.
-        mask = (causal & prompt_mask[:, None, None, :]) | torch.eye(width_p, dtype=torch.bool,
-                                                                      device=prompt_ids.device)
-        hidden = self._forward(prompt_ids, positions, 0, mask)
-        return self._logits(hidden[:, -1])
+        mask = (causal & mask_rows[:, None, None, :]) | torch.eye(width_p, dtype=torch.bool, device=ids.device)
+        if ids is prompt_ids:
+            return self._logits(self._forward(ids, row_positions, 0, mask)[:, -1])
+        shape = (unique.shape[0], self.n_kv, width_p, self.head_dim)
+        keys = [torch.empty(shape, dtype=c.dtype, device=c.device) for c in self.k_cache]
+        values = [torch.empty(shape, dtype=c.dtype, device=c.device) for c in self.v_cache]
+        hidden = self._forward(ids, row_positions, 0, mask, caches=(keys, values))
+        for cache, part in zip(self.k_cache + self.v_cache, keys + values, strict=True):
+            cache[:, :, :width_p] = part[inverse]
+        return self._logits(hidden[:, -1])[inverse]
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor, column: int) -> torch.Tensor:
         """Next-token logits B×V after `tokens` (B) at `positions` (B), written at cache `column`.

@@ -99,3 +99,19 @@ def test_sampler_entropy_equals_training_forward_entropy(tokenizer, prompts, mon
         _, entropy = sequence_logprobs(model, rollout, temperature=0.7, with_entropy=True)
         assert (entropy - rollout.entropy).abs().max() < 1e-5
         assert (rollout.entropy[~rollout.response_mask] == 0).all()
+
+
+def test_repeated_prompts_are_prefilled_once_and_match(tokenizer, prompts, monkeypatch):
+    """k samples per prompt (rows repeated): one prefill per distinct prompt, same tokens and log-probs."""
+    model = _tiny("llama", len(tokenizer))
+    ids, mask = prompts
+    repeated = (ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0))
+    calls = []
+    original = FastDecoder._forward
+    monkeypatch.setattr(FastDecoder, "_forward", lambda self, x, *a, **k: calls.append(x.shape) or original(self, x, *a, **k))
+    fast = _sample(model, tokenizer, repeated, fast=True, monkeypatch=monkeypatch)
+    assert calls[0] == ids.shape  # the prefill ran on the 4 distinct prompts, not the 12 rows
+    slow = _sample(model, tokenizer, repeated, fast=False, monkeypatch=monkeypatch)
+    assert torch.equal(fast.response_ids, slow.response_ids)
+    torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=1e-5, rtol=0)
+    assert (sequence_logprobs(model, fast) - fast.logprobs).abs().max() < 1e-5
