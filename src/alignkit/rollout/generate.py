@@ -252,7 +252,7 @@ def _sample_loop(model, prompt_ids, prompt_mask, draw, lengths, eos_token_id, pa
 
 
 def sequence_logprobs(
-    model, rollout: Rollout, *, temperature: float = 1.0, with_entropy: bool = False
+    model, rollout: Rollout, *, temperature: float = 1.0, with_entropy: bool = False, share_prompts: bool = True
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Training-side log-probs of the response tokens: one forward pass over prompt + response.
 
@@ -263,14 +263,21 @@ def sequence_logprobs(
     tensors are the logits and, when temperature != 1, one scaled copy. Runs with gradients when
     they are enabled; the caller chooses the model's mode (eval for RL: dropout off).
 
+    With `share_prompts` and rows that repeat a prompt (k samples per prompt), each distinct prompt
+    runs once and its keys and values are shared by its rows' responses (`_shared_prompt_logits`);
+    the result is the same to float rounding, gradients included, for (k - 1) / k fewer prompt tokens.
+
     Shapes:
         returns: logprobs B×R (0 where `response_mask` is False); with `with_entropy`, also the
         per-token entropy B×R (0 where masked).
     """
     width_r = rollout.response_ids.shape[1]
-    inputs = {"input_ids": rollout.full_ids(), "attention_mask": rollout.full_mask().long()}
-    out = model(**inputs, position_ids=rollout.position_ids(), use_cache=False, logits_to_keep=width_r + 1)
-    logits = out.logits[:, -(width_r + 1) : -1, :].float()  # B×R×V (also when logits_to_keep is ignored)
+    logits = _shared_prompt_logits(model, rollout) if share_prompts else None
+    if logits is None:
+        inputs = {"input_ids": rollout.full_ids(), "attention_mask": rollout.full_mask().long()}
+        out = model(**inputs, position_ids=rollout.position_ids(), use_cache=False, logits_to_keep=width_r + 1)
+        logits = out.logits[:, -(width_r + 1) : -1, :]  # B×R×V (also when logits_to_keep is ignored)
+    logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     picked = logits.gather(-1, rollout.response_ids[:, :, None]).squeeze(-1)  # B×R
@@ -282,3 +289,31 @@ def sequence_logprobs(
         return logprobs
     expected = torch.stack([(row.softmax(dim=-1) * row).sum(dim=-1) for row in logits])  # B×R
     return logprobs, torch.where(mask, lse - expected, 0.0)
+
+
+def _shared_prompt_logits(model, rollout: Rollout) -> torch.Tensor | None:
+    """Logits B×R×V predicting each response token, running each distinct prompt once (None: none repeat).
+
+    Pass 1 runs the U distinct (prompt ids, mask) rows with a KV cache and keeps the logits of their
+    last column (which predict response token 0); the cache is then indexed to the B rows
+    (`Cache.batch_select_indices`, differentiable) and pass 2 runs the responses against it, giving
+    the logits that predict response tokens 1..R-1. Positions and masks are those of the one-pass
+    forward, so the attention is the same computation over fewer prompt tokens.
+    """
+    width_p, width_r = rollout.prompt_length, rollout.response_ids.shape[1]
+    rows = torch.cat([rollout.prompt_ids, rollout.prompt_mask.long()], dim=1)
+    unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    if unique.shape[0] == rows.shape[0]:
+        return None
+    ids, mask = unique[:, :width_p], unique[:, width_p:]
+    first = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
+                  use_cache=True, logits_to_keep=1)
+    cache = first.past_key_values
+    cache.batch_select_indices(inverse)
+    head = first.logits[:, -1:, :][inverse]  # B×1×V
+    if width_r == 1:
+        return head
+    rest = model(input_ids=rollout.response_ids, attention_mask=rollout.full_mask().long(),
+                 position_ids=rollout.position_ids()[:, width_p:], past_key_values=cache, use_cache=True,
+                 logits_to_keep=width_r).logits[:, -width_r:-1, :]  # B×(R-1)×V
+    return torch.cat([head, rest], dim=1)

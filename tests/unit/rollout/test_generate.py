@@ -245,3 +245,27 @@ def test_concat_of_different_widths_keeps_logprobs(model, tokenizer, prompts):
     recomputed = sequence_logprobs(model, both)
     assert (recomputed - both.logprobs).abs().max() < 1e-5
     assert both.texts(tokenizer)[1:] == long.texts(tokenizer)
+
+
+def test_shared_prompt_forward_equals_one_pass_with_gradients(tokenizer):
+    """k samples per prompt: prompts run once, KV shared; same log-probs, entropy and gradients."""
+    model = build_tiny_llama(len(tokenizer), num_key_value_heads=2).eval()
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS[:3])
+    rollout = _sample(model, tokenizer, ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0), temperature=0.8)
+    results = []
+    for share in (False, True):
+        calls = []
+        handle = model.register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape), with_kwargs=True)
+        logprobs, entropy = sequence_logprobs(model, rollout, temperature=0.8, with_entropy=True, share_prompts=share)
+        handle.remove()
+        (logprobs.sum() + entropy.sum()).backward()
+        results.append((logprobs.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()], calls))
+        model.zero_grad()
+    (lp0, en0, g0, calls0), (lp1, en1, g1, calls1) = results
+    assert calls0 == [rollout.full_ids().shape]
+    assert calls1 == [(3, rollout.prompt_length), rollout.response_ids.shape]  # 3 distinct prompts, then 9 responses
+    torch.testing.assert_close(lp1, lp0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(en1, en0, atol=1e-5, rtol=0)
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert (lp1 - rollout.logprobs).abs().max() < 1e-5
