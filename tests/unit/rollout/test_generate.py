@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from tests.conftest import build_tiny_llama, build_tiny_tokenizer
@@ -247,6 +249,10 @@ def test_concat_of_different_widths_keeps_logprobs(model, tokenizer, prompts):
     assert both.texts(tokenizer)[1:] == long.texts(tokenizer)
 
 
+def _record_shape(calls: list, module, args, kwargs) -> None:
+    calls.append(kwargs["input_ids"].shape)
+
+
 def test_shared_prompt_forward_equals_one_pass_with_gradients(tokenizer):
     """k samples per prompt: prompts run once, KV shared; same log-probs, entropy and gradients."""
     model = build_tiny_llama(len(tokenizer), num_key_value_heads=2).eval()
@@ -254,8 +260,8 @@ def test_shared_prompt_forward_equals_one_pass_with_gradients(tokenizer):
     rollout = _sample(model, tokenizer, ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0), temperature=0.8)
     results = []
     for share in (False, True):
-        calls = []
-        handle = model.register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape), with_kwargs=True)
+        calls: list = []
+        handle = model.register_forward_pre_hook(partial(_record_shape, calls), with_kwargs=True)
         logprobs, entropy = sequence_logprobs(model, rollout, temperature=0.8, with_entropy=True, share_prompts=share)
         handle.remove()
         (logprobs.sum() + entropy.sum()).backward()
