@@ -66,6 +66,9 @@ class RewardConfig:
     """pairwise: weight of the reward-centring regulariser coef * (r_c + r_r)^2 (Eisenstein et al. 2023)."""
     hinge_margin: float = 1.0
     """hinge: the margin in max(0, margin - r * label)."""
+    share_prefixes: bool = True
+    """Run each group's common prompt once and its items' responses against its keys/values (decoder
+    reward models; same rewards and gradients, fewer tokens). False: one full pass per sequence."""
     normalize: bool = True
     """Make the final reward mean 0 / std 1 on reference-policy samples (gain and bias saved with the model)."""
     normalize_path: str = ""
@@ -166,13 +169,18 @@ def load_reward_data(cfg: RewardConfig, tokenizer: Any) -> dict[str, Any]:
     return out
 
 
-def collate_groups(groups: list[dict], pad_id: int) -> dict[str, Any]:
+def collate_groups(groups: list[dict], pad_id: int, *, share_prefixes: bool = False) -> dict[str, Any]:
     """All items of the groups right-padded into one batch, with the group layout.
+
+    With `share_prefixes` the batch also holds the `shared_prefix_layout` of the groups (each group's
+    common prompt prefix once, and the items' suffixes), which decoder reward models score with
+    `shared_prefix_scores`: same rewards, fewer tokens.
 
     Shapes:
         input_ids, attention_mask: N×T (N items); index: G×K (item of each group slot, -1 = none);
         best: G or None; targets: N or None; margin: G or None; n_terms: G (N for per-item losses).
     """
+    from alignkit.models.reward_model import shared_prefix_layout
     from alignkit.rollout.score import right_pad
 
     rows = [ids for g in groups for ids in g["items"]]
@@ -185,7 +193,11 @@ def collate_groups(groups: list[dict], pad_id: int) -> dict[str, Any]:
         start += len(g["items"])
     per_item = "targets" in groups[0]
     margins = [g.get("margin") for g in groups]
+    layout = {}
+    if share_prefixes and k > 1:  # groups of one share nothing
+        layout = shared_prefix_layout(rows, [[int(i) for i in row if i >= 0] for row in index], pad_id)
     return {
+        **layout,
         "input_ids": ids, "attention_mask": mask, "index": index,
         "best": torch.tensor([g["best"] for g in groups]) if "best" in groups[0] else None,
         "targets": torch.tensor([t for g in groups for t in g["targets"]]) if per_item else None,
@@ -231,12 +243,15 @@ LOSS_ADAPTERS = {
 
 def make_loss_fn(cfg: RewardConfig):
     """`loss_fn(model, batch) -> (loss x n_terms, metrics)` for `TrainLoop.update` (a sum, so accumulation is exact)."""
-    from alignkit.models.reward_model import reward_scores
+    from alignkit.models.reward_model import reward_scores, shared_prefix_scores
 
     adapter = LOSS_ADAPTERS[cfg.loss]
 
     def loss_fn(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        scores = reward_scores(model, batch["input_ids"], batch["attention_mask"])  # N
+        if "prefix_ids" in batch:  # groups' common prompt run once (decoder reward models)
+            scores = shared_prefix_scores(model, batch)  # N
+        else:
+            scores = reward_scores(model, batch["input_ids"], batch["attention_mask"])  # N
         loss, metrics = adapter(scores, batch, cfg)
         return loss * batch["n_terms"], metrics
 
@@ -345,10 +360,14 @@ def train_one(cfg: RewardConfig, tokenizer: Any, train: list[dict], data: dict, 
         "data": f"{len(train)} training groups ({n_items} sequences, loss `{cfg.loss}`), {len(data['eval'])} "
                 f"held-out groups, {len(gold)} gold-scored samples, {len(norm_rows)} normalisation samples"})
     loss_fn, pad = make_loss_fn(cfg), tokenizer.pad_token_id
+    from alignkit.models.reward_model import shares_prefixes
+
+    share = cfg.share_prefixes and shares_prefixes(loop.model)
     start = loop.resume()
     for _ in range(start, loop.total_steps):
         t0 = time.perf_counter()
-        micro = [collate_groups([train[i] for i in idx], pad) for idx in loop.micro_batch_indices(len(train), loop.step)]
+        micro = [collate_groups([train[i] for i in idx], pad, share_prefixes=share)
+                 for idx in loop.micro_batch_indices(len(train), loop.step)]
         metrics = loop.update([_to_device(mb, loop.accelerator.device) for mb in micro], loss_fn)
         metrics["perf/sequences_per_s"] = sum(len(mb["input_ids"]) for mb in micro) / (time.perf_counter() - t0)
         if cfg.run.eval_every and loop.step % cfg.run.eval_every == 0 and loop.step < loop.total_steps:

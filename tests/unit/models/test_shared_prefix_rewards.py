@@ -1,0 +1,56 @@
+"""Reward-model groups scored with their common prefix run once equal full-sequence rewards."""
+
+from __future__ import annotations
+
+import torch
+
+from alignkit.models.reward_model import reward_scores, shared_prefix_layout, shared_prefix_scores
+from alignkit.rollout.score import right_pad
+
+PAD = 0
+
+
+def tiny_classifier():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, vocab_size=50, max_position_embeddings=64, pad_token_id=PAD,
+                         num_labels=1)
+    return LlamaForSequenceClassification(config).eval()
+
+
+ROWS = [
+    [1, 5, 6, 7, 8, 9],        # group 0: a pair sharing the prompt [1, 5, 6]
+    [1, 5, 6, 10, 11],
+    [1, 12, 13, 14, 15, 16],   # group 1: three ranked responses sharing [1, 12, 13, 14] (beyond the prompt)
+    [1, 12, 13, 14, 17],
+    [1, 12, 13, 14, 15],
+    [1, 20, 21],               # group 2: one item
+    [1, 22, 23],               # group 3: one item a prefix of the other
+    [1, 22, 23, 24, 25],
+]
+GROUPS = [[0, 1], [2, 3, 4], [5], [6, 7]]
+
+
+def test_layout_by_hand():
+    layout = shared_prefix_layout(ROWS, GROUPS, PAD)
+    assert layout["prefix_index"].tolist() == [0, 0, 1, 1, 1, 2, 3, 3]
+    prefixes = [row[mask.bool()].tolist() for row, mask in zip(layout["prefix_ids"], layout["prefix_mask"])]
+    assert prefixes == [[1, 5, 6], [1, 12, 13, 14], [1, 20], [1, 22]]  # every item keeps >= 1 suffix token
+    suffixes = [row[mask.bool()].tolist() for row, mask in zip(layout["suffix_ids"], layout["suffix_mask"])]
+    assert suffixes[1] == [10, 11] and suffixes[4] == [15] and suffixes[5] == [21] and suffixes[6] == [23]
+
+
+def test_shared_prefix_rewards_and_gradients_equal_full_sequences():
+    model = tiny_classifier()
+    ids, mask = right_pad(ROWS, PAD)
+    full = reward_scores(model, ids, mask)
+    (full * torch.arange(1.0, 9.0)).sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    shared = shared_prefix_scores(model, shared_prefix_layout(ROWS, GROUPS, PAD))
+    torch.testing.assert_close(shared, full, atol=1e-5, rtol=0)
+    (shared * torch.arange(1.0, 9.0)).sum().backward()
+    for p, g in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
