@@ -36,9 +36,9 @@ GROUPS = [[0, 1], [2, 3, 4], [5], [6, 7]]
 def test_layout_by_hand():
     layout = shared_prefix_layout(ROWS, GROUPS, PAD)
     assert layout["prefix_index"].tolist() == [0, 0, 1, 1, 1, 2, 3, 3]
-    prefixes = [row[mask.bool()].tolist() for row, mask in zip(layout["prefix_ids"], layout["prefix_mask"])]
+    prefixes = [row[mask.bool()].tolist() for row, mask in zip(layout["prefix_ids"], layout["prefix_mask"], strict=True)]
     assert prefixes == [[1, 5, 6], [1, 12, 13, 14], [1, 20], [1, 22]]  # every item keeps >= 1 suffix token
-    suffixes = [row[mask.bool()].tolist() for row, mask in zip(layout["suffix_ids"], layout["suffix_mask"])]
+    suffixes = [row[mask.bool()].tolist() for row, mask in zip(layout["suffix_ids"], layout["suffix_mask"], strict=True)]
     assert suffixes[1] == [10, 11] and suffixes[4] == [15] and suffixes[5] == [21] and suffixes[6] == [23]
 
 
