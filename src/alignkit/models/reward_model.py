@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from alignkit.errors import AlignkitError
+from alignkit.ops.prefix import prefix_cache_forward
 
 CONFIG_GAIN = "reward_gain"
 CONFIG_BIAS = "reward_bias"
@@ -110,48 +111,6 @@ def reward_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     return scores
 
 
-def shared_prefix_layout(rows: list[list[int]], groups: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Split each group's sequences into their common prefix (run once) and per-sequence suffixes.
-
-    The items of a group (chosen and rejected, K ranked responses, ...) share their prompt. A group's
-    prefix is the longest common token prefix of its items, kept at least one token shorter than
-    each item so that every item has a suffix (where its reward is read).
-
-    Args:
-        rows: Token ids of the N sequences [x, y].
-        groups: Item indices of each group (one list per group; a lone item is a group of one).
-
-    Returns:
-        prefix_ids, prefix_mask: G×L left-padded; suffix_ids, suffix_mask: N×S right-padded;
-        prefix_index: N, the prefix row of each item.
-    """
-    prefixes, prefix_index, suffixes = [], [0] * len(rows), [list[int]() for _ in rows]
-    for g, items in enumerate(groups):
-        first = rows[items[0]]
-        n = min(len(rows[i]) for i in items) - 1
-        for i in items[1:]:
-            n = next((j for j, (a, b) in enumerate(zip(first[:n], rows[i][:n], strict=True)) if a != b), n)
-        n = max(n, 0)
-        prefixes.append(first[:n])
-        for i in items:
-            prefix_index[i], suffixes[i] = g, rows[i][n:]
-    width_l = max(1, max(len(p) for p in prefixes))
-    prefix_ids = torch.full((len(prefixes), width_l), pad_id, dtype=torch.long)
-    prefix_mask = torch.zeros((len(prefixes), width_l), dtype=torch.long)
-    for g, prefix in enumerate(prefixes):
-        if prefix:
-            prefix_ids[g, width_l - len(prefix):] = torch.tensor(prefix)
-            prefix_mask[g, width_l - len(prefix):] = 1
-    width_s = max(len(x) for x in suffixes)
-    suffix_ids = torch.full((len(rows), width_s), pad_id, dtype=torch.long)
-    suffix_mask = torch.zeros((len(rows), width_s), dtype=torch.long)
-    for i, suffix in enumerate(suffixes):
-        suffix_ids[i, : len(suffix)] = torch.tensor(suffix)
-        suffix_mask[i, : len(suffix)] = 1
-    return {"prefix_ids": prefix_ids, "prefix_mask": prefix_mask, "suffix_ids": suffix_ids,
-            "suffix_mask": suffix_mask, "prefix_index": torch.tensor(prefix_index)}
-
-
 def shares_prefixes(model: torch.nn.Module) -> bool:
     """Whether `model` can score with `shared_prefix_scores`: a causal (decoder) classifier, read at its last token."""
     return getattr(hf_model(model), "score", None) is not None
@@ -161,11 +120,9 @@ def shared_prefix_scores(model: torch.nn.Module, layout: dict[str, torch.Tensor]
                          pad_token_id: int | None = None) -> torch.Tensor:
     """Rewards of the N sequences of a `shared_prefix_layout`, each group's prefix run once.
 
-    Pass 1 runs the G prefixes with a KV cache, which is then indexed to the N items
-    (`Cache.batch_select_indices`, differentiable); pass 2 runs the suffixes against it and the head
-    reads each suffix's last token. Masks and positions are those of the whole sequences, so the
-    rewards equal `reward_scores` of the full rows to float rounding, gradients included. Decoder
-    classifiers only (`shares_prefixes`).
+    `prefix_cache_forward` runs the G prefixes, then the suffixes against their keys and values, and
+    the head reads each suffix's last token. The rewards equal `reward_scores` of the full rows to
+    float rounding, gradients included. Decoder classifiers only (`shares_prefixes`).
 
     Shapes:
         returns: N float.
@@ -176,15 +133,7 @@ def shared_prefix_scores(model: torch.nn.Module, layout: dict[str, torch.Tensor]
     if pad is not None and bool(((suffix_ids == pad) & suffix_mask.bool()).any()):
         raise AlignkitError(f"the pad id {pad} occurs inside a sequence; the reward would be read at the wrong "
                             "token. Use a tokenizer whose pad token is distinct (alignkit's loader adds one)")
-    prefix_mask = layout["prefix_mask"]
-    first = model(input_ids=layout["prefix_ids"], attention_mask=prefix_mask,
-                  position_ids=(prefix_mask.cumsum(dim=1) - 1).clamp(min=0), use_cache=True)
-    cache = first.past_key_values
-    cache.batch_select_indices(layout["prefix_index"])
-    mask = torch.cat([prefix_mask[layout["prefix_index"]], suffix_mask], dim=1)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, prefix_mask.shape[1]:]
-    out = model(input_ids=suffix_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                use_cache=True)
+    out = prefix_cache_forward(model, layout)[1]
     return out.logits[:, 0].float()
 
 

@@ -36,6 +36,7 @@ from alignkit.errors import AlignkitError
 from alignkit.losses.preference import PREFERENCE_LOSSES
 from alignkit.losses.sft import IGNORE_INDEX
 from alignkit.ops.logits import labelled_logits
+from alignkit.ops.prefix import prefix_cache_forward
 from alignkit.trainers.dpo_data import collate_groups, online_inputs, sample_round, tokenize_groups
 from alignkit.trainers.loop import TrainLoop
 
@@ -53,6 +54,9 @@ class DPOConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6, warmup_steps=10))
     loss: Literal["sigmoid", "ipo", "cdpo", "simpo", "orpo", "kto", "plackett_luce"] = "sigmoid"
     """The loss: sigmoid (DPO), ipo, cdpo, simpo, orpo, kto (unpaired data) or plackett_luce (rankings)."""
+    share_prefixes: bool = True
+    """Run each prompt once and its responses against its keys/values (`alignkit.ops.prefix`; single-process
+    runs): the same log-probs and gradients from fewer tokens. False: one full pass per response."""
     beta: float = 0.1
     """KL strength beta of the implicit reward beta * log(pi / pi_ref) (IPO's tau; SimPO's beta; ORPO's lambda)."""
     label_smoothing: float = 0.0
@@ -105,8 +109,13 @@ def response_logps(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]
     Shapes:
         batch: `collate_groups` output ((K·B)×T rows, slot-major). returns: (seq_logps B×K, n_tokens B×K).
     """
-    logits, labels = labelled_logits(model, batch["labels"], input_ids=batch["input_ids"],
-                                     attention_mask=batch["attention_mask"])  # N×C×V, N×C: response columns only
+    if "prefix_ids" in batch:  # each prompt once, the responses against its keys/values (`alignkit.ops.prefix`)
+        first, second = prefix_cache_forward(model, batch, logits_to_keep=1)
+        head = first.logits[:, -1:][batch["prefix_index"]]  # N×1×V: predicts suffix token 0
+        logits, labels = torch.cat([head, second.logits[:, :-1]], dim=1), batch["suffix_labels"]  # N×S×V, N×S
+    else:
+        logits, labels = labelled_logits(model, batch["labels"], input_ids=batch["input_ids"],
+                                         attention_mask=batch["attention_mask"])  # N×C×V, N×C: response columns
     logits = logits.float()
     mask = labels != IGNORE_INDEX
     picked = logits.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # N×(T-1)
@@ -423,10 +432,11 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
         loop.log(loop.stage_state["first_eval"])
     labeler, prompts = online_inputs(cfg) if cfg.rounds else (None, [])
     per_round = _steps_per_round(cfg, loop.global_batch) if cfg.rounds else loop.total_steps
+    share = cfg.share_prefixes and loop.world == 1  # two forward calls per step: see alignkit.ops.prefix
     for _ in range(start, loop.total_steps):
         if cfg.rounds and (not train or loop.step % per_round == 0):
             train = _round_groups(loop, cfg, tokenizer, labeler, prompts, loop.step // per_round)
-        micro = [_to_device(collate_groups([train[i] for i in idx], pad), device)
+        micro = [_to_device(collate_groups([train[i] for i in idx], pad, share_prefixes=share), device)
                  for idx in loop.micro_batch_indices(len(train), loop.step)]
         metrics = loop.update(micro, loss_fn)
         if cfg.run.eval_every and loop.step % cfg.run.eval_every == 0 and loop.step < loop.total_steps:

@@ -141,8 +141,11 @@ def tokenize_groups(records: list[dict], kind: str, loss: str, tokenizer: Any, *
     return out
 
 
-def collate_groups(groups: list[Group], pad_id: int) -> dict[str, Any]:
+def collate_groups(groups: list[Group], pad_id: int, *, share_prefixes: bool = False) -> dict[str, Any]:
     """Stack the responses of B groups slot-major into one right-padded batch.
+
+    With `share_prefixes` the batch also holds the groups' `shared_prefix_layout` (each prompt once,
+    the responses as suffixes), which `response_logps` runs in two passes over fewer tokens.
 
     Shapes:
         input_ids, attention_mask, labels: (K·B)×T, row k·B + b = response k of group b;
@@ -154,6 +157,12 @@ def collate_groups(groups: list[Group], pad_id: int) -> dict[str, Any]:
     rows = [g["responses"][k] if k < len(g["responses"]) else g["responses"][0] for k in range(size)
             for g in groups]
     batch = collate_padded(rows, pad_id)
+    if share_prefixes and size > 1:  # a group of one shares nothing
+        from alignkit.ops.prefix import shared_prefix_layout
+
+        slots = [[k * len(groups) + b for k in range(size)] for b in range(len(groups))]
+        batch.update(shared_prefix_layout([r["input_ids"] for r in rows], slots, pad_id,
+                                          labels=[r["labels"] for r in rows]))
     batch["group_mask"] = torch.tensor([[k < len(g["responses"]) for k in range(size)] for g in groups])
     batch["n_terms"] = len(groups)
     if groups[0].get("label") is not None:

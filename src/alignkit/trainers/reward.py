@@ -68,7 +68,8 @@ class RewardConfig:
     """hinge: the margin in max(0, margin - r * label)."""
     share_prefixes: bool = True
     """Run each group's common prompt once and its items' responses against its keys/values (decoder
-    reward models; same rewards and gradients, fewer tokens). False: one full pass per sequence."""
+    reward models, single-process runs; same rewards and gradients, fewer tokens). False: one full pass
+    per sequence."""
     normalize: bool = True
     """Make the final reward mean 0 / std 1 on reference-policy samples (gain and bias saved with the model)."""
     normalize_path: str = ""
@@ -180,7 +181,7 @@ def collate_groups(groups: list[dict], pad_id: int, *, share_prefixes: bool = Fa
         input_ids, attention_mask: N×T (N items); index: G×K (item of each group slot, -1 = none);
         best: G or None; targets: N or None; margin: G or None; n_terms: G (N for per-item losses).
     """
-    from alignkit.models.reward_model import shared_prefix_layout
+    from alignkit.ops.prefix import shared_prefix_layout
     from alignkit.rollout.score import right_pad
 
     rows = [ids for g in groups for ids in g["items"]]
@@ -362,7 +363,7 @@ def train_one(cfg: RewardConfig, tokenizer: Any, train: list[dict], data: dict, 
     loss_fn, pad = make_loss_fn(cfg), tokenizer.pad_token_id
     from alignkit.models.reward_model import shares_prefixes
 
-    share = cfg.share_prefixes and shares_prefixes(loop.model)
+    share = cfg.share_prefixes and shares_prefixes(loop.model) and loop.world == 1  # see alignkit.ops.prefix
     start = loop.resume()
     for _ in range(start, loop.total_steps):
         t0 = time.perf_counter()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from alignkit.models.reward_model import reward_scores, shared_prefix_layout, shared_prefix_scores
+from alignkit.models.reward_model import reward_scores, shared_prefix_scores
+from alignkit.ops.prefix import shared_prefix_layout
 from alignkit.rollout.score import right_pad
 
 PAD = 0

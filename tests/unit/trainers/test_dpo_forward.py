@@ -56,6 +56,26 @@ def test_concatenated_forward_equals_separate_forwards(tok_model):
                 assert n_tokens[b, k] == n_alone[0, 0]
 
 
+def test_shared_prompt_forward_equals_full_forward_with_gradients(tok_model):
+    """Each prompt run once (`share_prefixes`): same log-probs, token counts and gradients; a ranking too."""
+    tokenizer, model = tok_model
+    ranking = [{"prompt": "Once upon", "responses": [" a time there was a fox.", " a hill.", " nothing"]}]
+    for groups in (_groups(tokenizer), _groups(tokenizer, ranking, "ranking", "plackett_luce")):
+        results = []
+        for share in (False, True):
+            batch = collate_groups(groups, tokenizer.pad_token_id, share_prefixes=share)
+            assert ("prefix_ids" in batch) == share
+            logps, n_tokens = response_logps(model, batch)
+            (logps * torch.arange(1.0, logps.numel() + 1).view_as(logps)).sum().backward()
+            results.append((logps.detach(), n_tokens, [p.grad.clone() for p in model.parameters()]))
+            model.zero_grad()
+        (lp0, n0, g0), (lp1, n1, g1) = results
+        assert_close(lp1, lp0, atol=1e-5, rtol=0)
+        assert torch.equal(n1, n0)
+        for a, b in zip(g1, g0, strict=True):
+            assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_sequence_logprobs_equal_a_plain_loop_over_tokens(tok_model):
     tokenizer, model = tok_model
     groups = _groups(tokenizer)
