@@ -90,10 +90,28 @@ def test_ensemble_choice_data_best_of_k(tmp_path, tiny_llama_dir, data):
 def test_segment_scores_pointwise_and_kind_errors(tmp_path, tiny_llama_dir, data):
     out = tmp_path / "seg"
     res = cli(_args(tiny_llama_dir, data["steps"], out, "--loss", "pointwise", "--optim.max_steps", "4",
-                    "--normalize", "false", "--data.eval_fraction", "0.34", "--budget_curve", "2,100"))
+                    "--normalize", "false", "--data.eval_fraction", "0.34", "--budget_curve", "2,100",
+                    "--segments", "sentences", "--gold_eval_path", str(data["gold"])))
     assert res.returncode == 0, res.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert "eval/spearman_targets" in summary
+    assert "eval/spearman_targets" in summary and "eval/spearman_gold" in summary
+    # the segmentation travels with the model: scorers loading it sum the segment rewards (Eq. 10.68)
+    assert json.loads((out / "final/config.json").read_text())["reward_segments"] == "sentences"
+    from alignkit.rollout.score import RewardModelScorer
+
+    scorer = RewardModelScorer.from_path(out / "final")
+    assert scorer.segments == "sentences"
+    from alignkit.models.reward_model import reward_scores
+    from alignkit.models.segments import segment_prefixes
+    from alignkit.rollout.score import right_pad
+
+    total = scorer(["A"], [" I loved it. It was bad."])
+    prefixes = segment_prefixes(scorer.tokenizer, "A", [" I loved it.", " It was bad."])  # [x y_1], [x y_1 y_2 EOS]
+    with torch.no_grad():
+        each = reward_scores(scorer.model, *right_pad(prefixes, scorer.tokenizer.pad_token_id), apply_bias=True)
+    torch.testing.assert_close(total, each.sum().reshape(1), atol=1e-4, rtol=1e-4)
+    res = cli(_args(tiny_llama_dir, data["steps"], tmp_path / "x", "--loss", "pointwise", "--segments", "words"))
+    assert res.returncode == 2 and "`segments`" in res.stderr
     assert [c["budget"] for c in summary["budget_curve"]] == [2, 4] and (out / "budget-2/final").is_dir()
     res = cli(_args(tiny_llama_dir, data["choice"], tmp_path / "bad", "--loss", "plackett_luce"))
     assert res.returncode == 2 and "choice.jsonl" in res.stderr and "`loss`" in res.stderr

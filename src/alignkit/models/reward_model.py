@@ -34,6 +34,7 @@ from alignkit.ops.prefix import prefix_cache_forward
 CONFIG_GAIN = "reward_gain"
 CONFIG_BIAS = "reward_bias"
 CONFIG_BIAS_FOLDED = "reward_bias_folded"
+CONFIG_SEGMENTS = "reward_segments"  # segmentation of a model trained on segment scores (scorers sum them)
 
 
 def hf_model(model: torch.nn.Module) -> Any:

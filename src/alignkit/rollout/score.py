@@ -84,10 +84,11 @@ class RewardModelScorer:
 
     @classmethod
     def from_path(cls, path: str | Path, **kwargs: Any) -> RewardModelScorer:
-        """Load a saved reward model directory."""
-        from alignkit.models.reward_model import load_reward_model
+        """Load a saved reward model directory (segments: as trained, `reward_segments` in config.json)."""
+        from alignkit.models.reward_model import CONFIG_SEGMENTS, hf_model, load_reward_model
 
         model, tokenizer = load_reward_model(str(path))
+        kwargs.setdefault("segments", getattr(hf_model(model).config, CONFIG_SEGMENTS, None) or "none")
         return cls(model, tokenizer, **kwargs)
 
     def __call__(self, prompts: list[Any], responses: list[Any]) -> torch.Tensor:

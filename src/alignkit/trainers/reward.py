@@ -66,6 +66,11 @@ class RewardConfig:
     """pairwise: weight of the reward-centring regulariser coef * (r_c + r_r)^2 (Eisenstein et al. 2023)."""
     hinge_margin: float = 1.0
     """hinge: the margin in max(0, margin - r * label)."""
+    segments: str = "none"
+    """How a response is split for scoring, for models trained on `steps` (segment) records: `none`, `sentences`
+    or `chunks:N`. With a segmentation, a response's reward is the sum of its in-context segment rewards
+    (Eq. 10.68) in the held-out gold check, and it is saved in config.json (`reward_segments`) so scorers
+    loading the model (PPO, best-of-N, labelling) sum segments too."""
     share_prefixes: bool = True
     """Run each group's common prompt once and its items' responses against its keys/values (decoder
     reward models, single-process runs; same rewards and gradients, fewer tokens). False: one full pass
@@ -298,7 +303,16 @@ def evaluate_reward(model: torch.nn.Module, groups: list[dict], cfg: RewardConfi
             out.update(group_metrics(s, mask, batch["best"]))
         else:
             out["eval/spearman_targets"] = spearman(scores, batch["targets"])
-    if gold:
+    if gold and cfg.segments != "none":  # sum of segment rewards (Eq. 10.68)
+        from alignkit.rollout.score import RewardModelScorer
+
+        was_training = model.training
+        scorer = RewardModelScorer(model, tokenizer, batch_size=bs, max_length=cfg.data.max_length,
+                                   segments=cfg.segments)
+        scores = scorer([r["prompt"] for r in gold], [r["response"] for r in gold])
+        model.train(was_training)
+        out["eval/spearman_gold"] = spearman(scores, torch.tensor([float(r["score"]) for r in gold]))
+    elif gold:
         rows = tokenize_groups([{"prompt": r["prompt"], "responses": [r["response"]]} for r in gold],
                                tokenizer, cfg.data.max_length)
         scores = score_items(model, [g["items"][0] for g in rows], tokenizer.pad_token_id, bs)
@@ -381,6 +395,10 @@ def train_one(cfg: RewardConfig, tokenizer: Any, train: list[dict], data: dict, 
         gain, bias = normalization(score_items(unwrapped, norm_rows, pad, cfg.optim.per_device_batch_size))
         summary["normalization"] = {"gain": gain, "bias": bias, "samples": len(norm_rows),
                                     "bias_folded_into_head": apply_normalization(unwrapped, gain, bias)}
+    if cfg.segments != "none":
+        from alignkit.models.reward_model import CONFIG_SEGMENTS, hf_model
+
+        setattr(hf_model(unwrapped).config, CONFIG_SEGMENTS, cfg.segments)
     loop.log(final)
     return loop.finish(tokenizer, summary, merge_lora=True)
 
@@ -419,8 +437,10 @@ def run(cfg: RewardConfig) -> dict[str, Any]:
     """Train the reward model (or ensemble), normalise it, save `final/`; return the summary."""
     from alignkit.data.load import load_records
     from alignkit.models.load import load_tokenizer
+    from alignkit.models.segments import parse_segmentation
     from alignkit.trainers.rundir import resolve_output_dir, write_json_atomic
 
+    parse_segmentation(cfg.segments)  # a bad `segments` fails before training
     if cfg.members < 1:
         raise AlignkitError(f"option `members`: expected >= 1, got {cfg.members}")
     t0 = time.perf_counter()
