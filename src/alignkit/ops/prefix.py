@@ -9,7 +9,11 @@ runs the suffixes against it with the masks and positions of the whole sequences
 those of N full forward passes to float rounding, for (K - 1) / K fewer prompt tokens.
 
 Two forward calls make one step, so callers use it in single-process runs (a DDP-wrapped model
-expects one forward per backward).
+expects one forward per backward). The second call has its own overhead (cache bookkeeping, masks,
+the prefix keys copied per item), so sharing pays only when it removes enough tokens: measured on
+the benchmark's Llama (hidden 256, 4 layers; forward + backward of 8 rows, 32 response tokens),
+removing 25% of the tokens made it 14% slower, 38% 5% slower, 50% 1.2x faster, 60% 1.6x faster.
+Callers share when `worth_sharing` (at least `MIN_SAVING` of the tokens removed).
 """
 
 from __future__ import annotations
@@ -19,6 +23,22 @@ from typing import Any
 import torch
 
 IGNORE_INDEX = -100
+
+
+MIN_SAVING = 0.4
+
+
+def worth_sharing(saved_tokens: int, total_tokens: int) -> bool:
+    """Whether running shared prefixes once (saving `saved_tokens` of `total_tokens`) is faster than one pass."""
+    return total_tokens > 0 and saved_tokens >= MIN_SAVING * total_tokens
+
+
+def layout_saving(layout: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(tokens saved, tokens of the full rows) of a `shared_prefix_layout`."""
+    prefix_len = layout["prefix_mask"].sum(dim=1)
+    per_item = prefix_len[layout["prefix_index"]]
+    total = int(per_item.sum() + layout["suffix_mask"].sum())
+    return int(per_item.sum() - prefix_len.sum()), total
 
 
 def _common_prefix(rows: list[list[int]]) -> int:

@@ -20,6 +20,7 @@ from itertools import dropwhile
 import torch
 from transformers import StaticCache
 
+from alignkit.ops.prefix import worth_sharing
 from alignkit.rollout.fast_decoder import FastDecoder
 from alignkit.rollout.types import Rollout
 
@@ -264,8 +265,9 @@ def sequence_logprobs(
     they are enabled; the caller chooses the model's mode (eval for RL: dropout off).
 
     With `share_prompts` and rows that repeat a prompt (k samples per prompt), each distinct prompt
-    runs once and its keys and values are shared by its rows' responses (`_shared_prompt_logits`);
-    the result is the same to float rounding, gradients included, for (k - 1) / k fewer prompt tokens.
+    runs once and its keys and values are shared by its rows' responses (`_shared_prompt_logits`,
+    when that removes enough tokens to be faster); the result is the same to float rounding,
+    gradients included, for (k - 1) / k fewer prompt tokens.
 
     Shapes:
         returns: logprobs B×R (0 where `response_mask` is False); with `with_entropy`, also the
@@ -292,7 +294,9 @@ def sequence_logprobs(
 
 
 def _shared_prompt_logits(model, rollout: Rollout) -> torch.Tensor | None:
-    """Logits B×R×V predicting each response token, running each distinct prompt once (None: none repeat).
+    """Logits B×R×V predicting each response token, running each distinct prompt once.
+
+    None when that would not be faster (`alignkit.ops.prefix.worth_sharing`: too few repeated tokens).
 
     Pass 1 runs the U distinct (prompt ids, mask) rows with a KV cache and keeps the logits of their
     last column (which predict response token 0); the cache is then indexed to the B rows
@@ -303,7 +307,8 @@ def _shared_prompt_logits(model, rollout: Rollout) -> torch.Tensor | None:
     width_p, width_r = rollout.prompt_length, rollout.response_ids.shape[1]
     rows = torch.cat([rollout.prompt_ids, rollout.prompt_mask.long()], dim=1)
     unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
-    if unique.shape[0] == rows.shape[0]:
+    batch = rows.shape[0]
+    if not worth_sharing((batch - unique.shape[0]) * width_p, batch * (width_p + width_r)):
         return None
     ids, mask = unique[:, :width_p], unique[:, width_p:]
     first = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),

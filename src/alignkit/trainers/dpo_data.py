@@ -145,7 +145,8 @@ def collate_groups(groups: list[Group], pad_id: int, *, share_prefixes: bool = F
     """Stack the responses of B groups slot-major into one right-padded batch.
 
     With `share_prefixes` the batch also holds the groups' `shared_prefix_layout` (each prompt once,
-    the responses as suffixes), which `response_logps` runs in two passes over fewer tokens.
+    the responses as suffixes), which `response_logps` runs in two passes over fewer tokens, when
+    that saves enough tokens to be faster (`alignkit.ops.prefix.worth_sharing`).
 
     Shapes:
         input_ids, attention_mask, labels: (K·B)×T, row k·B + b = response k of group b;
@@ -158,11 +159,12 @@ def collate_groups(groups: list[Group], pad_id: int, *, share_prefixes: bool = F
             for g in groups]
     batch = collate_padded(rows, pad_id)
     if share_prefixes and size > 1:  # a group of one shares nothing
-        from alignkit.ops.prefix import shared_prefix_layout
+        from alignkit.ops.prefix import layout_saving, shared_prefix_layout, worth_sharing
 
         slots = [[k * len(groups) + b for k in range(size)] for b in range(len(groups))]
-        batch.update(shared_prefix_layout([r["input_ids"] for r in rows], slots, pad_id,
-                                          labels=[r["labels"] for r in rows]))
+        layout = shared_prefix_layout([r["input_ids"] for r in rows], slots, pad_id, labels=[r["labels"] for r in rows])
+        if worth_sharing(*layout_saving(layout)):
+            batch.update(layout)
     batch["group_mask"] = torch.tensor([[k < len(g["responses"]) for k in range(size)] for g in groups])
     batch["n_terms"] = len(groups)
     if groups[0].get("label") is not None:

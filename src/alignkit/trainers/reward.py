@@ -180,13 +180,14 @@ def collate_groups(groups: list[dict], pad_id: int, *, share_prefixes: bool = Fa
 
     With `share_prefixes` the batch also holds the `shared_prefix_layout` of the groups (each group's
     common prompt prefix once, and the items' suffixes), which decoder reward models score with
-    `shared_prefix_scores`: same rewards, fewer tokens.
+    `shared_prefix_scores`: same rewards, fewer tokens; only when that saves enough tokens to be
+    faster (`alignkit.ops.prefix.worth_sharing`).
 
     Shapes:
         input_ids, attention_mask: N×T (N items); index: G×K (item of each group slot, -1 = none);
         best: G or None; targets: N or None; margin: G or None; n_terms: G (N for per-item losses).
     """
-    from alignkit.ops.prefix import shared_prefix_layout
+    from alignkit.ops.prefix import layout_saving, shared_prefix_layout, worth_sharing
     from alignkit.rollout.score import right_pad
 
     rows = [ids for g in groups for ids in g["items"]]
@@ -202,6 +203,8 @@ def collate_groups(groups: list[dict], pad_id: int, *, share_prefixes: bool = Fa
     layout = {}
     if share_prefixes and k > 1:  # groups of one share nothing
         layout = shared_prefix_layout(rows, [[int(i) for i in row if i >= 0] for row in index], pad_id)
+        if not worth_sharing(*layout_saving(layout)):
+            layout = {}
     return {
         **layout,
         "input_ids": ids, "attention_mask": mask, "index": index,

@@ -55,3 +55,13 @@ def test_shared_prefix_rewards_and_gradients_equal_full_sequences():
     (shared * torch.arange(1.0, 9.0)).sum().backward()
     for p, g in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
+
+
+def test_sharing_only_when_it_removes_enough_tokens():
+    from alignkit.ops.prefix import MIN_SAVING, layout_saving, worth_sharing
+
+    layout = shared_prefix_layout(ROWS, GROUPS, PAD)
+    # full rows: 6+5+6+5+5+3+3+5 = 38 tokens; prefixes 3, 4, 2, 2 used by 2, 3, 1, 2 items
+    assert layout_saving(layout) == (3 * 1 + 4 * 2 + 2 * 0 + 2 * 1, 38)
+    assert MIN_SAVING == 0.4 and worth_sharing(4, 10) and not worth_sharing(3, 10) and not worth_sharing(0, 0)
+

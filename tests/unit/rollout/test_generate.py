@@ -253,8 +253,11 @@ def _record_shape(calls: list, module, args, kwargs) -> None:
     calls.append(kwargs["input_ids"].shape)
 
 
-def test_shared_prompt_forward_equals_one_pass_with_gradients(tokenizer):
+def test_shared_prompt_forward_equals_one_pass_with_gradients(tokenizer, monkeypatch):
     """k samples per prompt: prompts run once, KV shared; same log-probs, entropy and gradients."""
+    from alignkit.ops import prefix
+
+    monkeypatch.setattr(prefix, "MIN_SAVING", 0.0)  # share even these short prompts
     model = build_tiny_llama(len(tokenizer), num_key_value_heads=2).eval()
     ids, mask = tokenize_prompts(tokenizer, PROMPTS[:3])
     rollout = _sample(model, tokenizer, ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0), temperature=0.8)

@@ -56,8 +56,11 @@ def test_concatenated_forward_equals_separate_forwards(tok_model):
                 assert n_tokens[b, k] == n_alone[0, 0]
 
 
-def test_shared_prompt_forward_equals_full_forward_with_gradients(tok_model):
+def test_shared_prompt_forward_equals_full_forward_with_gradients(tok_model, monkeypatch):
     """Each prompt run once (`share_prefixes`): same log-probs, token counts and gradients; a ranking too."""
+    from alignkit.ops import prefix
+
+    monkeypatch.setattr(prefix, "MIN_SAVING", 0.0)  # share even these short prompts
     tokenizer, model = tok_model
     ranking = [{"prompt": "Once upon", "responses": [" a time there was a fox.", " a hill.", " nothing"]}]
     for groups in (_groups(tokenizer), _groups(tokenizer, ranking, "ranking", "plackett_luce")):
@@ -65,6 +68,10 @@ def test_shared_prompt_forward_equals_full_forward_with_gradients(tok_model):
         for share in (False, True):
             batch = collate_groups(groups, tokenizer.pad_token_id, share_prefixes=share)
             assert ("prefix_ids" in batch) == share
+            if share:
+                monkeypatch.setattr(prefix, "MIN_SAVING", 1.0)  # ... and the threshold is what decides
+                assert "prefix_ids" not in collate_groups(groups, tokenizer.pad_token_id, share_prefixes=True)
+                monkeypatch.setattr(prefix, "MIN_SAVING", 0.0)
             logps, n_tokens = response_logps(model, batch)
             (logps * torch.arange(1.0, logps.numel() + 1).view_as(logps)).sum().backward()
             results.append((logps.detach(), n_tokens, [p.grad.clone() for p in model.parameters()]))
