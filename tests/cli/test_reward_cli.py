@@ -112,6 +112,9 @@ def test_segment_scores_pointwise_and_kind_errors(tmp_path, tiny_llama_dir, data
     torch.testing.assert_close(total, each.sum().reshape(1), atol=1e-4, rtol=1e-4)
     res = cli(_args(tiny_llama_dir, data["steps"], tmp_path / "x", "--loss", "pointwise", "--segments", "words"))
     assert res.returncode == 2 and "`segments`" in res.stderr
+    res = cli(_args(tiny_llama_dir, data["steps"], tmp_path / "y", "--loss", "pointwise", "--segments", "sentences",
+                    "--normalize", "true"))
+    assert res.returncode == 2 and "--normalize false" in res.stderr
     assert [c["budget"] for c in summary["budget_curve"]] == [2, 4] and (out / "budget-2/final").is_dir()
     res = cli(_args(tiny_llama_dir, data["choice"], tmp_path / "bad", "--loss", "plackett_luce"))
     assert res.returncode == 2 and "choice.jsonl" in res.stderr and "`loss`" in res.stderr

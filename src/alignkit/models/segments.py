@@ -57,7 +57,13 @@ def split_text(text: str, spec: str, tokenizer: Any = None) -> list[str]:
     if tokenizer is None:
         raise AlignkitError(f"option `segments`: {spec!r} needs a tokenizer (the policy's)")
     ids = encode_text(tokenizer, text)
-    return [tokenizer.decode(ids[i : i + size]) for i in range(0, len(ids), size)] or [text]
+    # Cut the decoded text at chunk ends rather than decoding chunks alone: tokenizers that strip a
+    # leading space or split a character across tokens would not give back the text when joined.
+    cuts = [len(tokenizer.decode(ids[:end])) for end in range(size, len(ids), size)]
+    whole = tokenizer.decode(ids)
+    bounds = [0, *cuts, len(whole)]
+    pieces = [whole[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    return pieces or [text]
 
 
 def segment_ids(tokenizer: Any, response: str, spec: str) -> list[list[int]]:

@@ -30,12 +30,18 @@ def labelled_columns(labels: torch.Tensor) -> torch.Tensor:
 def labelled_logits(model: Any, labels: torch.Tensor, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits B×C×V of the labelled columns, targets B×C: the next token, IGNORE_INDEX where not trained).
 
-    `inputs` go to `model(...)` (input_ids, attention_mask, position_ids). A model that ignores
-    `logits_to_keep` returns every column; they are then selected here, so the result is the same.
+    `inputs` go to `model(...)` (input_ids, attention_mask, position_ids). A model that ignores or
+    does not take `logits_to_keep` returns every column; they are then selected here, so the result
+    is the same.
     Column t of the result predicts token t + 1 for t in `labelled_columns(labels)`.
     """
     columns = labelled_columns(labels)
-    logits = model(**inputs, logits_to_keep=columns).logits
+    try:
+        logits = model(**inputs, logits_to_keep=columns).logits
+    except TypeError as err:  # a forward without `logits_to_keep` (some remote-code models)
+        if "logits_to_keep" not in str(err):
+            raise
+        logits = model(**inputs).logits
     if logits.shape[1] != columns.numel():  # the model computed every column
         logits = logits[:, columns]
     return logits, labels[:, columns + 1]

@@ -28,6 +28,20 @@ IGNORE_INDEX = -100
 MIN_SAVING = 0.4
 
 
+def model_allows_sharing(model: Any) -> bool:
+    """False for models whose attention uses a sliding window: its mask is laid out by column, and the
+    left-padded prefixes of a shared layout move the columns."""
+    inner = model
+    for _ in range(4):  # unwrap DDP (`module`), peft (`base_model.model`) wrappers to the config holder
+        if hasattr(inner, "config"):
+            break
+        inner = getattr(inner, "module", None) or getattr(inner, "base_model", None) or inner
+    config = getattr(inner, "config", None)
+    window = getattr(config, "sliding_window", None)
+    uses_window = getattr(config, "use_sliding_window", window is not None)
+    return not (uses_window and window is not None)
+
+
 def worth_sharing(saved_tokens: int, total_tokens: int) -> bool:
     """Whether running shared prefixes once (saving `saved_tokens` of `total_tokens`) is faster than one pass."""
     return total_tokens > 0 and saved_tokens >= MIN_SAVING * total_tokens
@@ -92,6 +106,8 @@ def shared_prefix_layout(rows: list[list[int]], groups: list[list[int]], pad_id:
         out["suffix_mask"][i, : len(row) - c] = 1
         if labels is not None:
             out["suffix_labels"][i, : len(row) - c] = torch.tensor(labels[i][c:])
+            if c == 0:  # token 0 has nothing before it to be predicted from (one pass never trains it)
+                out["suffix_labels"][i, 0] = IGNORE_INDEX
     return out
 
 

@@ -12,8 +12,9 @@ weights stored transposed (in×out) at build time, because `x @ W_t` ran ~25% fa
 `F.linear(x, W)` for these few-row products (0.12 s). It is exact up to float rounding: the
 sampler's recorded log-probs still match a trainer's forward (tests/unit/rollout).
 
-Anything else (other architectures, peft wrappers, sliding-window attention, non-SiLU MLPs, Gemma
-style norms) makes `FastDecoder.build` return None and `sample` uses the Hugging Face forward.
+Anything else (other architectures, peft wrappers or other non-Linear projections, sliding-window
+attention, non-SiLU MLPs, Gemma style norms, models on an accelerator) makes `FastDecoder.build`
+return None and `sample` uses the Hugging Face forward.
 """
 
 from __future__ import annotations
@@ -68,6 +69,17 @@ def _unsupported_reason(model: torch.nn.Module, width: int) -> str | None:
         return f"sliding window {window} < {width}"
     if getattr(config, "pretraining_tp", 1) != 1:
         return "pretraining_tp > 1"
+    if model.lm_head.weight.device.type != "cpu":
+        # Built for CPU decoding (transposed weight copies, measured there); on accelerators the
+        # copies would double weight memory for a gain we have not measured.
+        return f"device {model.lm_head.weight.device.type}"
+    for layer in inner.layers:
+        linears = [getattr(layer.self_attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        linears += [getattr(layer.mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        # Swapped-in modules (LoRA injected in place, quantised or offloaded layers) compute something
+        # else than their `.weight`: only plain Linear layers without hooks are read directly.
+        if any(type(m) is not torch.nn.Linear or hasattr(m, "_hf_hook") for m in linears):
+            return "non-Linear (adapter, quantised or offloaded) projection"
     return None
 
 

@@ -171,7 +171,8 @@ def _draw(logits, block_eos, *, temperature, top_k, top_p, generator) -> tuple[t
         logits = logits / temperature
     logp = logits.log_softmax(dim=-1)  # B×V: the policy's distribution, whose log-probs are recorded
     policy_probs = logp.exp()
-    entropy = -(policy_probs * logp).sum(dim=-1)  # B, of the unfiltered distribution (as a trainer computes)
+    # B, of the unfiltered distribution (as a trainer computes); xlogy: tokens at -inf add 0, not NaN
+    entropy = -torch.special.xlogy(policy_probs, policy_probs).sum(dim=-1)
     if block_eos is None and top_k <= 0 and top_p >= 1.0:
         probs = policy_probs  # no filter: sample the policy's distribution itself
     else:

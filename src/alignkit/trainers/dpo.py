@@ -36,7 +36,7 @@ from alignkit.errors import AlignkitError
 from alignkit.losses.preference import PREFERENCE_LOSSES
 from alignkit.losses.sft import IGNORE_INDEX
 from alignkit.ops.logits import labelled_logits
-from alignkit.ops.prefix import prefix_cache_forward
+from alignkit.ops.prefix import model_allows_sharing, prefix_cache_forward
 from alignkit.trainers.dpo_data import collate_groups, online_inputs, sample_round, tokenize_groups
 from alignkit.trainers.loop import TrainLoop
 
@@ -432,7 +432,8 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
         loop.log(loop.stage_state["first_eval"])
     labeler, prompts = online_inputs(cfg) if cfg.rounds else (None, [])
     per_round = _steps_per_round(cfg, loop.global_batch) if cfg.rounds else loop.total_steps
-    share = cfg.share_prefixes and loop.world == 1  # two forward calls per step: see alignkit.ops.prefix
+    # two forward calls per step, column-laid-out prefixes: see alignkit.ops.prefix
+    share = cfg.share_prefixes and loop.world == 1 and model_allows_sharing(loop.model)
     for _ in range(start, loop.total_steps):
         if cfg.rounds and (not train or loop.step % per_round == 0):
             train = _round_groups(loop, cfg, tokenizer, labeler, prompts, loop.step // per_round)

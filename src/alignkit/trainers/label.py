@@ -267,6 +267,9 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
     if cfg.k < 2 and cfg.format not in ("rating", "steps") or cfg.format == "pairs" and cfg.k != 2:
         raise AlignkitError(f"option `k`: format {cfg.format!r} needs {'k=2' if cfg.format == 'pairs' else 'k>=2'}, "
                             f"got k={cfg.k}")
+    if cfg.format == "steps" and cfg.labeler == "file":
+        raise AlignkitError("option `format`: the `file` labeler answers pairs, choices, rankings and ratings, not "
+                            "`steps`; give step labels directly as `{prompt, steps, labels}` records to `alignkit reward`")
     t0 = time.perf_counter()
     splits, world = resolve_inputs(cfg)
     out_dir = resolve_output_dir("label", cfg.run.output_dir)

@@ -444,6 +444,10 @@ def run(cfg: RewardConfig) -> dict[str, Any]:
     from alignkit.trainers.rundir import resolve_output_dir, write_json_atomic
 
     parse_segmentation(cfg.segments)  # a bad `segments` fails before training
+    if cfg.segments != "none" and cfg.normalize:
+        raise AlignkitError("options `segments` and `normalize`: a segment reward model's reward is a sum over a "
+                            "varying number of segments, which one gain and bias cannot normalise; "
+                            "pass --normalize false")
     if cfg.members < 1:
         raise AlignkitError(f"option `members`: expected >= 1, got {cfg.members}")
     t0 = time.perf_counter()

@@ -126,7 +126,8 @@ class RLConfig:
     recompute_logprobs: bool = False
     """Recompute log pi_old (and the entropy) with a policy forward pass after sampling, instead of
     using the sampler's own: they are the same distribution and agree to float rounding (the largest
-    difference is logged every step as `rollout/logprob_parity_max_abs`), so this only costs time."""
+    difference is logged every step as `rollout/logprob_parity_max_abs`), so this only costs time. Policies
+    in bf16/fp16 always recompute: there the cached decode and the full forward round differently."""
     epochs: int = 4
     """Passes over each rollout batch (K of PPO)."""
     minibatches: int = 4
@@ -443,8 +444,9 @@ def forward_passes(ctx: RLContext, rollout: Rollout) -> dict[str, torch.Tensor]:
     unless `recompute_logprobs` is set; then a policy forward pass recomputes them here.
     """
     model, size = ctx.loop.model, ctx.cfg.optim.per_device_batch_size
-    reuse = not ctx.cfg.recompute_logprobs and rollout.entropy is not None
     actor_critic = ctx.loop.accelerator.unwrap_model(model)
+    fp32 = next(actor_critic.policy.parameters()).dtype == torch.float32  # half precision: decode != forward
+    reuse = not ctx.cfg.recompute_logprobs and rollout.entropy is not None and fp32
     names = ("old_logprobs", "entropy", "old_values", "ref_logprobs")
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for start in range(0, rollout.batch_size, size):

@@ -193,3 +193,22 @@ def test_gold_scorer_wrapper_and_bad_specs(tmp_path):
     memo = GoldScorer(lambda texts: calls.append(list(texts)) or torch.ones(len(texts)), memo=True)
     memo(["a", "a"], ["b", "b"])
     assert memo(["a", "c"], ["b", "d"]).tolist() == [1.0, 1.0] and calls == [["ab"], ["cd"]]
+
+
+def test_token_chunks_join_back_to_the_text_with_a_metaspace_tokenizer():
+    """SentencePiece-style tokenizers drop a chunk's leading space when it is decoded alone."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from alignkit.models.segments import split_text
+
+    words = ["▁I", "▁loved", "▁this", "▁movie", "!", "▁It", "▁was", "▁great", "."]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", *words])}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    text = "I loved this movie ! It was great ."
+    naive = [tokenizer.decode(ids) for ids in ([1, 2, 3], [4, 5, 6], [7, 8, 9])]
+    assert "".join(naive) != tokenizer.decode(tokenizer(text)["input_ids"])  # the bug this guards against
+    pieces = split_text(text, "chunks:3", tokenizer)
+    assert len(pieces) == 3 and "".join(pieces) == tokenizer.decode(tokenizer(text)["input_ids"])

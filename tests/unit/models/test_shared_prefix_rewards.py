@@ -65,3 +65,15 @@ def test_sharing_only_when_it_removes_enough_tokens():
     assert layout_saving(layout) == (3 * 1 + 4 * 2 + 2 * 0 + 2 * 1, 38)
     assert MIN_SAVING == 0.4 and worth_sharing(4, 10) and not worth_sharing(3, 10) and not worth_sharing(0, 0)
 
+
+def test_labelled_layout_stops_before_the_first_label_and_never_trains_token_0():
+    from alignkit.ops.prefix import IGNORE_INDEX as X
+
+    rows = [[1, 5, 6, 7, 8], [1, 5, 6, 9]]
+    labels = [[X, X, 6, 7, 8], [X, X, 6, 9]]  # responses start at column 2 and share their first token
+    layout = shared_prefix_layout(rows, [[0, 1]], PAD, labels=labels)
+    assert layout["prefix_ids"].tolist() == [[1, 5]]  # the common [1, 5, 6] is cut before the labels
+    assert layout["suffix_labels"].tolist() == [[6, 7, 8], [6, 9, X]]
+    unlabelled_start = shared_prefix_layout([[7, 8], [7, 9]], [[0, 1]], PAD, labels=[[7, 8], [7, 9]])
+    assert unlabelled_start["suffix_labels"][:, 0].tolist() == [X, X]  # empty prefix: token 0 not trained
+

@@ -80,6 +80,24 @@ def test_fast_decoder_refuses_what_it_does_not_implement(tokenizer):
     gelu = build_tiny_llama(len(tokenizer), hidden_act="gelu")
     assert FastDecoder.build(gelu, 2, 16) is None
 
+    class Adapted(torch.nn.Linear):  # e.g. an adapter or quantised layer swapped in place
+        pass
+
+    swapped = build_tiny_llama(len(tokenizer))
+    old = swapped.model.layers[1].mlp.down_proj
+    swapped.model.layers[1].mlp.down_proj = Adapted(old.in_features, old.out_features, bias=False)
+    assert FastDecoder.build(swapped, 2, 16) is None
+
+
+def test_entropy_is_finite_when_some_logits_are_minus_infinity(tokenizer, prompts, monkeypatch):
+    model = _tiny("llama", len(tokenizer))
+    with torch.no_grad():
+        model.lm_head.bias = torch.nn.Parameter(torch.zeros(len(tokenizer)))
+        model.lm_head.bias[5:9] = float("-inf")  # tokens the model can never produce
+    for fast in (True, False):
+        rollout = _sample(model, tokenizer, prompts, fast=fast, monkeypatch=monkeypatch)
+        assert torch.isfinite(rollout.entropy).all() and (rollout.entropy[rollout.response_mask] > 0).all()
+
 
 def test_unsupported_model_still_samples_through_hugging_face(tokenizer, prompts):
     from transformers import GPT2Config, GPT2LMHeadModel
