@@ -68,7 +68,23 @@ def test_reward_learns_preferences_and_saves_a_normalised_model(tmp_path, tiny_l
     assert abs(scores.mean().item()) < 0.5 and 0.5 < scores.std(unbiased=False).item() < 1.5
     from transformers import AutoModelForSequenceClassification
 
-    assert AutoModelForSequenceClassification.from_pretrained(out / "final").config.num_labels == 1
+    from alignkit.models.reward_model import reward_scores
+    from alignkit.rollout.score import encode_scored, right_pad
+
+    texts = list(pairs)[:4]
+    ids, mask = right_pad([encode_scored(scorer.tokenizer, p, r, 0) for p, r in texts], scorer.tokenizer.pad_token_id)
+    with torch.no_grad():
+        ours = reward_scores(scorer.model, ids, mask, apply_bias=True)
+        exact = AutoModelForSequenceClassification.from_pretrained(out / "final", trust_remote_code=True).eval()
+        assert type(exact).__name__ == "NormalizedRewardModel"
+        torch.testing.assert_close(exact(input_ids=ids, attention_mask=mask).logits[:, 0], ours, atol=1e-5, rtol=0)
+        assert reward_scores(exact, ids, mask, apply_bias=True).allclose(ours, atol=1e-5)  # the bias is not added twice
+        # the default (no remote code) is the plain Llama classifier: the normalised score minus reward_bias
+        plain = AutoModelForSequenceClassification.from_pretrained(out / "final").eval()
+        assert type(plain).__name__ == "LlamaForSequenceClassification" and plain.config.num_labels == 1
+        bias = json.loads((out / "final/config.json").read_text())["reward_bias"]
+        torch.testing.assert_close(plain(input_ids=ids, attention_mask=mask).logits[:, 0] + bias, ours,
+                                   atol=1e-5, rtol=0)
 
 
 def test_ensemble_choice_data_best_of_k(tmp_path, tiny_llama_dir, data):

@@ -34,6 +34,8 @@ from alignkit.ops.prefix import prefix_cache_forward
 CONFIG_GAIN = "reward_gain"
 CONFIG_BIAS = "reward_bias"
 CONFIG_BIAS_FOLDED = "reward_bias_folded"
+REMOTE_MODULE = "alignkit_reward"  # written next to a model whose bias is not folded (`remote_code_source`)
+REMOTE_CLASS = "NormalizedRewardModel"
 CONFIG_SEGMENTS = "reward_segments"  # segmentation of a model trained on segment scores (scorers sum them)
 
 
@@ -107,7 +109,7 @@ def reward_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # B×T
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions)
     scores = out.logits[:, 0].float()  # B
-    if apply_bias and not getattr(config, CONFIG_BIAS_FOLDED, True):
+    if apply_bias and not getattr(config, CONFIG_BIAS_FOLDED, True) and type(hf_model(model)).__name__ != REMOTE_CLASS:
         scores = scores + float(getattr(config, CONFIG_BIAS, 0.0))
     return scores
 
@@ -171,7 +173,47 @@ def apply_normalization(model: torch.nn.Module, gain: float, bias: float) -> boo
     setattr(config, CONFIG_GAIN, old_gain * gain)
     setattr(config, CONFIG_BIAS, 0.0 if folded else gain * old_bias + bias)
     setattr(config, CONFIG_BIAS_FOLDED, folded)
+    if not folded:  # opt-in exact loading: AutoModelForSequenceClassification(..., trust_remote_code=True)
+        config.auto_map = {**(getattr(config, "auto_map", None) or {}),
+                           "AutoModelForSequenceClassification": f"{REMOTE_MODULE}.{REMOTE_CLASS}"}
     return folded
+
+
+def remote_code_source(model: torch.nn.Module) -> str | None:
+    """Source of `alignkit_reward.py`, saved beside a reward model whose bias is not in its head.
+
+    With it, `AutoModelForSequenceClassification.from_pretrained(dir, trust_remote_code=True)` returns
+    the model's own Hugging Face class with `reward_bias` added to its output: the normalised score
+    exactly. Without `trust_remote_code` (the default) Hugging Face loads the plain class, whose score
+    is the normalised one minus that constant. None when there is nothing to add.
+    """
+    hf = hf_model(model)
+    if getattr(hf.config, CONFIG_BIAS_FOLDED, True):
+        return None
+    base = type(hf).__name__
+    if base == REMOTE_CLASS:
+        base = type(hf).__mro__[1].__name__
+    return f'''"""Written by alignkit: this reward model with its normalisation bias added to the score.
+
+Loaded by `AutoModelForSequenceClassification.from_pretrained(dir, trust_remote_code=True)`. Without
+`trust_remote_code`, Hugging Face loads the plain {base}, whose score is this one minus
+the constant `reward_bias` of config.json (same ranking, same differences).
+"""
+
+from transformers import {base} as _Base
+
+
+class {REMOTE_CLASS}(_Base):
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        if getattr(self.config, "reward_bias_folded", True):
+            return out
+        bias = float(getattr(self.config, "reward_bias", 0.0))
+        if isinstance(out, tuple):
+            return (out[0] + bias, *out[1:])
+        out.logits = out.logits + bias
+        return out
+'''
 
 
 def load_reward_model(path: str, *, dtype: str = "float32", allow_unsafe_pickle: bool = False) -> tuple[Any, Any]:

@@ -77,6 +77,11 @@ def _write(
     to_save.save_pretrained(directory, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+    from alignkit.models.reward_model import REMOTE_MODULE, remote_code_source
+
+    source = remote_code_source(to_save) if hasattr(to_save, "config") else None
+    if source is not None:  # a normalised reward model: opt-in exact loading (see remote_code_source)
+        (directory / f"{REMOTE_MODULE}.py").write_text(source)
 
 
 def _is_peft(model: torch.nn.Module) -> bool:
