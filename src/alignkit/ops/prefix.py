@@ -42,6 +42,13 @@ def model_allows_sharing(model: Any) -> bool:
     return not (uses_window and window is not None)
 
 
+def distinct_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(distinct ids U×P, their bool masks U×P, inverse B) of left-padded rows: row b is distinct row inverse[b]."""
+    width = ids.shape[1]
+    unique, inverse = torch.unique(torch.cat([ids, mask.long()], dim=1), dim=0, return_inverse=True)
+    return unique[:, :width], unique[:, width:].bool(), inverse
+
+
 def worth_sharing(saved_tokens: int, total_tokens: int) -> bool:
     """Whether running shared prefixes once (saving `saved_tokens` of `total_tokens`) is faster than one pass."""
     return total_tokens > 0 and saved_tokens >= MIN_SAVING * total_tokens

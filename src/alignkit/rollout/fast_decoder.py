@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from alignkit.ops.prefix import distinct_rows
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -185,12 +187,10 @@ class FastDecoder:
         their keys and values copied to every row that repeats them.
         """
         width_p = prompt_ids.shape[1]
-        unique, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask.long()], dim=1), dim=0,
-                                       return_inverse=True)
-        if unique.shape[0] == prompt_ids.shape[0]:  # no repeated prompt: write the cache directly
+        ids, mask_rows, inverse = distinct_rows(prompt_ids, prompt_mask)
+        if ids.shape[0] == prompt_ids.shape[0]:  # no repeated prompt: write the cache directly
             ids, mask_rows, row_positions = prompt_ids, prompt_mask, positions
         else:
-            ids, mask_rows = unique[:, :width_p], unique[:, width_p:].bool()
             row_positions = (mask_rows.long().cumsum(dim=1) - 1).clamp(min=0)
         causal = torch.ones(width_p, width_p, dtype=torch.bool, device=prompt_ids.device).tril()
         # Real queries see real keys at or before them; a pad query sees only itself, which keeps its
@@ -198,7 +198,7 @@ class FastDecoder:
         mask = (causal & mask_rows[:, None, None, :]) | torch.eye(width_p, dtype=torch.bool, device=ids.device)
         if ids is prompt_ids:
             return self._logits(self._forward(ids, row_positions, 0, mask)[:, -1])
-        shape = (unique.shape[0], self.n_kv, width_p, self.head_dim)
+        shape = (ids.shape[0], self.n_kv, width_p, self.head_dim)
         keys = [torch.empty(shape, dtype=c.dtype, device=c.device) for c in self.k_cache]
         values = [torch.empty(shape, dtype=c.dtype, device=c.device) for c in self.v_cache]
         hidden = self._forward(ids, row_positions, 0, mask, caches=(keys, values))

@@ -20,7 +20,7 @@ from itertools import dropwhile
 import torch
 from transformers import StaticCache
 
-from alignkit.ops.prefix import worth_sharing
+from alignkit.ops.prefix import distinct_rows, prefix_cache_forward, worth_sharing
 from alignkit.rollout.fast_decoder import FastDecoder
 from alignkit.rollout.types import Rollout
 
@@ -298,28 +298,18 @@ def _shared_prompt_logits(model, rollout: Rollout) -> torch.Tensor | None:
     """Logits B×R×V predicting each response token, running each distinct prompt once.
 
     None when that would not be faster (`alignkit.ops.prefix.worth_sharing`: too few repeated tokens).
-
-    Pass 1 runs the U distinct (prompt ids, mask) rows with a KV cache and keeps the logits of their
-    last column (which predict response token 0); the cache is then indexed to the B rows
-    (`Cache.batch_select_indices`, differentiable) and pass 2 runs the responses against it, giving
-    the logits that predict response tokens 1..R-1. Positions and masks are those of the one-pass
-    forward, so the attention is the same computation over fewer prompt tokens.
+    The distinct prompts are the prefixes and the responses the suffixes of a shared-prefix layout
+    (`alignkit.ops.prefix.prefix_cache_forward`): the last prompt column predicts response token 0,
+    the response columns predict tokens 1..R-1. Prompts are left-padded and responses follow them, so
+    masks and positions are those of the one-pass forward.
     """
     width_p, width_r = rollout.prompt_length, rollout.response_ids.shape[1]
-    rows = torch.cat([rollout.prompt_ids, rollout.prompt_mask.long()], dim=1)
-    unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
-    batch = rows.shape[0]
-    if not worth_sharing((batch - unique.shape[0]) * width_p, batch * (width_p + width_r)):
+    ids, mask, inverse = distinct_rows(rollout.prompt_ids, rollout.prompt_mask)
+    batch = rollout.batch_size
+    if not worth_sharing((batch - ids.shape[0]) * width_p, batch * (width_p + width_r)):
         return None
-    ids, mask = unique[:, :width_p], unique[:, width_p:]
-    first = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
-                  use_cache=True, logits_to_keep=1)
-    cache = first.past_key_values
-    cache.batch_select_indices(inverse)
+    layout = {"prefix_ids": ids, "prefix_mask": mask.long(), "prefix_index": inverse,
+              "suffix_ids": rollout.response_ids, "suffix_mask": rollout.response_mask.long()}
+    first, second = prefix_cache_forward(model, layout, logits_to_keep=1)
     head = first.logits[:, -1:, :][inverse]  # B×1×V
-    if width_r == 1:
-        return head
-    rest = model(input_ids=rollout.response_ids, attention_mask=rollout.full_mask().long(),
-                 position_ids=rollout.position_ids()[:, width_p:], past_key_values=cache, use_cache=True,
-                 logits_to_keep=width_r).logits[:, -width_r:-1, :]  # B×(R-1)×V
-    return torch.cat([head, rest], dim=1)
+    return torch.cat([head, second.logits[:, -width_r:-1, :]], dim=1)

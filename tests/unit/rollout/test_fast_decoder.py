@@ -4,25 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import build_tiny_llama, build_tiny_tokenizer
+from tests.conftest import build_tiny_llama
 
 import alignkit.rollout.generate as generate
 from alignkit.rollout.fast_decoder import FastDecoder
-from alignkit.rollout.generate import sample, sequence_logprobs, tokenize_prompts
-
-PROMPTS = ["The quick brown fox", "I loved", "Terrible film. I hated every minute", "What"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def prompts(tokenizer):
-    ids, mask = tokenize_prompts(tokenizer, PROMPTS)
-    assert not mask.all()  # left padding is exercised
-    return ids, mask
+from alignkit.rollout.generate import sample, sequence_logprobs
 
 
 def _tiny(kind: str, vocab: int) -> torch.nn.Module:

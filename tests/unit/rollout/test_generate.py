@@ -7,26 +7,15 @@ from functools import partial
 import pytest
 import torch
 from tests.conftest import build_tiny_llama, build_tiny_tokenizer
+from tests.unit.rollout.conftest import PROMPTS
 
 from alignkit.rollout.generate import filter_logits, sample, sequence_logprobs, tokenize_prompts
 from alignkit.rollout.types import Rollout
-
-PROMPTS = ["The quick brown fox", "I loved", "Terrible film. I hated every minute", "What"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
     return build_tiny_llama(len(tokenizer)).eval()
-
-
-@pytest.fixture(scope="module")
-def prompts(tokenizer):
-    return tokenize_prompts(tokenizer, PROMPTS)
 
 
 def _sample(model, tokenizer, ids, mask, seed=0, **kwargs) -> Rollout:

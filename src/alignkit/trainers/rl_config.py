@@ -1,0 +1,154 @@
+"""Configs of the RL stages (`alignkit ppo | a2c | reinforce | rloo | grpo`, see `alignkit.trainers.rl`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
+
+Algo = Literal["ppo", "a2c", "reinforce", "rloo", "grpo"]
+
+
+
+@dataclass
+class RewardConfig:
+    """Where the reward comes from and how its raw scores are shaped."""
+
+    model: str | None = None
+    """Reward model directory (or ensemble directory), scored by `alignkit.rollout.score.load_scorer`."""
+    gold_world: str | None = None
+    """Use this built world's gold scorer as the reward (e.g. `sentiment`), when there is no reward model."""
+    normalize: Literal["initial", "running", "none"] = "initial"
+    """Score normalisation: mean/std of the first batch (the initial policy), running mean/std, or none."""
+    missing_eos_penalty: float | None = None
+    """EOS trick: the (normalised) score of a response that does not end with EOS becomes this value."""
+    clip: float | None = None
+    """Clip normalised scores to [-clip, clip]."""
+    batch_size: int = 64
+    """Texts per reward-model forward pass."""
+
+
+@dataclass
+class KLConfig:
+    """The KL penalty beta * (log pi - log pi_ref) and its coefficient beta."""
+
+    coef: float = 0.05
+    """Initial beta."""
+    adaptive: bool = True
+    """Adapt beta towards `target` (Ziegler et al. 2019, Sec. 2.2); else beta stays fixed."""
+    target: float = 6.0
+    """Target KL(pi || pi_ref) per response, in nats, of the adaptive controller."""
+    horizon: float = 10000.0
+    """Controller horizon in samples: beta <- beta (1 + clip((KL - target) / target, +-0.2) * B / horizon)."""
+
+
+@dataclass
+class RLConfig:
+    """RL from a reward with a KL penalty: PPO, A2C, REINFORCE, RLOO or GRPO in one loop."""
+
+    run: RunConfig = field(default_factory=lambda: RunConfig(log_every=1))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        lr=3e-5, scheduler="constant", max_steps=100, per_device_batch_size=64, max_grad_norm=1.0))
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    algorithm: Algo = "ppo"
+    """Policy-gradient algorithm (see `alignkit.losses.rl_algorithms`)."""
+    world: str | None = None
+    """Take train/held-out prompts from this built world (e.g. `sentiment`) instead of `data.path`; its
+    gold scorer is logged as `reward/gold`."""
+    chat: bool = False
+    """Wrap each prompt as a user message in the tokenizer's chat template."""
+    prompts_per_step: int = 16
+    """Prompts sampled per step (per device)."""
+    samples_per_prompt: int = 4
+    """Responses per prompt (k; >= 2 for rloo and grpo). Rollout batch = prompts_per_step x k."""
+    max_new_tokens: int = 24
+    """Maximum response length."""
+    min_new_tokens: int = 0
+    """EOS is masked before this many tokens."""
+    temperature: float = 1.0
+    """Sampling temperature (log-probs are computed from logits / temperature)."""
+    top_k: int = 0
+    """Top-k sampling (0: off)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1: off)."""
+    recompute_logprobs: bool = False
+    """Recompute log pi_old (and the entropy) with a policy forward pass after sampling, instead of
+    using the sampler's own: they are the same distribution and agree to float rounding (the largest
+    difference is logged every step as `rollout/logprob_parity_max_abs`), so this only costs time. Policies
+    in bf16/fp16 always recompute: there the cached decode and the full forward round differently."""
+    epochs: int = 4
+    """Passes over each rollout batch (K of PPO)."""
+    minibatches: int = 4
+    """Minibatches (optimizer steps) per pass; micro-batches of `optim.per_device_batch_size` within."""
+    cliprange: float = 0.2
+    """PPO/GRPO/RLOO ratio clip epsilon."""
+    cliprange_value: float | None = 0.2
+    """Value clip around the old values (None: unclipped MSE)."""
+    value_coef: float = 0.5
+    """Weight of the value loss."""
+    value_lr: float | None = None
+    """Learning rate of the value model (default: `optim.lr`); a value head that starts at 0 needs more."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE lambda (PPO)."""
+    whiten_advantages: bool = True
+    """Normalise advantages to mean 0, variance 1 over each rollout batch (not GRPO's: already normalised)."""
+    target_approx_kl: float | None = None
+    """Stop the epochs of a step early when an epoch's mean approx KL(pi_old || pi) exceeds this."""
+    value_model: Literal["auto", "reward", "policy"] = "auto"
+    """Initialise the value model from the reward model or the policy (auto: the reward model if any)."""
+    eval_prompts: int = 256
+    """Held-out prompts per evaluation (0: no evaluation)."""
+    eval_batch_size: int = 64
+    """Prompts per evaluation generation batch."""
+    n_samples: int = 16
+    """Evaluation samples written to `samples/step-N.jsonl`."""
+
+
+@dataclass
+class PPOConfig(RLConfig):
+    """PPO (clipped surrogate, GAE, value model, K epochs of minibatch updates)."""
+
+    algorithm: Algo = "ppo"
+    """Policy-gradient algorithm (see `alignkit.losses.rl_algorithms`)."""
+
+
+@dataclass
+class A2CConfig(RLConfig):
+    """Advantage actor-critic (TD advantages), one update per rollout batch."""
+
+    algorithm: Algo = "a2c"
+    """Policy-gradient algorithm (see `alignkit.losses.rl_algorithms`)."""
+    epochs: int = 1
+    """Passes over each rollout batch."""
+    minibatches: int = 1
+    """Minibatches (optimizer steps) per pass."""
+
+
+@dataclass
+class ReinforceConfig(A2CConfig):
+    """REINFORCE with a learned baseline, one update per rollout batch."""
+
+    algorithm: Algo = "reinforce"
+    """Policy-gradient algorithm (see `alignkit.losses.rl_algorithms`)."""
+
+
+@dataclass
+class RLOOConfig(A2CConfig):
+    """REINFORCE leave-one-out (k samples per prompt, no critic), one update per rollout batch."""
+
+    algorithm: Algo = "rloo"
+    """Policy-gradient algorithm (see `alignkit.losses.rl_algorithms`)."""
+
+
+@dataclass
+class GRPOConfig(A2CConfig):
+    """GRPO (group-normalised advantages, clip, k3 KL in the loss, no critic)."""
+
+    algorithm: Algo = "grpo"
+    """Policy-gradient algorithm (see `alignkit.losses.rl_algorithms`)."""
