@@ -118,7 +118,7 @@ def shares_prefixes(model: torch.nn.Module) -> bool:
     """Whether `model` can score with `shared_prefix_scores`: a causal (decoder) classifier, read at its last token."""
     from alignkit.ops.prefix import model_allows_sharing
 
-    return getattr(hf_model(model), "score", None) is not None and model_allows_sharing(hf_model(model))
+    return getattr(hf_model(model), "score", None) is not None and model_allows_sharing(hf_model(model).config)
 
 
 def shared_prefix_scores(model: torch.nn.Module, layout: dict[str, torch.Tensor], *,

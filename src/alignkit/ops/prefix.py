@@ -28,18 +28,17 @@ IGNORE_INDEX = -100
 MIN_SAVING = 0.4
 
 
-def model_allows_sharing(model: Any) -> bool:
+def attention_window(config: Any) -> int | None:
+    """The sliding attention window a model config uses (Mistral's `sliding_window`; Qwen2's only with
+    `use_sliding_window`), or None for full attention."""
+    window = getattr(config, "sliding_window", None)
+    return window if getattr(config, "use_sliding_window", window is not None) else None
+
+
+def model_allows_sharing(config: Any) -> bool:
     """False for models whose attention uses a sliding window: its mask is laid out by column, and the
     left-padded prefixes of a shared layout move the columns."""
-    inner = model
-    for _ in range(4):  # unwrap DDP (`module`), peft (`base_model.model`) wrappers to the config holder
-        if hasattr(inner, "config"):
-            break
-        inner = getattr(inner, "module", None) or getattr(inner, "base_model", None) or inner
-    config = getattr(inner, "config", None)
-    window = getattr(config, "sliding_window", None)
-    uses_window = getattr(config, "use_sliding_window", window is not None)
-    return not (uses_window and window is not None)
+    return attention_window(config) is None
 
 
 def distinct_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

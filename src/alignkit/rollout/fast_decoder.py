@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from alignkit.ops.prefix import distinct_rows
+from alignkit.ops.prefix import attention_window, distinct_rows
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -65,9 +65,8 @@ def _unsupported_reason(model: torch.nn.Module, width: int) -> str | None:
         return "unexpected module layout"
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"activation {config.hidden_act}"
-    window = getattr(config, "sliding_window", None)
-    uses_window = getattr(config, "use_sliding_window", config.model_type == "mistral")
-    if uses_window and window is not None and window < width:
+    window = attention_window(config)
+    if window is not None and window < width:
         return f"sliding window {window} < {width}"
     if getattr(config, "pretraining_tp", 1) != 1:
         return "pretraining_tp > 1"

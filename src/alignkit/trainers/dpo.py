@@ -433,7 +433,7 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
     labeler, prompts = online_inputs(cfg) if cfg.rounds else (None, [])
     per_round = _steps_per_round(cfg, loop.global_batch) if cfg.rounds else loop.total_steps
     # two forward calls per step, column-laid-out prefixes: see alignkit.ops.prefix
-    share = cfg.share_prefixes and loop.world == 1 and model_allows_sharing(loop.model)
+    share = cfg.share_prefixes and loop.world == 1 and model_allows_sharing(loop.accelerator.unwrap_model(loop.model).config)
     for _ in range(start, loop.total_steps):
         if cfg.rounds and (not train or loop.step % per_round == 0):
             train = _round_groups(loop, cfg, tokenizer, labeler, prompts, loop.step // per_round)

@@ -77,3 +77,14 @@ def test_labelled_layout_stops_before_the_first_label_and_never_trains_token_0()
     unlabelled_start = shared_prefix_layout([[7, 8], [7, 9]], [[0, 1]], PAD, labels=[[7, 8], [7, 9]])
     assert unlabelled_start["suffix_labels"][:, 0].tolist() == [X, X]  # empty prefix: token 0 not trained
 
+
+
+def test_no_sharing_under_a_sliding_window():
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    from alignkit.ops.prefix import attention_window, model_allows_sharing
+
+    assert attention_window(MistralConfig(sliding_window=8)) == 8 and not model_allows_sharing(MistralConfig(sliding_window=8))
+    assert attention_window(MistralConfig(sliding_window=None)) is None
+    assert attention_window(Qwen2Config(sliding_window=8, use_sliding_window=False)) is None
+    assert attention_window(LlamaConfig()) is None and model_allows_sharing(LlamaConfig())
