@@ -53,14 +53,6 @@ def worth_sharing(saved_tokens: int, total_tokens: int) -> bool:
     return total_tokens > 0 and saved_tokens >= MIN_SAVING * total_tokens
 
 
-def layout_saving(layout: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """(tokens saved, tokens of the full rows) of a `shared_prefix_layout`."""
-    prefix_len = layout["prefix_mask"].sum(dim=1)
-    per_item = prefix_len[layout["prefix_index"]]
-    total = int(per_item.sum() + layout["suffix_mask"].sum())
-    return int(per_item.sum() - prefix_len.sum()), total
-
-
 def _common_prefix(rows: list[list[int]]) -> int:
     first, n = rows[0], min(len(r) for r in rows)
     for row in rows[1:]:
@@ -69,7 +61,8 @@ def _common_prefix(rows: list[list[int]]) -> int:
 
 
 def shared_prefix_layout(rows: list[list[int]], groups: list[list[int]], pad_id: int, *,
-                         labels: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+                         labels: list[list[int]] | None = None,
+                         only_if_worth: bool = False) -> dict[str, torch.Tensor] | None:
     """Each group's common prefix (left-padded, once) and every item's suffix (right-padded).
 
     A prefix is the longest common token prefix of the group's items, kept at least one token shorter
@@ -80,10 +73,12 @@ def shared_prefix_layout(rows: list[list[int]], groups: list[list[int]], pad_id:
         rows: Token ids of the N sequences.
         groups: Item indices of each group; every item in exactly one group.
         labels: Per-row labels aligned with `rows` (IGNORE_INDEX where not trained), or None.
+        only_if_worth: Return None, before building any tensor, when sharing would remove too few
+            tokens to be faster (`worth_sharing`).
 
     Returns:
         prefix_ids, prefix_mask: G×L; suffix_ids, suffix_mask: N×S (and suffix_labels N×S with
-        `labels`); prefix_index: N, the prefix row of each item.
+        `labels`); prefix_index: N, the prefix row of each item. None: not worth it (`only_if_worth`).
     """
     prefixes, prefix_index, cut = [], [0] * len(rows), [0] * len(rows)
     for g, items in enumerate(groups):
@@ -94,6 +89,9 @@ def shared_prefix_layout(rows: list[list[int]], groups: list[list[int]], pad_id:
         prefixes.append(rows[items[0]][:n])
         for i in items:
             prefix_index[i], cut[i] = g, n
+    saved = sum(cut) - sum(len(p) for p in prefixes)
+    if only_if_worth and not worth_sharing(saved, sum(len(r) for r in rows)):
+        return None
     width_l = max(1, max(len(p) for p in prefixes))
     width_s = max(len(row) - c for row, c in zip(rows, cut, strict=True))
     out = {"prefix_ids": torch.full((len(prefixes), width_l), pad_id, dtype=torch.long),

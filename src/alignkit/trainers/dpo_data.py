@@ -159,12 +159,11 @@ def collate_groups(groups: list[Group], pad_id: int, *, share_prefixes: bool = F
             for g in groups]
     batch = collate_padded(rows, pad_id)
     if share_prefixes and size > 1:  # a group of one shares nothing
-        from alignkit.ops.prefix import layout_saving, shared_prefix_layout, worth_sharing
+        from alignkit.ops.prefix import shared_prefix_layout
 
         slots = [[k * len(groups) + b for k in range(size)] for b in range(len(groups))]
-        layout = shared_prefix_layout([r["input_ids"] for r in rows], slots, pad_id, labels=[r["labels"] for r in rows])
-        if worth_sharing(*layout_saving(layout)):
-            batch.update(layout)
+        batch.update(shared_prefix_layout([r["input_ids"] for r in rows], slots, pad_id,
+                                          labels=[r["labels"] for r in rows], only_if_worth=True) or {})
     batch["group_mask"] = torch.tensor([[k < len(g["responses"]) for k in range(size)] for g in groups])
     batch["n_terms"] = len(groups)
     if groups[0].get("label") is not None:

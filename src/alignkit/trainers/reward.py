@@ -187,7 +187,7 @@ def collate_groups(groups: list[dict], pad_id: int, *, share_prefixes: bool = Fa
         input_ids, attention_mask: N×T (N items); index: G×K (item of each group slot, -1 = none);
         best: G or None; targets: N or None; margin: G or None; n_terms: G (N for per-item losses).
     """
-    from alignkit.ops.prefix import layout_saving, shared_prefix_layout, worth_sharing
+    from alignkit.ops.prefix import shared_prefix_layout
     from alignkit.rollout.score import right_pad
 
     rows = [ids for g in groups for ids in g["items"]]
@@ -202,9 +202,8 @@ def collate_groups(groups: list[dict], pad_id: int, *, share_prefixes: bool = Fa
     margins = [g.get("margin") for g in groups]
     layout = {}
     if share_prefixes and k > 1:  # groups of one share nothing
-        layout = shared_prefix_layout(rows, [[int(i) for i in row if i >= 0] for row in index], pad_id)
-        if not worth_sharing(*layout_saving(layout)):
-            layout = {}
+        groups_of = [[int(i) for i in row if i >= 0] for row in index]
+        layout = shared_prefix_layout(rows, groups_of, pad_id, only_if_worth=True) or {}
     return {
         **layout,
         "input_ids": ids, "attention_mask": mask, "index": index,

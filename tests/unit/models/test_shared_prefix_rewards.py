@@ -57,12 +57,16 @@ def test_shared_prefix_rewards_and_gradients_equal_full_sequences():
         torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
 
 
-def test_sharing_only_when_it_removes_enough_tokens():
-    from alignkit.ops.prefix import MIN_SAVING, layout_saving, worth_sharing
+def test_sharing_only_when_it_removes_enough_tokens(monkeypatch):
+    from alignkit.ops import prefix
+    from alignkit.ops.prefix import MIN_SAVING, worth_sharing
 
-    layout = shared_prefix_layout(ROWS, GROUPS, PAD)
-    # full rows: 6+5+6+5+5+3+3+5 = 38 tokens; prefixes 3, 4, 2, 2 used by 2, 3, 1, 2 items
-    assert layout_saving(layout) == (3 * 1 + 4 * 2 + 2 * 0 + 2 * 1, 38)
+    # full rows: 6+5+6+5+5+3+3+5 = 38 tokens; prefixes 3, 4, 2, 2 used by 2, 3, 1, 2 items save
+    # 3*1 + 4*2 + 2*0 + 2*1 = 13 tokens: 0.34 of them
+    assert shared_prefix_layout(ROWS, GROUPS, PAD, only_if_worth=True) is None  # below MIN_SAVING
+    monkeypatch.setattr(prefix, "MIN_SAVING", 0.34)
+    assert shared_prefix_layout(ROWS, GROUPS, PAD, only_if_worth=True) is not None  # 0.342 >= 0.34
+    monkeypatch.undo()
     assert MIN_SAVING == 0.4 and worth_sharing(4, 10) and not worth_sharing(3, 10) and not worth_sharing(0, 0)
 
 
