@@ -6,6 +6,7 @@ import pytest
 import torch
 from tests.conftest import build_tiny_llama
 
+import alignkit.rollout.fast_decoder as fast_decoder
 import alignkit.rollout.generate as generate
 from alignkit.rollout.fast_decoder import FastDecoder
 from alignkit.rollout.generate import sample, sequence_logprobs
@@ -38,10 +39,15 @@ def _sample(model, tokenizer, prompts, *, fast: bool, monkeypatch, **kwargs):
                   pad_token_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(7), **kwargs)
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["onednn-packed", "transposed"])
 @pytest.mark.parametrize("kind", ["llama", "llama-rope-scaled", "qwen2", "mistral"])
-def test_fast_decoder_matches_hugging_face_forward(kind, tokenizer, prompts, monkeypatch):
+def test_fast_decoder_matches_hugging_face_forward(kind, packed, tokenizer, prompts, monkeypatch):
+    if packed and not fast_decoder._packing_available(torch.float32):
+        pytest.skip("this torch build has no oneDNN")
+    monkeypatch.setattr(fast_decoder, "_packing_available", lambda dtype: packed)
     model = _tiny(kind, len(tokenizer))
-    assert FastDecoder.build(model, 4, 32) is not None
+    decoder = FastDecoder.build(model, 4, 32)
+    assert decoder is not None and decoder.packed == packed
     fast = _sample(model, tokenizer, prompts, fast=True, monkeypatch=monkeypatch, temperature=0.8)
     slow = _sample(model, tokenizer, prompts, fast=False, monkeypatch=monkeypatch, temperature=0.8)
     assert torch.equal(fast.response_ids, slow.response_ids)
