@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--sort", default="self_cpu_time_total")
+    parser.add_argument("--shapes", action="store_true", help="group the ops by input shape")
     args = parser.parse_args(argv)
     if not common.PATHS.manifest.exists():
         sys.exit("bench/.work/ is not built: run `.venv/bin/python bench/run.py --quick` first")
@@ -45,9 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     module = importlib.import_module(module_name)
     with tempfile.TemporaryDirectory(prefix=f"profile-{args.stage}-") as out:
         cfg = resolve_config(getattr(module, cls_name), None, alignkit_side.stage_argv(args.stage, args.steps, out))
-        with profile(activities=[ProfilerActivity.CPU], with_stack=False) as prof:
+        with profile(activities=[ProfilerActivity.CPU], with_stack=False, record_shapes=args.shapes) as prof:
             module.run(cfg)
-    print(prof.key_averages().table(sort_by=args.sort, row_limit=args.rows))
+    print(prof.key_averages(group_by_input_shape=args.shapes).table(sort_by=args.sort, row_limit=args.rows))
     trace = common.WORK_DIR / f"profile-{args.stage}.json"
     prof.export_chrome_trace(str(trace))
     print(f"trace: {trace} (torch {torch.__version__}, {torch.get_num_threads()} threads)")

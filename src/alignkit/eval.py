@@ -27,6 +27,7 @@ import torch
 
 from alignkit.config import ModelConfig, RunConfig
 from alignkit.errors import AlignkitError
+from alignkit.ops.packed_linear import frozen
 
 
 @dataclass
@@ -107,7 +108,7 @@ class _Evaluator:
         self.cfg = cfg
         ref_dir = cfg.reference or first_policy
         self.tokenizer = load_tokenizer(ModelConfig(name_or_path=ref_dir), padding_side="left")
-        self.ref = load_causal_lm(ModelConfig(name_or_path=ref_dir), self.tokenizer).eval().requires_grad_(False)
+        self.ref = frozen(load_causal_lm(ModelConfig(name_or_path=ref_dir), self.tokenizer))
         self.prompts = get_world(cfg.world).prompts("heldout")[: cfg.n_prompts]
         if len(self.prompts) < cfg.n_prompts:
             print(f"[eval] only {len(self.prompts)} held-out prompts (asked for {cfg.n_prompts})", flush=True)
@@ -133,7 +134,7 @@ class _Evaluator:
         from alignkit.models.load import load_causal_lm
 
         t0 = time.perf_counter()
-        model = load_causal_lm(ModelConfig(name_or_path=path), self.tokenizer).eval().requires_grad_(False)
+        model = frozen(load_causal_lm(ModelConfig(name_or_path=path), self.tokenizer))
         metrics, samples = self._sample(model, self.cfg.run.seed)
         golds = [s["gold"] for s in samples]
         proxies = [s["reward"] for s in samples] if self.proxy else None

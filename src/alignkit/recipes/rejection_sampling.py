@@ -30,6 +30,7 @@ import torch
 
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from alignkit.errors import AlignkitError
+from alignkit.ops.packed_linear import frozen
 
 
 @dataclass
@@ -146,7 +147,7 @@ def run(cfg: RejectionSamplingConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model)
     ref = None
     if cfg.world and cfg.eval_prompts > 0:
-        ref = load_causal_lm(dataclasses.replace(cfg.model, lora_r=0), tokenizer).eval().requires_grad_(False)
+        ref = frozen(load_causal_lm(dataclasses.replace(cfg.model, lora_r=0), tokenizer))
     torch.manual_seed(cfg.run.seed)
     evals = [_evaluate(cfg, cfg.model.name_or_path, ref, tokenizer)]
     policy, rounds = cfg.model.name_or_path, []

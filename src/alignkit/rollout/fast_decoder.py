@@ -11,10 +11,9 @@ cache per layer, `scaled_dot_product_attention` over the columns written so far 
 weights stored transposed (in×out) at build time, because `x @ W_t` ran ~25% faster than
 `F.linear(x, W)` for these few-row products (0.12 s). Where oneDNN is available (x86 CPU builds of
 torch) and the model is float32, the weights are instead reordered once into oneDNN's blocked
-layout for the batch size (`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's CPU
-backend does for linear layers) and multiplied with `torch.ops.mkldnn._linear_pointwise`: on the
-benchmark's 8-row decode step the 17 matrix products took 0.78 ms instead of 2.0 ms (bench/README
-numbers in the module's git history), the whole 8×32 rollout 0.08 s. It is exact up to float
+layout (`alignkit.ops.packed_linear`, what torch.compile's CPU backend does for linear layers):
+on the benchmark's 8-row decode step the 17 matrix products took 0.78 ms instead of 2.0 ms, the
+whole 8×32 rollout 0.099 s instead of 0.136 s. It is exact up to float
 rounding: the sampler's recorded log-probs still match a trainer's forward (tests/unit/rollout).
 
 Anything else (other architectures, peft wrappers or other non-Linear projections, sliding-window
@@ -29,33 +28,27 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from alignkit.ops.packed_linear import onednn_available, packed_linear, reorder
 from alignkit.ops.prefix import attention_window, distinct_rows
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
-def _packing_available(dtype: torch.dtype) -> bool:
-    """Whether linear weights can be reordered for oneDNN (float32 CPU builds with oneDNN)."""
-    return (dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-
-
 class _Weight:
     """One linear layer's weight W (out×in) and bias, prepared for `x @ W^T + b` on few rows.
 
-    Either reordered into oneDNN's blocked layout for `rows`-row inputs (`packed`), or stored
-    transposed (in×out) for a plain `x @ W_t`; both compute F.linear(x, W, b) to float rounding.
+    Either reordered into oneDNN's blocked layout (`packed`, see `alignkit.ops.packed_linear`), or
+    stored transposed (in×out) for a plain `x @ W_t`; both compute F.linear(x, W, b) to float rounding.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, pack: bool) -> None:
         self.bias = bias
         self.packed = pack
-        self.weight = (torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows) if pack
-                       else weight.t().contiguous())
+        self.weight = reorder(weight, rows) if pack else weight.t().contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            return packed_linear(x, self.weight, self.bias)
         out = x @ self.weight
         return out if self.bias is None else out + self.bias
 
@@ -131,7 +124,7 @@ class FastDecoder:
         self.rotary = inner.rotary_emb
         self.norm_w, self.norm_eps = inner.norm.weight, inner.norm.variance_epsilon
         dtype, device = self.embed.weight.dtype, self.embed.weight.device
-        pack = self.packed = _packing_available(dtype)
+        pack = self.packed = onednn_available(dtype)
 
         def weight(w: torch.Tensor, b: torch.Tensor | None) -> _Weight:
             return _Weight(w, b, batch, pack)

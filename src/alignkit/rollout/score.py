@@ -21,6 +21,7 @@ import torch
 
 from alignkit.data.tokenize import encode_example, special_prefix, truncate_example
 from alignkit.errors import AlignkitError
+from alignkit.ops.packed_linear import frozen
 
 
 @runtime_checkable
@@ -88,6 +89,7 @@ class RewardModelScorer:
         from alignkit.models.reward_model import CONFIG_SEGMENTS, hf_model, load_reward_model
 
         model, tokenizer = load_reward_model(str(path))
+        frozen(model)  # a scorer only runs inference: packed linear layers
         kwargs.setdefault("segments", getattr(hf_model(model).config, CONFIG_SEGMENTS, None) or "none")
         return cls(model, tokenizer, **kwargs)
 

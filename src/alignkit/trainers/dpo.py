@@ -366,9 +366,10 @@ def load_reference(cfg: DPOConfig, policy: Any, tokenizer: Any, device: torch.de
     if cfg.model.lora_r > 0 and not cfg.ref_model:
         return Reference(None, policy)
     from alignkit.models.load import load_causal_lm
+    from alignkit.ops.packed_linear import frozen
 
     ref_cfg = ModelConfig(**{**vars(cfg.model), "lora_r": 0, "name_or_path": cfg.ref_model or cfg.model.name_or_path})
-    ref = load_causal_lm(ref_cfg, tokenizer).to(device).eval().requires_grad_(False)
+    ref = frozen(load_causal_lm(ref_cfg, tokenizer).to(device))
     return Reference(ref, policy)
 
 

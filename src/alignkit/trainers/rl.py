@@ -191,12 +191,13 @@ def _load_models(cfg: RLConfig, algo: Algorithm, tokenizer: Any) -> tuple[torch.
     """(policy, reference, value model or None), all with dropout off; the reference frozen."""
     from alignkit.models.load import load_causal_lm
     from alignkit.models.value_head import AdapterDisabledReference, load_value_model
+    from alignkit.ops.packed_linear import frozen
 
     policy = load_causal_lm(cfg.model, tokenizer).eval()
     if cfg.model.lora_r > 0:
         ref = AdapterDisabledReference(policy)  # no second copy of the base weights
     else:
-        ref = load_causal_lm(dataclasses.replace(cfg.model, lora_r=0), tokenizer).eval().requires_grad_(False)
+        ref = frozen(load_causal_lm(dataclasses.replace(cfg.model, lora_r=0), tokenizer))
     value = None
     if algo.critic:
         init = cfg.value_model if cfg.value_model != "auto" else ("reward" if cfg.reward.model else "policy")

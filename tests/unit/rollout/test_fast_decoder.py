@@ -42,9 +42,9 @@ def _sample(model, tokenizer, prompts, *, fast: bool, monkeypatch, **kwargs):
 @pytest.mark.parametrize("packed", [True, False], ids=["onednn-packed", "transposed"])
 @pytest.mark.parametrize("kind", ["llama", "llama-rope-scaled", "qwen2", "mistral"])
 def test_fast_decoder_matches_hugging_face_forward(kind, packed, tokenizer, prompts, monkeypatch):
-    if packed and not fast_decoder._packing_available(torch.float32):
+    if packed and not fast_decoder.onednn_available(torch.float32):
         pytest.skip("this torch build has no oneDNN")
-    monkeypatch.setattr(fast_decoder, "_packing_available", lambda dtype: packed)
+    monkeypatch.setattr(fast_decoder, "onednn_available", lambda dtype: packed)
     model = _tiny(kind, len(tokenizer))
     decoder = FastDecoder.build(model, 4, 32)
     assert decoder is not None and decoder.packed == packed

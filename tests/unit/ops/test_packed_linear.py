@@ -1,0 +1,71 @@
+"""`pack_frozen_linears`: oneDNN-packed linear layers compute F.linear, never with stale weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alignkit.ops import packed_linear
+from alignkit.ops.packed_linear import frozen, onednn_available, pack_frozen_linears
+
+pytestmark = pytest.mark.skipif(not onednn_available(torch.float32), reason="this torch build has no oneDNN")
+
+
+def _mlp() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.SiLU(), torch.nn.Linear(32, 8, bias=False))
+
+
+def _reference(model: torch.nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    first, last = model[0], model[2]
+    return F.linear(F.silu(F.linear(x, first.weight, first.bias)), last.weight)
+
+
+def test_packed_forward_equals_linear_and_keeps_the_state_dict():
+    model = _mlp()
+    keys = list(model.state_dict())
+    assert pack_frozen_linears(model) == 2
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        out = model(x)
+        torch.testing.assert_close(out, _reference(model, x), atol=1e-5, rtol=1e-5)
+    assert "_alignkit_packed" in model[0].__dict__  # the packed path ran
+    assert list(model.state_dict()) == keys
+
+
+def test_weights_changed_in_place_are_packed_again():
+    model = frozen(_mlp())
+    x = torch.randn(4, 16)
+    with torch.inference_mode():
+        before = model(x)
+        model[2].weight.mul_(-2.0)  # as an optimizer step would change it
+        after = model(x)
+    torch.testing.assert_close(after, -2.0 * before, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        model[0].weight = torch.nn.Parameter(torch.zeros(32, 16), requires_grad=False)  # replaced
+        torch.testing.assert_close(model(x), _reference(model, x), atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_still_flow_through_a_packed_model():
+    model = _mlp()
+    pack_frozen_linears(model)
+    x = torch.randn(4, 16)
+    model(x).sum().backward()  # weights require grad: the plain F.linear path
+    expected = torch.autograd.grad(_reference(model, x).sum(), model[0].weight)[0]
+    torch.testing.assert_close(model[0].weight.grad, expected)
+    model.requires_grad_(False)
+    x.requires_grad_(True)
+    model(x).sum().backward()  # frozen weights, input needing its gradient
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_only_plain_float32_linears_are_packed(monkeypatch):
+    class Adapted(torch.nn.Linear):
+        pass
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), Adapted(4, 4), torch.nn.Linear(4, 4).to(torch.bfloat16))
+    assert pack_frozen_linears(model) == 1
+    monkeypatch.setenv("ALIGNKIT_ONEDNN_PACK", "0")
+    assert pack_frozen_linears(_mlp()) == 0
+    assert not packed_linear.onednn_available(torch.float32)
