@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from alignkit.errors import AlignkitError
+from alignkit.models.last_token import last_token_scores, supports_last_token
 from alignkit.ops.prefix import prefix_cache_forward
 
 CONFIG_GAIN = "reward_gain"
@@ -107,8 +108,10 @@ def reward_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
         raise AlignkitError(f"the pad id {pad} occurs inside a sequence; the reward would be read at the wrong "
                             "token. Use a tokenizer whose pad token is distinct (alignkit's loader adds one)")
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # B×T
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions)
-    scores = out.logits[:, 0].float()  # B
+    if supports_last_token(model):  # the last layer at the read token only (alignkit.models.last_token)
+        scores = last_token_scores(model, input_ids, mask, positions, last_token_index(mask)).float()
+    else:
+        scores = model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits[:, 0].float()  # B
     if apply_bias and not getattr(config, CONFIG_BIAS_FOLDED, True) and type(hf_model(model)).__name__ != REMOTE_CLASS:
         scores = scores + float(getattr(config, CONFIG_BIAS, 0.0))
     return scores
