@@ -125,6 +125,12 @@ class FastDecoder:
         self.norm_w, self.norm_eps = inner.norm.weight, inner.norm.variance_epsilon
         dtype, device = self.embed.weight.dtype, self.embed.weight.device
         pack = self.packed = onednn_available(dtype)
+        # cos/sin of every position the decoder can see, computed once (positions < width); rope types
+        # whose frequencies depend on the longest position in the call are left to the module per call.
+        self.rotary_table = None
+        if getattr(self.rotary, "rope_type", "default") not in {"dynamic", "longrope"}:
+            probe = torch.zeros(1, 1, dtype=dtype, device=device)
+            self.rotary_table = self.rotary(probe, torch.arange(width, device=device)[None])  # 1×W×D each
 
         def weight(w: torch.Tensor, b: torch.Tensor | None) -> _Weight:
             return _Weight(w, b, batch, pack)
@@ -173,7 +179,10 @@ class FastDecoder:
         batch, width_t = ids.shape
         stop = start + width_t
         x = self.embed(ids)
-        cos, sin = self.rotary(x, positions)  # B×T×D each
+        if self.rotary_table is not None:
+            cos, sin = (table[0][positions] for table in self.rotary_table)  # B×T×D each
+        else:
+            cos, sin = self.rotary(x, positions)
         cos, sin = cos[:, None], sin[:, None]
         half = self.head_dim // 2
         n_qk = self.n_heads + self.n_kv
