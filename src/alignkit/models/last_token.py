@@ -12,8 +12,10 @@ scores equal the full forward's to float rounding, gradients included (tests/uni
 The saving is most of one layer: q, o and the MLP, about 80% of a Llama layer's FLOPs, so
 0.8 / L of the model for L layers: 20% for the benchmark's 4-layer model, 2.5% at 32 layers.
 Used for Llama, Mistral and Qwen2 classifiers (also under a peft wrapper, as its projections are
-called as modules) without a sliding window; anything else, and DDP/FSDP-wrapped models (whose
-wrapper must see the forward), takes the full forward.
+called as modules) without a sliding window; anything else takes the full forward: DDP/FSDP-wrapped
+models (whose wrapper must see the forward), forwards wrapped by accelerate's mixed-precision
+autocast, peft prompt learning, offloaded layers. The pre-hook sits on the shared layer for the
+duration of the call: do not run the same model from two threads at once.
 """
 
 from __future__ import annotations
@@ -42,11 +44,18 @@ def _backbone(model: torch.nn.Module) -> tuple[Any, Any] | None:
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     if type(hf).__name__ not in SUPPORTED_CLASSES or getattr(hf, "score", None) is None:
         return None
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        return None  # virtual tokens / prefix keys that the hand-run last layer would not see
+    if any("_original_forward" in m.__dict__ for m in (model, hf)):
+        return None  # forward wrapped by accelerate (mixed-precision autocast the early exit would leave)
     backbone = getattr(hf, hf.base_model_prefix, None)
     if backbone is None or not hasattr(backbone, "layers") or not hasattr(backbone, "norm"):
         return None
     if attention_window(hf.config) is not None or getattr(hf.config, "pretraining_tp", 1) != 1:
         return None
+    if any(hasattr(m, "_hf_hook") for m in backbone.layers[: hf.config.num_hidden_layers][-1].modules()):
+        return None  # offloaded or dispatched layer: its weights arrive through accelerate's hook
     return hf, backbone
 
 
@@ -71,7 +80,7 @@ def last_token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention
         input_ids, attention_mask, position_ids: B×T; last: B long; returns B (head dtype).
     """
     hf, backbone = _backbone(model)
-    layer = backbone.layers[hf.config.num_hidden_layers - 1]
+    layer = backbone.layers[: hf.config.num_hidden_layers][-1]  # the last layer the HF forward runs
 
     def stop(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]

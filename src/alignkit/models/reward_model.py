@@ -88,9 +88,10 @@ def reward_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
                   pad_token_id: int | None = None, apply_bias: bool = False) -> torch.Tensor:
     """Rewards r(x, y) of a padded batch of [x, y] sequences (Eq. 10.34), with gradients if enabled.
 
-    The Hugging Face head reads the rightmost token that is not the pad id; we check that this is
-    the last token of the attention mask (pad ids never occur inside a sequence), so the reward is
-    never read at a pad. Positions are cumsum(mask) - 1, so left padding does not shift them.
+    The reward is read at each row's last token of the attention mask; pad ids inside a sequence
+    are refused, so this is also the token the Hugging Face head reads (the rightmost non-pad).
+    Llama-family classifiers run their last layer at that token only (`alignkit.models.last_token`).
+    Positions are cumsum(mask) - 1, so left padding does not shift them.
 
     Args:
         model: A sequence classifier with one label (or its peft / DDP wrapper).

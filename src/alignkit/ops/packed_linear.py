@@ -11,15 +11,17 @@ an 8-row decode step's products 0.8 ms instead of 2.0 ms.
 `pack_frozen_linears(model)` keeps every `nn.Linear` as it is (same parameters, same state dict)
 and gives it a forward that uses a reordered copy of its weight when it can: float32 CPU input, no
 gradient needed (inference or no-grad mode, or weight and input both without `requires_grad`).
-Otherwise, and after any change to the weight (its version counter or storage moved), it falls back
-to `F.linear` or reorders again, so a packed layer never computes with stale weights. The copy costs
-the memory of the packed weights once more. `ALIGNKIT_ONEDNN_PACK=0` turns packing off.
+Otherwise it falls back to `F.linear`, and after a change to the weight (a new tensor, or its
+version counter moved by an in-place update) it reorders again. Writes through `weight.data` are
+not tracked (`unpack_linears` drops the copies). The copy costs the memory of the packed weights
+once more. `ALIGNKIT_ONEDNN_PACK=0` turns packing off.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -43,33 +45,59 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    weight, bias = self.weight, self.bias
+# module -> (its weight Parameter, a view of the storage packed, the weight's version then, the packed
+# copy). Kept outside the module so that copying or pickling a model never meets the opaque oneDNN
+# tensor.
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    weight, bias = module.weight, module.bias
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                               or (bias is not None and bias.requires_grad))
-    if needs_grad or x.dtype != torch.float32 or x.device.type != "cpu" or weight.device.type != "cpu":
+    if (needs_grad or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu"
+            or weight.device.type != "cpu" or weight.is_inference()):  # inference tensors have no version
         return F.linear(x, weight, bias)
-    key = (id(weight), weight.data_ptr(), weight._version)
-    state = self.__dict__.get("_alignkit_packed")
-    if state is None or state[0] != key:
-        state = (key, reorder(weight))
-        self.__dict__["_alignkit_packed"] = state
-    return packed_linear(x, state[1], bias)
+    state = _PACKED.get(module)
+    if (state is None or state[0] is not weight or state[1].data_ptr() != weight.data_ptr()
+            or state[2] != weight._version):
+        # state[1] (a view of the packed storage) keeps that storage alive: `param.data = new` (as
+        # `module.to` does) moves the data pointer, and a freed address can never come back unnoticed.
+        state = (weight, weight.detach(), weight._version, reorder(weight))
+        _PACKED[module] = state
+    return packed_linear(x, state[3], bias)
+
+
+def _inside_adapters(model: torch.nn.Module) -> bool:
+    """Whether `model` holds peft tuner layers (LoRA merges write `weight.data`, which no version tracks)."""
+    return any(hasattr(m, "base_layer") and hasattr(m, "merge") for m in model.modules())
 
 
 def pack_frozen_linears(model: torch.nn.Module) -> int:
     """Give the model's float32 CPU `nn.Linear` layers the packed forward; returns how many.
 
-    Only plain `nn.Linear` modules without accelerate hooks are touched (not LoRA or quantised
-    layers); the weights are reordered lazily, at the first forward that can use them.
+    Only plain `nn.Linear` modules without accelerate hooks, in models without peft adapters, are
+    touched; the weights are reordered lazily, at the first forward that can use them. A weight that
+    is replaced or changed in place (optimizer step, `load_state_dict`, `.to`) is packed again;
+    writes through `weight.data` bypass the version counter: call `unpack_linears(model)` after them.
     """
+    if _inside_adapters(model):
+        return 0
     count = 0
     for module in model.modules():
         if (type(module) is torch.nn.Linear and not hasattr(module, "_hf_hook")
                 and module.weight.device.type == "cpu" and onednn_available(module.weight.dtype)):
-            module.forward = types.MethodType(_forward, module)
+            module.forward = functools.partial(_forward, module)
             count += 1
     return count
+
+
+def unpack_linears(model: torch.nn.Module) -> None:
+    """Drop the packed copies and packed forwards of `model`'s linear layers (plain `nn.Linear` again)."""
+    for module in model.modules():
+        _PACKED.pop(module, None)
+        if isinstance(module.__dict__.get("forward"), functools.partial) and module.forward.func is _forward:
+            del module.forward
 
 
 def frozen(model: torch.nn.Module) -> torch.nn.Module:

@@ -128,7 +128,8 @@ class FastDecoder:
         # cos/sin of every position the decoder can see, computed once (positions < width); rope types
         # whose frequencies depend on the longest position in the call are left to the module per call.
         self.rotary_table = None
-        if getattr(self.rotary, "rope_type", "default") not in {"dynamic", "longrope"}:
+        rope_type = str(getattr(self.rotary, "rope_type", "default"))
+        if "dynamic" not in rope_type and "longrope" not in rope_type:
             probe = torch.zeros(1, 1, dtype=dtype, device=device)
             self.rotary_table = self.rotary(probe, torch.arange(width, device=device)[None])  # 1×W×D each
 

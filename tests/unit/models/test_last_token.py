@@ -96,3 +96,19 @@ def test_peft_wrapped_classifier_uses_its_adapters():
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     fast = last_token_scores(peft_model, ids, mask, positions, last_token_index(mask))
     torch.testing.assert_close(fast, _full_scores(peft_model, ids, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_reward_scores_takes_the_one_token_path_unless_accelerate_wraps_the_forward(monkeypatch):
+    import alignkit.models.reward_model as reward_model
+
+    calls = []
+    monkeypatch.setattr(reward_model, "last_token_scores",
+                        lambda *args: calls.append(1) or last_token_scores(*args))
+    model = _classifier("llama-gqa-bias")
+    ids, mask = _batch(True)
+    reward_scores(model, ids, mask)
+    assert calls == [1]
+    model._original_forward = model.forward  # what accelerate's mixed-precision wrapper leaves
+    assert not supports_last_token(model)
+    reward_scores(model, ids, mask)
+    assert calls == [1]

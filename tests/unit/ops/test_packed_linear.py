@@ -30,7 +30,7 @@ def test_packed_forward_equals_linear_and_keeps_the_state_dict():
     with torch.no_grad():
         out = model(x)
         torch.testing.assert_close(out, _reference(model, x), atol=1e-5, rtol=1e-5)
-    assert "_alignkit_packed" in model[0].__dict__  # the packed path ran
+    assert model[0] in packed_linear._PACKED  # the packed path ran
     assert list(model.state_dict()) == keys
 
 
@@ -69,3 +69,38 @@ def test_only_plain_float32_linears_are_packed(monkeypatch):
     monkeypatch.setenv("ALIGNKIT_ONEDNN_PACK", "0")
     assert pack_frozen_linears(_mlp()) == 0
     assert not packed_linear.onednn_available(torch.float32)
+
+
+def test_storage_swaps_copies_and_pickles_are_safe():
+    import copy
+    import io
+
+    model = frozen(_mlp())
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        model(x)
+        model.to(torch.bfloat16).to(torch.float32)  # `param.data = ...`: same Parameter, new storage
+        model[0].weight.data = torch.ones(32, 16)  # likewise, by hand
+        torch.testing.assert_close(model(x), _reference(model, x), atol=1e-5, rtol=1e-5)
+        twin = copy.deepcopy(model)
+        twin[2].weight.mul_(3.0)
+        torch.testing.assert_close(twin(x), 3.0 * model(x), atol=1e-4, rtol=1e-5)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)  # our own bytes, written just above
+        torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_inference_tensor_weights_and_adapter_models_take_the_plain_path():
+    with torch.inference_mode():
+        model = frozen(_mlp())  # weights created in inference mode: no version counter
+        x = torch.randn(2, 16)
+        torch.testing.assert_close(model(x), _reference(model, x))
+    from peft import LoraConfig, get_peft_model
+
+    adapted = get_peft_model(_mlp(), LoraConfig(r=2, target_modules=["0"]))
+    assert pack_frozen_linears(adapted) == 0  # a merge writes weight.data, which nothing tracks
+    plain = frozen(_mlp())
+    packed_linear.unpack_linears(plain)
+    assert "forward" not in plain[0].__dict__

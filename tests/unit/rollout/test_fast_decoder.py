@@ -22,6 +22,9 @@ def _tiny(kind: str, vocab: int) -> torch.nn.Module:
     if kind == "llama-rope-scaled":
         return build_tiny_llama(vocab, rope_parameters={"rope_type": "linear", "factor": 2.0,
                                                         "rope_theta": 10000.0}).eval()
+    if kind == "llama-rope-dynamic":  # frequencies depend on the positions of each call: no cos/sin table
+        return build_tiny_llama(vocab, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                        "rope_theta": 10000.0}).eval()
     if kind == "qwen2":  # q/k/v biases only
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -40,7 +43,7 @@ def _sample(model, tokenizer, prompts, *, fast: bool, monkeypatch, **kwargs):
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["onednn-packed", "transposed"])
-@pytest.mark.parametrize("kind", ["llama", "llama-rope-scaled", "qwen2", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "llama-rope-scaled", "llama-rope-dynamic", "qwen2", "mistral"])
 def test_fast_decoder_matches_hugging_face_forward(kind, packed, tokenizer, prompts, monkeypatch):
     if packed and not fast_decoder.onednn_available(torch.float32):
         pytest.skip("this torch build has no oneDNN")
@@ -48,6 +51,7 @@ def test_fast_decoder_matches_hugging_face_forward(kind, packed, tokenizer, prom
     model = _tiny(kind, len(tokenizer))
     decoder = FastDecoder.build(model, 4, 32)
     assert decoder is not None and decoder.packed == packed
+    assert (decoder.rotary_table is None) == (kind == "llama-rope-dynamic")
     fast = _sample(model, tokenizer, prompts, fast=True, monkeypatch=monkeypatch, temperature=0.8)
     slow = _sample(model, tokenizer, prompts, fast=False, monkeypatch=monkeypatch, temperature=0.8)
     assert torch.equal(fast.response_ids, slow.response_ids)
