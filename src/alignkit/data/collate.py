@@ -20,6 +20,11 @@ import torch
 from alignkit.losses.sft import IGNORE_INDEX
 
 
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch with its tensors on `device` (other values as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def count_terms(labels: list[int]) -> int:
     """Trained next-token terms of one example: labels after position 0 that are not IGNORE_INDEX."""
     return sum(label != IGNORE_INDEX for label in labels[1:])

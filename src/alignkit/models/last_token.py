@@ -70,16 +70,20 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def last_token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      position_ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+                      position_ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor | None:
     """Head outputs B at column `last` (B) of each row: the classifier's logits there, fewer FLOPs.
 
-    Call only when `supports_last_token(model)`. `last[b]` must be row b's last real token (every
-    key the row attends to is at or before it), as `last_token_index(attention_mask)` gives.
+    None when `model` needs the full forward (`supports_last_token` is False). `last[b]` must be row
+    b's last real token (every key the row attends to is at or before it), as
+    `last_token_index(attention_mask)` gives.
 
     Shapes:
         input_ids, attention_mask, position_ids: B×T; last: B long; returns B (head dtype).
     """
-    hf, backbone = _backbone(model)
+    resolved = _backbone(model)
+    if resolved is None:
+        return None
+    hf, backbone = resolved
     layer = backbone.layers[: hf.config.num_hidden_layers][-1]  # the last layer the HF forward runs
 
     def stop(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:

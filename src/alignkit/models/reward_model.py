@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from alignkit.errors import AlignkitError
-from alignkit.models.last_token import last_token_scores, supports_last_token
+from alignkit.models.last_token import last_token_scores
 from alignkit.ops.prefix import prefix_cache_forward
 
 CONFIG_GAIN = "reward_gain"
@@ -109,10 +109,11 @@ def reward_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
         raise AlignkitError(f"the pad id {pad} occurs inside a sequence; the reward would be read at the wrong "
                             "token. Use a tokenizer whose pad token is distinct (alignkit's loader adds one)")
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # B×T
-    if supports_last_token(model):  # the last layer at the read token only (alignkit.models.last_token)
-        scores = last_token_scores(model, input_ids, mask, positions, last_token_index(mask)).float()
-    else:
-        scores = model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits[:, 0].float()  # B
+    # The last layer at the read token only, for the models that allow it (alignkit.models.last_token).
+    scores = last_token_scores(model, input_ids, mask, positions, last_token_index(mask))
+    if scores is None:
+        scores = model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits[:, 0]
+    scores = scores.float()  # B
     if apply_bias and not getattr(config, CONFIG_BIAS_FOLDED, True) and type(hf_model(model)).__name__ != REMOTE_CLASS:
         scores = scores + float(getattr(config, CONFIG_BIAS, 0.0))
     return scores

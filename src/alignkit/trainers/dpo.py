@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
+from alignkit.data.collate import to_device
 from alignkit.errors import AlignkitError
 from alignkit.losses.preference import PREFERENCE_LOSSES
 from alignkit.losses.sft import IGNORE_INDEX
@@ -254,14 +255,10 @@ def precompute_reference(reference: Reference, groups: list[dict], pad_id: int, 
     """Store each group's reference log-probs in `group["ref_logps"]` (one pass over the data)."""
     for start in range(0, len(groups), batch_size):
         chunk = groups[start : start + batch_size]
-        batch = _to_device(collate_groups(chunk, pad_id), device)
+        batch = to_device(collate_groups(chunk, pad_id), device)
         logps = reference.logps(batch).cpu()
         for g, row in zip(chunk, logps, strict=True):
             g["ref_logps"] = row[: len(g["responses"])].tolist()
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +311,7 @@ def make_evaluator(loop: TrainLoop, cfg: DPOConfig, tokenizer: Any, reference: R
     """`evaluate()`: held-out preference metrics, plus gold reward and KL on the world's held-out prompts."""
     device, pad = loop.accelerator.device, tokenizer.pad_token_id
     size = cfg.optim.per_device_batch_size
-    batches = [_to_device(collate_groups(eval_groups[i : i + size], pad), device)
+    batches = [to_device(collate_groups(eval_groups[i : i + size], pad), device)
                for i in range(0, len(eval_groups), size)]
     prompts, gold = [], None
     if _policy_eval_on(cfg):
@@ -438,7 +435,7 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
     for _ in range(start, loop.total_steps):
         if cfg.rounds and (not train or loop.step % per_round == 0):
             train = _round_groups(loop, cfg, tokenizer, labeler, prompts, loop.step // per_round)
-        micro = [_to_device(collate_groups([train[i] for i in idx], pad, share_prefixes=share), device)
+        micro = [to_device(collate_groups([train[i] for i in idx], pad, share_prefixes=share), device)
                  for idx in loop.micro_batch_indices(len(train), loop.step)]
         metrics = loop.update(micro, loss_fn)
         if cfg.run.eval_every and loop.step % cfg.run.eval_every == 0 and loop.step < loop.total_steps:

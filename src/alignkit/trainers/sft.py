@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
-from alignkit.data.collate import collate_packed, collate_padded, left_pad
+from alignkit.data.collate import collate_packed, collate_padded, left_pad, to_device
 from alignkit.data.tokenize import encode_prompt, tokenize_sft
 from alignkit.errors import AlignkitError
 from alignkit.losses.sft import IGNORE_INDEX, token_nll_sum
@@ -138,15 +138,11 @@ def sft_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
     return token_nll_sum(logits, targets), {}
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def eval_batches(loop: TrainLoop, examples: list[dict], collate: Callable, batch_size: int) -> list[dict]:
     """This process's share of the held-out examples, collated in batches."""
     acc = loop.accelerator
     mine = examples[acc.process_index :: acc.num_processes]
-    return [_to_device(collate(mine[i : i + batch_size]), acc.device) for i in range(0, len(mine), batch_size)]
+    return [to_device(collate(mine[i : i + batch_size]), acc.device) for i in range(0, len(mine), batch_size)]
 
 
 def sample_generations(model: Any, tokenizer: Any, prompts: list[tuple[Any, Any]], *, max_new_tokens: int,
@@ -236,7 +232,7 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         micro = [collate([train[i] for i in idx]) for idx in loop.micro_batch_indices(len(train), loop.step)]
         n_tokens = sum(int(mb["input_ids"].numel()) for mb in micro)
-        metrics = loop.update([_to_device(mb, loop.accelerator.device) for mb in micro], sft_loss)
+        metrics = loop.update([to_device(mb, loop.accelerator.device) for mb in micro], sft_loss)
         metrics["perf/tokens_per_s"] = n_tokens * loop.world / (time.perf_counter() - t0)
         if cfg.run.eval_every and loop.step % cfg.run.eval_every == 0 and loop.step < loop.total_steps:
             metrics.update(evaluate_and_sample(loop, cfg, tokenizer, batches, data["eval_prompts"]))

@@ -101,14 +101,19 @@ def test_peft_wrapped_classifier_uses_its_adapters():
 def test_reward_scores_takes_the_one_token_path_unless_accelerate_wraps_the_forward(monkeypatch):
     import alignkit.models.reward_model as reward_model
 
-    calls = []
-    monkeypatch.setattr(reward_model, "last_token_scores",
-                        lambda *args: calls.append(1) or last_token_scores(*args))
+    taken = []  # whether each reward_scores call got its scores from the one-token path
+
+    def spy(*args):
+        scores = last_token_scores(*args)
+        taken.append(scores is not None)
+        return scores
+
+    monkeypatch.setattr(reward_model, "last_token_scores", spy)
     model = _classifier("llama-gqa-bias")
     ids, mask = _batch(True)
     reward_scores(model, ids, mask)
-    assert calls == [1]
+    assert taken == [True]
     model._original_forward = model.forward  # what accelerate's mixed-precision wrapper leaves
     assert not supports_last_token(model)
     reward_scores(model, ids, mask)
-    assert calls == [1]
+    assert taken == [True, False]

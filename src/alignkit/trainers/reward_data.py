@@ -1,0 +1,136 @@
+"""Reward-model data: records of every kind -> scored groups of token ids -> padded batches.
+
+A record becomes one or more groups (`record_groups`): the responses scored together, best first unless
+`best` is set, with rating/label targets or segment scores. `tokenize_groups` encodes each response
+as [x, y, EOS] (`encode_scored`, as scorers do); `collate_groups` pads every item of a micro-batch
+into one batch with the group layout the losses of `alignkit.trainers.reward` read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from alignkit.errors import AlignkitError
+
+KINDS_OF_LOSS = {
+    "pairwise": ("preference", "choice", "ranking"),
+    "best_of_k": ("choice", "preference"),
+    "listwise_pairs": ("ranking", "preference"),
+    "plackett_luce": ("ranking", "preference"),
+    "pointwise": ("rating", "steps"),
+    "hinge": ("unpaired",),
+}
+
+
+def _read(path: str, cfg: Any) -> tuple[list[dict], str]:
+    from alignkit.data.formats import detect_format, validate_records
+    from alignkit.data.load import load_records
+
+    records = load_records(path)
+    kind = detect_format(records[0])
+    if kind not in KINDS_OF_LOSS[cfg.loss]:
+        raise AlignkitError(f"{path}: records of kind {kind!r} cannot train loss `{cfg.loss}`; it takes "
+                            f"{', '.join(KINDS_OF_LOSS[cfg.loss])} records (option `loss`)")
+    report = validate_records(records, kind, path, cfg.data.on_bad_rows)
+    if kind == "steps" and any(isinstance(v, bool) for r in report.records for v in r["labels"]):
+        raise AlignkitError(f"{path}, field 'labels': segment training needs numeric scores, not true/false")
+    return report.records, kind
+
+
+def record_groups(record: dict, kind: str, loss: str) -> list[dict]:
+    """The scored groups of one record: `responses` (best first unless `best` is set) and targets."""
+    p = record["prompt"]
+    if kind == "preference":
+        group = {"prompt": p, "responses": [record["chosen"], record["rejected"]], "margin": record.get("margin")}
+        return [{**group, "best": 0} if loss == "best_of_k" else group]
+    if kind == "choice":
+        rs, best = record["responses"], record["best"]
+        if loss == "pairwise":
+            return [{"prompt": p, "responses": [rs[best], r]} for i, r in enumerate(rs) if i != best and r != rs[best]]
+        return [{"prompt": p, "responses": rs, "best": best}]
+    if kind == "ranking":
+        rs = record["responses"]
+        if loss == "pairwise":
+            return [{"prompt": p, "responses": [rs[a], rs[b]]} for a in range(len(rs)) for b in range(a + 1, len(rs))]
+        return [{"prompt": p, "responses": rs}]
+    if kind == "rating":
+        return [{"prompt": p, "responses": [record["response"]], "targets": [float(record["score"])]}]
+    if kind == "unpaired":
+        return [{"prompt": p, "responses": [record["completion"]], "targets": [1.0 if record["label"] else -1.0]}]
+    return [{"prompt": p, "segments": record["steps"], "targets": [float(v) for v in record["labels"]]}]
+
+
+def tokenize_groups(groups: list[dict], tokenizer: Any, max_length: int) -> list[dict]:
+    """Each group with `items`: the ids of [x, y, EOS] per response (or of each segment prefix)."""
+    from alignkit.models.segments import segment_prefixes
+    from alignkit.rollout.score import encode_scored
+
+    for g in groups:
+        if "segments" in g:
+            g["items"] = [ids[-max_length:] for ids in segment_prefixes(tokenizer, g["prompt"], g["segments"])]
+        else:
+            g["items"] = [encode_scored(tokenizer, g["prompt"], r, max_length) for r in g["responses"]]
+    return groups
+
+
+def load_reward_data(cfg: Any, tokenizer: Any) -> dict[str, Any]:
+    """Training and held-out groups (tokenized), and the record kind."""
+    from alignkit.data.load import split_records
+
+    if not cfg.data.path:
+        raise AlignkitError("option `data.path` is required: preference, choice, ranking, rating, unpaired or "
+                            "steps records (e.g. the train.jsonl of `alignkit label`)")
+    records, kind = _read(cfg.data.path, cfg)
+    records = records[: cfg.data.limit]
+    if cfg.data.eval_path:
+        eval_records, _ = _read(cfg.data.eval_path, cfg)
+    else:
+        records, eval_records = split_records(records, cfg.data.eval_fraction, cfg.run.seed)
+    out = {"kind": kind, "records": records}
+    for name, part in (("train", records), ("eval", eval_records)):
+        groups = [g for r in part for g in record_groups(r, kind, cfg.loss)]
+        out[name] = tokenize_groups(groups, tokenizer, cfg.data.max_length)
+    if not out["train"]:
+        raise AlignkitError(f"{cfg.data.path}: no training records")
+    return out
+
+
+def collate_groups(groups: list[dict], pad_id: int, *, share_prefixes: bool = False) -> dict[str, Any]:
+    """All items of the groups right-padded into one batch, with the group layout.
+
+    With `share_prefixes` the batch also holds the `shared_prefix_layout` of the groups (each group's
+    common prompt prefix once, and the items' suffixes), which decoder reward models score with
+    `shared_prefix_scores`: same rewards, fewer tokens; only when that saves enough tokens to be
+    faster (`alignkit.ops.prefix.worth_sharing`).
+
+    Shapes:
+        input_ids, attention_mask: N×T (N items); index: G×K (item of each group slot, -1 = none);
+        best: G or None; targets: N or None; margin: G or None; n_terms: G (N for per-item losses).
+    """
+    from alignkit.ops.prefix import shared_prefix_layout
+    from alignkit.rollout.score import right_pad
+
+    rows = [ids for g in groups for ids in g["items"]]
+    ids, mask = right_pad(rows, pad_id)
+    k = max(len(g["items"]) for g in groups)
+    index = torch.full((len(groups), k), -1, dtype=torch.long)
+    start = 0
+    for i, g in enumerate(groups):
+        index[i, : len(g["items"])] = torch.arange(start, start + len(g["items"]))
+        start += len(g["items"])
+    per_item = "targets" in groups[0]
+    margins = [g.get("margin") for g in groups]
+    layout = {}
+    if share_prefixes and k > 1:  # groups of one share nothing
+        groups_of = [[int(i) for i in row if i >= 0] for row in index]
+        layout = shared_prefix_layout(rows, groups_of, pad_id, only_if_worth=True) or {}
+    return {
+        **layout,
+        "input_ids": ids, "attention_mask": mask, "index": index,
+        "best": torch.tensor([g["best"] for g in groups]) if "best" in groups[0] else None,
+        "targets": torch.tensor([t for g in groups for t in g["targets"]]) if per_item else None,
+        "margin": torch.tensor([m or 0.0 for m in margins]) if any(m is not None for m in margins) else None,
+        "n_terms": len(rows) if per_item else len(groups),
+    }
