@@ -131,3 +131,84 @@ def prefix_cache_forward(model: Any, layout: dict[str, torch.Tensor], **first_kw
     second = model(input_ids=layout["suffix_ids"], attention_mask=mask, position_ids=positions,
                    past_key_values=cache, use_cache=True)
     return first, second
+
+
+# ---------------------------------------------------------------------------------------------------
+# One pass over packed rows: [prompt, suffix_1, ..., suffix_k], each suffix attending to the prompt only
+# ---------------------------------------------------------------------------------------------------
+
+PACKING_MARGIN = 0.9  # pack when the estimated FLOPs fall below this fraction of the plain pass's
+
+
+def accepts_packed_masks(config: Any) -> bool:
+    """Whether a model takes `packed_prompt_layout`'s 4D mask as given: its attention is `sdpa` or `eager`
+    (flash-attention kernels read only 2D padding masks) and it has no sliding window."""
+    return (config is not None and getattr(config, "_attn_implementation", None) in {"sdpa", "eager"}
+            and model_allows_sharing(config))
+
+
+def packing_pays(config: Any, rows: int, groups: int, prompt_width: int, suffix_width: int, slots: int) -> bool:
+    """Whether one packed row per prompt costs fewer FLOPs than one row per sequence (by `PACKING_MARGIN`).
+
+    Per token, a layer's projections cost 2 * (4 H^2 + 3 H I) FLOPs (GQA and biases ignored); attention
+    under a dense mask costs 4 H W^2 per row of width W, which packing makes wider (W = P + k S).
+    """
+    hidden = config.hidden_size
+    per_token = 2 * (4 * hidden * hidden + 3 * hidden * getattr(config, "intermediate_size", 4 * hidden))
+    plain_width, packed_width = prompt_width + suffix_width, prompt_width + slots * suffix_width
+    plain = rows * (plain_width * per_token + 4 * hidden * plain_width**2)
+    packed = groups * (packed_width * per_token + 4 * hidden * packed_width**2)
+    return packed < PACKING_MARGIN * plain
+
+
+def packed_prompt_layout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, suffix_ids: torch.Tensor,
+                         suffix_mask: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows that repeat a prompt packed into one row per distinct prompt, for a single forward pass.
+
+    Row g is [prompt_g (left-padded, width P), slot 0, ..., slot k-1], each slot S columns holding one
+    of the suffixes that follow prompt g (k = the largest group; a smaller group leaves slots empty).
+    A suffix token attends to the real tokens of its prompt and to its own slot up to itself, at the
+    positions it has in its own sequence (prompt tokens cumsum(mask) - 1, suffix token j the next
+    prompt position + j), so every output equals that of the sequence alone to float rounding; the
+    prompt runs once instead of k times. Each token also attends to itself, which keeps the rows of
+    pad and empty-slot queries finite (their outputs are never read).
+
+    Args:
+        prompt_ids, prompt_mask: B×P, left-padded; suffix_ids, suffix_mask: B×S, right-padded.
+
+    Returns:
+        input_ids G×W, attention_mask G×1×W×W bool (True: attend), position_ids G×W; `keep` K long,
+        the columns whose outputs predict suffix tokens (the last prompt column, then each slot's
+        first S - 1 columns); `group` B×S and `take` B×S: suffix token (b, j) is predicted by
+        output `keep[take[b, j]]` of row `group[b, j]`.
+    """
+    unique, unique_mask, group = distinct_rows(prompt_ids, prompt_mask)
+    (n_groups, width_p), (batch, width_s) = unique.shape, suffix_ids.shape
+    device = prompt_ids.device
+    order = torch.argsort(group, stable=True)
+    counts = torch.bincount(group, minlength=n_groups)
+    slot = torch.empty_like(group)
+    slot[order] = torch.arange(batch, device=device) - (counts.cumsum(0) - counts)[group[order]]
+    slots = int(counts.max())
+    width = width_p + slots * width_s
+    columns = width_p + slot[:, None] * width_s + torch.arange(width_s, device=device)[None]  # B×S
+    rows = group[:, None].expand(batch, width_s)
+    ids = torch.full((n_groups, width), pad_id, dtype=torch.long, device=device)
+    real = torch.zeros((n_groups, width), dtype=torch.bool, device=device)
+    ids[:, :width_p], real[:, :width_p] = unique, unique_mask
+    ids[rows, columns], real[rows, columns] = suffix_ids, suffix_mask.bool()
+    prompt_positions = (unique_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # G×P
+    suffix_positions = unique_mask.sum(dim=1, keepdim=True) + torch.arange(width_s, device=device)[None]
+    positions = torch.cat([prompt_positions, suffix_positions.repeat(1, slots)], dim=1)
+    segment = torch.cat([torch.full((width_p,), -1, device=device),
+                         torch.arange(slots, device=device).repeat_interleave(width_s)])  # W
+    col = torch.arange(width, device=device)
+    visible = (col[None] <= col[:, None]) & ((segment[None] == -1) | (segment[None] == segment[:, None]))  # W×W
+    attention = (visible[None] & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)[None]
+    keep = torch.cat([torch.tensor([width_p - 1], device=device),
+                      (width_p + torch.arange(slots, device=device)[:, None] * width_s
+                       + torch.arange(width_s - 1, device=device)[None]).reshape(-1)])
+    take = torch.cat([torch.zeros((batch, 1), dtype=torch.long, device=device),
+                      1 + slot[:, None] * (width_s - 1) + torch.arange(width_s - 1, device=device)[None]], dim=1)
+    return {"input_ids": ids, "attention_mask": attention[:, None], "position_ids": positions,
+            "keep": keep, "group": rows, "take": take}

@@ -20,7 +20,14 @@ from itertools import dropwhile
 import torch
 from transformers import StaticCache
 
-from alignkit.ops.prefix import distinct_rows, prefix_cache_forward, worth_sharing
+from alignkit.ops.prefix import (
+    accepts_packed_masks,
+    distinct_rows,
+    packed_prompt_layout,
+    packing_pays,
+    prefix_cache_forward,
+    worth_sharing,
+)
 from alignkit.rollout.fast_decoder import FastDecoder
 from alignkit.rollout.types import Rollout
 
@@ -261,56 +268,84 @@ def sequence_logprobs(
 
     Equation: logprobs[b, j] = z[y_j] - logsumexp(z), z = logits(x, y_<j) / temperature, taken from
     the logits at column P + j - 1 of `full_ids()`; entropy[b, j] = logsumexp(z) - sum_v p_v z_v.
-    Only the R + 1 last logit columns are computed (`logits_to_keep`), and the log-softmax is never
-    materialised: the gather and a per-row logsumexp read the (scaled) logits, so the only B×R×V
-    tensors are the logits and, when temperature != 1, one scaled copy. Runs with gradients when
-    they are enabled; the caller chooses the model's mode (eval for RL: dropout off).
+    Only the logit columns that predict response tokens are computed (`logits_to_keep`), and the
+    log-softmax is never materialised: a gather and a per-row logsumexp read the (scaled) logits.
+    Runs with gradients when they are enabled; the caller chooses the model's mode (eval for RL:
+    dropout off).
 
     With `share_prompts` and rows that repeat a prompt (k samples per prompt), each distinct prompt
-    runs once and its keys and values are shared by its rows' responses (`_shared_prompt_logits`,
-    when that removes enough tokens to be faster); the result is the same to float rounding,
-    gradients included, for (k - 1) / k fewer prompt tokens.
+    runs once (`_shared_prompt_logits`): packed with its k responses into one row under a 4D mask
+    when the model's attention takes one and that saves FLOPs (`alignkit.ops.prefix.packing_pays`),
+    else with its keys and values shared through a KV cache when that removes enough tokens. The
+    result is the same to float rounding, gradients included.
 
     Shapes:
         returns: logprobs B×R (0 where `response_mask` is False); with `with_entropy`, also the
         per-token entropy B×R (0 where masked).
     """
     width_r = rollout.response_ids.shape[1]
-    logits = _shared_prompt_logits(model, rollout) if share_prompts else None
-    if logits is None:
+    shared = _shared_prompt_logits(model, rollout) if share_prompts else None
+    if shared is None:
         inputs = {"input_ids": rollout.full_ids(), "attention_mask": rollout.full_mask().long()}
         out = model(**inputs, position_ids=rollout.position_ids(), use_cache=False, logits_to_keep=width_r + 1)
         logits = out.logits[:, -(width_r + 1) : -1, :]  # B×R×V (also when logits_to_keep is ignored)
+        rows = torch.arange(rollout.batch_size, device=logits.device)[:, None].expand(-1, width_r)
+        shared = logits, rows, torch.arange(width_r, device=logits.device)[None].expand_as(rows)
+    logits, rows, columns = shared  # response token (b, j) is predicted by logits[rows[b, j], columns[b, j]]
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
-    picked = logits.gather(-1, rollout.response_ids[:, :, None]).squeeze(-1)  # B×R
-    # logsumexp row by row keeps its temporaries at R×V instead of B×R×V.
-    lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])  # B×R
+    picked = logits[rows, columns, rollout.response_ids]  # B×R
+    # logsumexp row by row keeps its temporaries at C×V instead of N×C×V.
+    lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])  # N×C
     mask = rollout.response_mask
-    logprobs = torch.where(mask, picked - lse, 0.0)
+    logprobs = torch.where(mask, picked - lse[rows, columns], 0.0)
     if not with_entropy:
         return logprobs
-    expected = torch.stack([(row.softmax(dim=-1) * row).sum(dim=-1) for row in logits])  # B×R
-    return logprobs, torch.where(mask, lse - expected, 0.0)
+    expected = torch.stack([(row.softmax(dim=-1) * row).sum(dim=-1) for row in logits])  # N×C
+    return logprobs, torch.where(mask, (lse - expected)[rows, columns], 0.0)
 
 
-def _shared_prompt_logits(model, rollout: Rollout) -> torch.Tensor | None:
-    """Logits B×R×V predicting each response token, running each distinct prompt once.
+def _shared_prompt_logits(model, rollout: Rollout) -> tuple[torch.Tensor, ...] | None:
+    """(logits N×C×V, rows B×R, columns B×R) running each distinct prompt once; None: one plain pass.
 
-    None when that would not be faster (`alignkit.ops.prefix.worth_sharing`: too few repeated tokens).
-    The distinct prompts are the prefixes and the responses the suffixes of a shared-prefix layout
-    (`alignkit.ops.prefix.prefix_cache_forward`): the last prompt column predicts response token 0,
-    the response columns predict tokens 1..R-1. Prompts are left-padded and responses follow them, so
-    masks and positions are those of the one-pass forward.
+    Response token (b, j) is predicted by logits[rows[b, j], columns[b, j]]. Packed rows
+    (`alignkit.ops.prefix.packed_prompt_layout`) when the model takes a 4D mask and packing saves
+    FLOPs; otherwise a shared-prefix pass through a KV cache (`prefix_cache_forward`) when it removes
+    enough tokens (`worth_sharing`): the last prompt column predicts response token 0, the response
+    columns tokens 1..R-1. Prompts are left-padded and responses follow them, so masks and positions
+    are those of the one-pass forward.
     """
     width_p, width_r = rollout.prompt_length, rollout.response_ids.shape[1]
     ids, mask, inverse = distinct_rows(rollout.prompt_ids, rollout.prompt_mask)
-    batch = rollout.batch_size
-    if not worth_sharing((batch - ids.shape[0]) * width_p, batch * (width_p + width_r)):
+    batch, n_groups = rollout.batch_size, ids.shape[0]
+    if n_groups == batch:
+        return None
+    config = getattr(model, "config", None)
+    slots = int(torch.bincount(inverse).max())
+    if accepts_packed_masks(config) and packing_pays(config, batch, n_groups, width_p, width_r, slots):
+        return _packed_logits(model, rollout, config)
+    if not worth_sharing((batch - n_groups) * width_p, batch * (width_p + width_r)):
         return None
     layout = {"prefix_ids": ids, "prefix_mask": mask.long(), "prefix_index": inverse,
               "suffix_ids": rollout.response_ids, "suffix_mask": rollout.response_mask.long()}
     first, second = prefix_cache_forward(model, layout, logits_to_keep=1)
     head = first.logits[:, -1:, :][inverse]  # B×1×V
-    return torch.cat([head, second.logits[:, -width_r:-1, :]], dim=1)
+    logits = torch.cat([head, second.logits[:, -width_r:-1, :]], dim=1)
+    rows = torch.arange(batch, device=logits.device)[:, None].expand(-1, width_r)
+    return logits, rows, torch.arange(width_r, device=logits.device)[None].expand_as(rows)
+
+
+def _packed_logits(model, rollout: Rollout, config) -> tuple[torch.Tensor, ...]:
+    """`_shared_prompt_logits` over one packed row per distinct prompt (a single forward call)."""
+    pad = getattr(config, "pad_token_id", None)
+    layout = packed_prompt_layout(rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids,
+                                  rollout.response_mask, 0 if pad is None else pad)
+    attention = layout["attention_mask"]
+    if config._attn_implementation == "eager":  # eager attention adds its mask to the scores
+        dtype = next(p for p in model.parameters()).dtype if hasattr(model, "parameters") else torch.float32
+        attention = torch.zeros(attention.shape, dtype=dtype, device=attention.device).masked_fill(
+            ~attention, torch.finfo(dtype).min)
+    out = model(input_ids=layout["input_ids"], attention_mask=attention, position_ids=layout["position_ids"],
+                use_cache=False, logits_to_keep=layout["keep"])
+    return out.logits, layout["group"], layout["take"]

@@ -242,14 +242,23 @@ def _record_shape(calls: list, module, args, kwargs) -> None:
     calls.append(kwargs["input_ids"].shape)
 
 
-def test_shared_prompt_forward_equals_one_pass_with_gradients(tokenizer, monkeypatch):
-    """k samples per prompt: prompts run once, KV shared; same log-probs, entropy and gradients."""
+@pytest.mark.parametrize("mode", ["packed", "packed-eager", "cache"])
+@pytest.mark.parametrize("groups", [[0, 0, 0, 1, 1, 1, 2, 2, 2], [0, 1, 0, 2, 0, 1]], ids=["k=3", "unequal"])
+def test_shared_prompt_forward_equals_one_pass_with_gradients(tokenizer, monkeypatch, mode, groups):
+    """Rows that repeat a prompt: prompts run once (packed rows or a shared KV cache); same log-probs,
+    entropy and gradients as one plain pass, also for groups of unequal size in any row order."""
     from alignkit.ops import prefix
 
-    monkeypatch.setattr(prefix, "MIN_SAVING", 0.0)  # share even these short prompts
-    model = build_tiny_llama(len(tokenizer), num_key_value_heads=2).eval()
-    ids, mask = tokenize_prompts(tokenizer, PROMPTS[:3])
-    rollout = _sample(model, tokenizer, ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0), temperature=0.8)
+    monkeypatch.setattr(prefix, "MIN_SAVING", 0.0)  # the cache path shares even these short prompts
+    # Force the path under test: these tiny rows are not what `packing_pays` is tuned for.
+    monkeypatch.setattr(prefix, "PACKING_MARGIN", 0.0 if mode == "cache" else float("inf"))
+    attn = "eager" if mode == "packed-eager" else "sdpa"
+    model = build_tiny_llama(len(tokenizer), num_key_value_heads=2, attn_implementation=attn).eval()
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS[:3])  # left-padded to different lengths
+    # Many end ids, so that some responses end early and leave pad tokens inside the packed rows.
+    rollout = sample(model, ids[groups], mask[groups], max_new_tokens=12, temperature=0.8, pad_token_id=0,
+                     eos_token_id=list(range(2, 40)), generator=torch.Generator().manual_seed(0))
+    assert not rollout.response_mask.all()  # some responses end early: pad tokens inside the packed rows
     results = []
     for share in (False, True):
         calls: list = []
@@ -261,9 +270,38 @@ def test_shared_prompt_forward_equals_one_pass_with_gradients(tokenizer, monkeyp
         model.zero_grad()
     (lp0, en0, g0, calls0), (lp1, en1, g1, calls1) = results
     assert calls0 == [rollout.full_ids().shape]
-    assert calls1 == [(3, rollout.prompt_length), rollout.response_ids.shape]  # 3 distinct prompts, then 9 responses
+    width_p, width_r, slots = rollout.prompt_length, rollout.response_ids.shape[1], max(groups.count(g) for g in groups)
+    if mode == "cache":  # 3 distinct prompts, then every response against the cache
+        assert calls1 == [(3, width_p), rollout.response_ids.shape]
+    else:  # one row per distinct prompt: [prompt, response slot 1, ..., slot k]
+        assert calls1 == [(3, width_p + slots * width_r)]
     torch.testing.assert_close(lp1, lp0, atol=1e-5, rtol=0)
     torch.testing.assert_close(en1, en0, atol=1e-5, rtol=0)
     for a, b in zip(g1, g0, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert (lp1 - rollout.logprobs).abs().max() < 1e-5
+
+
+def test_packed_layout_by_hand():
+    """Two rows of prompt [7, 8] (one with a pad), one of [9]: rows, masks, positions and read columns."""
+    from alignkit.ops.prefix import packed_prompt_layout
+
+    prompt_ids = torch.tensor([[0, 9], [7, 8], [7, 8]])
+    prompt_mask = torch.tensor([[False, True], [True, True], [True, True]])
+    suffix_ids = torch.tensor([[1, 2], [3, 4], [5, 0]])
+    suffix_mask = torch.tensor([[True, True], [True, True], [True, False]])
+    out = packed_prompt_layout(prompt_ids, prompt_mask, suffix_ids, suffix_mask, pad_id=0)
+    # distinct prompts sorted: [0, 9] (group 0, one response), [7, 8] (group 1, two); 2 slots of 2
+    assert out["input_ids"].tolist() == [[0, 9, 1, 2, 0, 0], [7, 8, 3, 4, 5, 0]]
+    assert out["position_ids"].tolist() == [[0, 0, 1, 2, 1, 2], [0, 1, 2, 3, 2, 3]]
+    seen = out["attention_mask"][1, 0].int().tolist()
+    assert seen == [[1, 0, 0, 0, 0, 0],
+                    [1, 1, 0, 0, 0, 0],
+                    [1, 1, 1, 0, 0, 0],
+                    [1, 1, 1, 1, 0, 0],
+                    [1, 1, 0, 0, 1, 0],   # slot 1 sees the prompt and itself, not slot 0
+                    [1, 1, 0, 0, 1, 1]]   # its pad (never a key) sees them and itself
+    assert out["attention_mask"][0, 0, 1].int().tolist() == [0, 1, 0, 0, 0, 0]  # the left pad is never a key
+    assert out["keep"].tolist() == [1, 2, 4]  # last prompt column, then each slot's first S - 1 columns
+    assert out["group"].tolist() == [[0, 0], [1, 1], [1, 1]]
+    assert out["take"].tolist() == [[0, 1], [0, 1], [0, 2]]
