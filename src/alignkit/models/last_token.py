@@ -70,15 +70,19 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def last_token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      position_ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor | None:
-    """Head outputs B at column `last` (B) of each row: the classifier's logits there, fewer FLOPs.
+                      position_ids: torch.Tensor, last: torch.Tensor,
+                      rows: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Head outputs N at (row `rows[n]`, column `last[n]`): the classifier's logits there, fewer FLOPs.
 
-    None when `model` needs the full forward (`supports_last_token` is False). `last[b]` must be row
-    b's last real token (every key the row attends to is at or before it), as
-    `last_token_index(attention_mask)` gives.
+    None when `model` needs the full forward (`supports_last_token` is False). With a 2D padding mask
+    (B×T, rows = 0..B-1 by default), `last[b]` must be row b's last real token (every key the row
+    attends to is at or before it), as `last_token_index(attention_mask)` gives. With a 4D mask (B×1×T×T
+    bool, True: attend; `alignkit.ops.prefix.packed_prompt_layout`), several sequences share a row and
+    each read n sees the keys of mask row `last[n]`.
 
     Shapes:
-        input_ids, attention_mask, position_ids: B×T; last: B long; returns B (head dtype).
+        input_ids, position_ids: B×T; attention_mask: B×T or B×1×T×T; last, rows: N long; returns N
+        (head dtype).
     """
     resolved = _backbone(model)
     if resolved is None:
@@ -100,29 +104,34 @@ def last_token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention
         handle.remove()
     if rotary is None:
         rotary = backbone.rotary_emb(hidden, position_ids)
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return _last_layer(layer, backbone, hf.score, hidden, rotary, attention_mask, rows, last)
+    rows = torch.arange(hidden.shape[0], device=hidden.device) if rows is None else rows
+    if attention_mask.dim() == 4:
+        keys_seen = attention_mask[rows, 0, last].bool()[:, None, None, :]  # N×1×1×T: this read's keys
+    else:
+        keys_seen = attention_mask.bool()[rows][:, None, None, :]  # real tokens, all at or before `last`
+    return _last_layer(layer, backbone, hf.score, hidden, rotary, keys_seen, rows, last)
 
 
 def _last_layer(layer: Any, backbone: Any, head: torch.nn.Module, hidden: torch.Tensor, rotary: Any,
-                attention_mask: torch.Tensor, rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+                keys_seen: torch.Tensor, rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     """The last decoder layer, final norm and head at (rows, last), keys and values over all columns."""
     attn = layer.self_attn
-    batch, width, _ = hidden.shape
+    (batch, width, _), reads = hidden.shape, rows.shape[0]
     head_dim, n_kv = attn.head_dim, attn.k_proj.out_features // attn.head_dim
     normed = layer.input_layernorm(hidden)  # B×T×H
-    picked = normed[rows, last][:, None]  # B×1×H
-    query = attn.q_proj(picked).view(batch, 1, -1, head_dim).transpose(1, 2)  # B×Hq×1×D
+    picked = normed[rows, last][:, None]  # N×1×H
+    query = attn.q_proj(picked).view(reads, 1, -1, head_dim).transpose(1, 2)  # N×Hq×1×D
     key = attn.k_proj(normed).view(batch, width, n_kv, head_dim).transpose(1, 2)  # B×Hkv×T×D
     value = attn.v_proj(normed).view(batch, width, n_kv, head_dim).transpose(1, 2)
     cos, sin = (t.unsqueeze(1) for t in rotary)  # B×1×T×D
-    cos_q, sin_q = cos[rows, :, last][:, :, None], sin[rows, :, last][:, :, None]  # B×1×1×D
+    cos_q, sin_q = cos[rows, :, last][:, :, None], sin[rows, :, last][:, :, None]  # N×1×1×D
     query = (query * cos_q + _rotate_half(query) * sin_q).to(key.dtype)
     key = (key * cos + _rotate_half(key) * sin).to(value.dtype)
-    keys_seen = attention_mask.bool()[:, None, None, :]  # B×1×1×T: real tokens, all at or before `last`
+    if reads != batch or not torch.equal(rows, torch.arange(batch, device=rows.device)):
+        key, value = key[rows], value[rows]  # N×Hkv×T×D: the row each read attends in
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=keys_seen, dropout_p=attn.attention_dropout if attn.training else 0.0,
         scale=attn.scaling, enable_gqa=query.shape[1] != n_kv)
-    x = hidden[rows, last][:, None] + attn.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
+    x = hidden[rows, last][:, None] + attn.o_proj(out.transpose(1, 2).reshape(reads, 1, -1))
     x = x + layer.mlp(layer.post_attention_layernorm(x))
     return head(backbone.norm(x))[:, 0, 0]

@@ -147,6 +147,30 @@ def shared_prefix_scores(model: torch.nn.Module, layout: dict[str, torch.Tensor]
     return out.logits[:, 0].float()
 
 
+def packed_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Rewards of N sequences packed by prompt (`alignkit.ops.prefix.packed_prompt_layout`), one pass.
+
+    `batch` (from `alignkit.trainers.reward_data.collate_groups`) holds the sequences (`input_ids`,
+    `attention_mask`, checked for pad ids inside them), the packed rows (`packed_input_ids`, `packed_attention_mask` G×1×W×W,
+    `packed_position_ids`) and where each sequence ends (`read_row`, `read_col`, N); the head reads
+    there through `last_token_scores`, so only models it supports are packed (`collate_groups`
+    checks). The rewards equal `reward_scores` of the full rows to float rounding, gradients included.
+
+    Shapes:
+        returns: N float.
+    """
+    pad = hf_model(model).config.pad_token_id
+    if pad is not None and bool(((batch["input_ids"] == pad) & batch["attention_mask"].bool()).any()):
+        raise AlignkitError(f"the pad id {pad} occurs inside a sequence; the reward would be read at the wrong "
+                            "token. Use a tokenizer whose pad token is distinct (alignkit's loader adds one)")
+    scores = last_token_scores(model, batch["packed_input_ids"], batch["packed_attention_mask"],
+                               batch["packed_position_ids"], batch["read_col"], rows=batch["read_row"])
+    if scores is None:
+        raise AlignkitError("packed rows need a model that `last_token_scores` supports (a Llama-family "
+                            "classifier outside DDP/FSDP)")
+    return scores.float()
+
+
 def normalization(scores: torch.Tensor) -> tuple[float, float]:
     """Gain and bias making `scores` mean 0 and std 1: g = 1 / std, b = -mean / std (Ziegler et al. 2019).
 

@@ -180,7 +180,7 @@ def packed_prompt_layout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, su
         input_ids G×W, attention_mask G×1×W×W bool (True: attend), position_ids G×W; `keep` K long,
         the columns whose outputs predict suffix tokens (the last prompt column, then each slot's
         first S - 1 columns); `group` B×S and `take` B×S: suffix token (b, j) is predicted by
-        output `keep[take[b, j]]` of row `group[b, j]`.
+        output `keep[take[b, j]]` of row `group[b, j]`; `columns` B×S: the column of suffix token (b, j).
     """
     unique, unique_mask, group = distinct_rows(prompt_ids, prompt_mask)
     (n_groups, width_p), (batch, width_s) = unique.shape, suffix_ids.shape
@@ -211,4 +211,4 @@ def packed_prompt_layout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, su
     take = torch.cat([torch.zeros((batch, 1), dtype=torch.long, device=device),
                       1 + slot[:, None] * (width_s - 1) + torch.arange(width_s - 1, device=device)[None]], dim=1)
     return {"input_ids": ids, "attention_mask": attention[:, None], "position_ids": positions,
-            "keep": keep, "group": rows, "take": take}
+            "keep": keep, "group": rows, "take": take, "columns": columns}

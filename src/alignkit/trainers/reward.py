@@ -127,12 +127,14 @@ LOSS_ADAPTERS = {
 
 def make_loss_fn(cfg: RewardConfig):
     """`loss_fn(model, batch) -> (loss x n_terms, metrics)` for `TrainLoop.update` (a sum, so accumulation is exact)."""
-    from alignkit.models.reward_model import reward_scores, shared_prefix_scores
+    from alignkit.models.reward_model import packed_scores, reward_scores, shared_prefix_scores
 
     adapter = LOSS_ADAPTERS[cfg.loss]
 
     def loss_fn(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        if "prefix_ids" in batch:  # groups' common prompt run once (decoder reward models)
+        if "packed_input_ids" in batch:  # one row per prompt: [prompt, item 1, ..., item K]
+            scores = packed_scores(model, batch)  # N
+        elif "prefix_ids" in batch:  # groups' common prompt run once (decoder reward models)
             scores = shared_prefix_scores(model, batch)  # N
         else:
             scores = reward_scores(model, batch["input_ids"], batch["attention_mask"])  # N
@@ -249,13 +251,17 @@ def train_one(cfg: RewardConfig, tokenizer: Any, train: list[dict], data: dict, 
         "data": f"{len(train)} training groups ({n_items} sequences, loss `{cfg.loss}`), {len(data['eval'])} "
                 f"held-out groups, {len(gold)} gold-scored samples, {len(norm_rows)} normalisation samples"})
     loss_fn, pad = make_loss_fn(cfg), tokenizer.pad_token_id
-    from alignkit.models.reward_model import shares_prefixes
+    from alignkit.models.last_token import supports_last_token
+    from alignkit.models.reward_model import hf_model, shares_prefixes
+    from alignkit.ops.prefix import accepts_packed_masks
 
     share = cfg.share_prefixes and shares_prefixes(loop.model) and loop.world == 1  # see alignkit.ops.prefix
+    config = hf_model(loop.model).config
+    pack_config = config if share and supports_last_token(loop.model) and accepts_packed_masks(config) else None
     start = loop.resume()
     for _ in range(start, loop.total_steps):
         t0 = time.perf_counter()
-        micro = [collate_groups([train[i] for i in idx], pad, share_prefixes=share)
+        micro = [collate_groups([train[i] for i in idx], pad, share_prefixes=share, pack_config=pack_config)
                  for idx in loop.micro_batch_indices(len(train), loop.step)]
         metrics = loop.update([to_device(mb, loop.accelerator.device) for mb in micro], loss_fn)
         metrics["perf/sequences_per_s"] = sum(len(mb["input_ids"]) for mb in micro) / (time.perf_counter() - t0)

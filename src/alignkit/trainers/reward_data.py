@@ -97,13 +97,17 @@ def load_reward_data(cfg: Any, tokenizer: Any) -> dict[str, Any]:
     return out
 
 
-def collate_groups(groups: list[dict], pad_id: int, *, share_prefixes: bool = False) -> dict[str, Any]:
+def collate_groups(groups: list[dict], pad_id: int, *, share_prefixes: bool = False,
+                   pack_config: Any = None) -> dict[str, Any]:
     """All items of the groups right-padded into one batch, with the group layout.
 
     With `share_prefixes` the batch also holds the `shared_prefix_layout` of the groups (each group's
     common prompt prefix once, and the items' suffixes), which decoder reward models score with
     `shared_prefix_scores`: same rewards, fewer tokens; only when that saves enough tokens to be
-    faster (`alignkit.ops.prefix.worth_sharing`).
+    faster (`alignkit.ops.prefix.worth_sharing`). With `pack_config` (the config of a model that
+    `packed_scores` can score) the groups are instead packed one row per prompt, [prompt, item 1, ...,
+    item K] under a 4D mask, when that saves FLOPs (`alignkit.ops.prefix.packing_pays`): one forward
+    pass, no KV cache.
 
     Shapes:
         input_ids, attention_mask: N×T (N items); index: G×K (item of each group slot, -1 = none);
@@ -125,7 +129,8 @@ def collate_groups(groups: list[dict], pad_id: int, *, share_prefixes: bool = Fa
     layout = {}
     if share_prefixes and k > 1:  # groups of one share nothing
         groups_of = [[int(i) for i in row if i >= 0] for row in index]
-        layout = shared_prefix_layout(rows, groups_of, pad_id, only_if_worth=True) or {}
+        layout = packed_groups(rows, groups_of, pad_id, pack_config) if pack_config is not None else None
+        layout = layout or shared_prefix_layout(rows, groups_of, pad_id, only_if_worth=True) or {}
     return {
         **layout,
         "input_ids": ids, "attention_mask": mask, "index": index,
@@ -134,3 +139,21 @@ def collate_groups(groups: list[dict], pad_id: int, *, share_prefixes: bool = Fa
         "margin": torch.tensor([m or 0.0 for m in margins]) if any(m is not None for m in margins) else None,
         "n_terms": len(rows) if per_item else len(groups),
     }
+
+
+def packed_groups(rows: list[list[int]], groups_of: list[list[int]], pad_id: int, config: Any) -> dict | None:
+    """The items packed one row per common prefix (`packed_prompt_layout`) with each item's read
+    position, or None when packing would not save FLOPs (`packing_pays`)."""
+    from alignkit.ops.prefix import packed_prompt_layout, packing_pays, shared_prefix_layout
+
+    shared = shared_prefix_layout(rows, groups_of, pad_id)
+    prefix_ids, prefix_mask = shared["prefix_ids"][shared["prefix_index"]], shared["prefix_mask"][shared["prefix_index"]]
+    packed = packed_prompt_layout(prefix_ids, prefix_mask, shared["suffix_ids"], shared["suffix_mask"], pad_id)
+    n_rows, width = packed["input_ids"].shape
+    width_p, width_s = prefix_ids.shape[1], shared["suffix_ids"].shape[1]
+    if not packing_pays(config, len(rows), n_rows, width_p, width_s, (width - width_p) // width_s):
+        return None
+    ends = shared["suffix_mask"].sum(dim=1) - 1  # N: each item's last suffix token
+    read_col = packed["columns"].gather(1, ends[:, None]).squeeze(1)
+    return {"packed_input_ids": packed["input_ids"], "packed_attention_mask": packed["attention_mask"],
+            "packed_position_ids": packed["position_ids"], "read_row": packed["group"][:, 0], "read_col": read_col}

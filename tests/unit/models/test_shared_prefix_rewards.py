@@ -57,6 +57,54 @@ def test_shared_prefix_rewards_and_gradients_equal_full_sequences():
         torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
 
 
+def _groups_as_records(rows, groups):
+    return [{"items": [rows[i] for i in items], "best": 0} for items in groups]
+
+
+def test_packed_rewards_and_gradients_equal_full_sequences(monkeypatch):
+    """[prefix, item 1, ..., item K] packed one row per prefix under a 4D mask, read at each item's end."""
+    from alignkit.models.reward_model import packed_scores
+    from alignkit.ops import prefix
+    from alignkit.trainers.reward_data import collate_groups
+
+    model = tiny_classifier()
+    ids, mask = right_pad(ROWS, PAD)
+    full = reward_scores(model, ids, mask)
+    (full * torch.arange(1.0, 9.0)).sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    monkeypatch.setattr(prefix, "PACKING_MARGIN", float("inf"))  # pack these tiny rows
+    batch = collate_groups(_groups_as_records(ROWS, GROUPS), PAD, share_prefixes=True, pack_config=model.config)
+    assert batch["packed_input_ids"].shape[0] == 4  # one row per distinct prefix
+    # distinct left-padded prefixes in sorted order: [0,0,1,20], [0,0,1,22], [0,1,5,6], [1,12,13,14]
+    assert batch["read_row"].tolist() == [2, 2, 3, 3, 3, 0, 1, 1]
+    # prefix width 4, then 3 slots of 3 columns (the longest suffix); each item read at its last token
+    assert batch["read_col"].tolist() == [6, 8, 5, 7, 10, 4, 4, 9]
+    packed = packed_scores(model, batch)
+    torch.testing.assert_close(packed, full, atol=1e-5, rtol=0)
+    (packed * torch.arange(1.0, 9.0)).sum().backward()
+    for p, g in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
+
+
+def test_packing_only_when_it_saves_flops(monkeypatch):
+    from alignkit.ops.prefix import packing_pays
+    from alignkit.trainers.reward_data import collate_groups
+
+    model = tiny_classifier()
+    records = _groups_as_records(ROWS, GROUPS)
+    # hidden 32: per token 2 * (4 * 32^2 + 3 * 32 * 64) = 20480 FLOPs, attention 128 W^2 per row:
+    # 8 rows of 6 vs 4 packed rows of up to 4 + 3 * 4 columns: attention grows more than tokens shrink
+    assert not packing_pays(model.config, 8, 4, 4, 4, 3)
+    batch = collate_groups(records, PAD, share_prefixes=True, pack_config=model.config)
+    assert "packed_input_ids" not in batch
+    # the benchmark's shape: hidden 256, MLP 688; 16 rows of 16 + 32 tokens, 8 packed rows of 16 + 2 * 32
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=688)
+    assert packing_pays(config, 16, 8, 16, 32, 2)
+
+
 def test_sharing_only_when_it_removes_enough_tokens(monkeypatch):
     from alignkit.ops import prefix
     from alignkit.ops.prefix import MIN_SAVING, worth_sharing
