@@ -105,15 +105,24 @@ def reward_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     config = hf_model(model).config
     pad = config.pad_token_id if pad_token_id is None else pad_token_id
     mask = attention_mask.long()
-    if pad is not None and bool(((input_ids == pad) & mask.bool()).any()):
-        raise AlignkitError(f"the pad id {pad} occurs inside a sequence; the reward would be read at the wrong "
-                            "token. Use a tokenizer whose pad token is distinct (alignkit's loader adds one)")
+    _refuse_inner_pads(input_ids, mask, pad)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # B×T
     # The last layer at the read token only, for the models that allow it (alignkit.models.last_token).
     scores = last_token_scores(model, input_ids, mask, positions, last_token_index(mask))
     if scores is None:
         scores = model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits[:, 0]
-    scores = scores.float()  # B
+    return _with_bias(model, scores.float(), apply_bias)  # B
+
+
+def _refuse_inner_pads(input_ids: torch.Tensor, mask: torch.Tensor, pad: int | None) -> None:
+    if pad is not None and bool(((input_ids == pad) & mask.bool()).any()):
+        raise AlignkitError(f"the pad id {pad} occurs inside a sequence; the reward would be read at the wrong "
+                            "token. Use a tokenizer whose pad token is distinct (alignkit's loader adds one)")
+
+
+def _with_bias(model: torch.nn.Module, scores: torch.Tensor, apply_bias: bool) -> torch.Tensor:
+    """`scores` plus the stored normalisation bias `reward_bias` when asked and the head has no bias."""
+    config = hf_model(model).config
     if apply_bias and not getattr(config, CONFIG_BIAS_FOLDED, True) and type(hf_model(model)).__name__ != REMOTE_CLASS:
         scores = scores + float(getattr(config, CONFIG_BIAS, 0.0))
     return scores
@@ -147,28 +156,34 @@ def shared_prefix_scores(model: torch.nn.Module, layout: dict[str, torch.Tensor]
     return out.logits[:, 0].float()
 
 
-def packed_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def packed_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, apply_bias: bool = False) -> torch.Tensor:
     """Rewards of N sequences packed by prompt (`alignkit.ops.prefix.packed_prompt_layout`), one pass.
 
-    `batch` (from `alignkit.trainers.reward_data.collate_groups`) holds the sequences (`input_ids`,
-    `attention_mask`, checked for pad ids inside them), the packed rows (`packed_input_ids`, `packed_attention_mask` G×1×W×W,
-    `packed_position_ids`) and where each sequence ends (`read_row`, `read_col`, N); the head reads
-    there through `last_token_scores`, so only models it supports are packed (`collate_groups`
-    checks). The rewards equal `reward_scores` of the full rows to float rounding, gradients included.
+    `batch` (from `alignkit.trainers.reward_data.collate_groups` or `packed_groups`) holds the
+    sequences (`input_ids`, `attention_mask`, checked for pad ids inside them), the packed rows
+    (`packed_input_ids`, `packed_attention_mask` G×1×W×W, `packed_position_ids`) and where each
+    sequence ends (`read_row`, `read_col`, N); the head reads there through `last_token_scores`, so
+    only models it supports are packed (`supports_packing`). The rewards equal `reward_scores` of
+    the full rows to float rounding, gradients included; `apply_bias` as there.
 
     Shapes:
         returns: N float.
     """
-    pad = hf_model(model).config.pad_token_id
-    if pad is not None and bool(((batch["input_ids"] == pad) & batch["attention_mask"].bool()).any()):
-        raise AlignkitError(f"the pad id {pad} occurs inside a sequence; the reward would be read at the wrong "
-                            "token. Use a tokenizer whose pad token is distinct (alignkit's loader adds one)")
+    _refuse_inner_pads(batch["input_ids"], batch["attention_mask"], hf_model(model).config.pad_token_id)
     scores = last_token_scores(model, batch["packed_input_ids"], batch["packed_attention_mask"],
                                batch["packed_position_ids"], batch["read_col"], rows=batch["read_row"])
     if scores is None:
         raise AlignkitError("packed rows need a model that `last_token_scores` supports (a Llama-family "
                             "classifier outside DDP/FSDP)")
-    return scores.float()
+    return _with_bias(model, scores.float(), apply_bias)
+
+
+def supports_packing(model: torch.nn.Module) -> bool:
+    """Whether `packed_scores` can score `model`: `last_token_scores` supports it and its attention takes 4D masks."""
+    from alignkit.models.last_token import supports_last_token
+    from alignkit.ops.prefix import accepts_packed_masks
+
+    return supports_last_token(model) and accepts_packed_masks(hf_model(model).config)
 
 
 def normalization(scores: torch.Tensor) -> tuple[float, float]:

@@ -97,7 +97,8 @@ class RewardModelScorer:
         _check_batch(prompts, responses)
         if self.segments != "none":
             return self._segment_sums(prompts, responses)
-        from alignkit.models.reward_model import reward_scores
+        from alignkit.data.collate import to_device
+        from alignkit.models.reward_model import packed_scores, reward_scores
 
         rows = [encode_scored(self.tokenizer, p, r, self.max_length) for p, r in zip(prompts, responses, strict=True)]
         device = next(self.model.parameters()).device
@@ -105,8 +106,25 @@ class RewardModelScorer:
         with torch.inference_mode():
             for i in range(0, len(rows), self.batch_size):
                 ids, mask = right_pad(rows[i : i + self.batch_size], self.tokenizer.pad_token_id)
-                out.append(reward_scores(self.model, ids.to(device), mask.to(device), apply_bias=True).cpu())
+                packed = self._packed(rows[i : i + self.batch_size], prompts[i : i + self.batch_size])
+                if packed is not None:  # responses to one prompt packed into one row (k samples per prompt)
+                    batch = to_device({"input_ids": ids, "attention_mask": mask, **packed}, device)
+                    out.append(packed_scores(self.model, batch, apply_bias=True).cpu())
+                else:
+                    out.append(reward_scores(self.model, ids.to(device), mask.to(device), apply_bias=True).cpu())
         return torch.cat(out) if out else torch.empty(0)
+
+    def _packed(self, rows: list[list[int]], prompts: list[Any]) -> dict | None:
+        """`packed_groups` of rows grouped by equal prompt, or None (nothing repeated, model or FLOPs)."""
+        from alignkit.models.reward_model import hf_model, supports_packing
+        from alignkit.trainers.reward_data import packed_groups
+
+        groups: dict[str, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            groups.setdefault(repr(prompt), []).append(i)
+        if len(groups) == len(rows) or not supports_packing(self.model):
+            return None
+        return packed_groups(rows, list(groups.values()), self.tokenizer.pad_token_id, hf_model(self.model).config)
 
     def _segment_sums(self, prompts: list[Any], responses: list[str]) -> torch.Tensor:
         """sum_k r(x, y, y_k): the head read at the end of each segment in one pass (Eq. 10.67-10.68)."""

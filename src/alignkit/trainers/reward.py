@@ -251,13 +251,10 @@ def train_one(cfg: RewardConfig, tokenizer: Any, train: list[dict], data: dict, 
         "data": f"{len(train)} training groups ({n_items} sequences, loss `{cfg.loss}`), {len(data['eval'])} "
                 f"held-out groups, {len(gold)} gold-scored samples, {len(norm_rows)} normalisation samples"})
     loss_fn, pad = make_loss_fn(cfg), tokenizer.pad_token_id
-    from alignkit.models.last_token import supports_last_token
-    from alignkit.models.reward_model import hf_model, shares_prefixes
-    from alignkit.ops.prefix import accepts_packed_masks
+    from alignkit.models.reward_model import hf_model, shares_prefixes, supports_packing
 
     share = cfg.share_prefixes and shares_prefixes(loop.model) and loop.world == 1  # see alignkit.ops.prefix
-    config = hf_model(loop.model).config
-    pack_config = config if share and supports_last_token(loop.model) and accepts_packed_masks(config) else None
+    pack_config = hf_model(loop.model).config if share and supports_packing(loop.model) else None
     start = loop.resume()
     for _ in range(start, loop.total_steps):
         t0 = time.perf_counter()

@@ -212,3 +212,23 @@ def test_token_chunks_join_back_to_the_text_with_a_metaspace_tokenizer():
     assert "".join(naive) != tokenizer.decode(tokenizer(text)["input_ids"])  # the bug this guards against
     pieces = split_text(text, "chunks:3", tokenizer)
     assert len(pieces) == 3 and "".join(pieces) == tokenizer.decode(tokenizer(text)["input_ids"])
+
+
+def test_scorer_packs_the_responses_to_one_prompt_into_one_row(rm, monkeypatch):
+    """k responses per prompt (as RL scores them): one packed row per prompt, the same rewards."""
+    from alignkit.ops import prefix
+
+    model, tokenizer = rm
+    prompts = ["The film", "The film", "I think", "The film", "I think"]
+    responses = [" was great.", " bored me to tears.", " it works", " was fine", " not"]
+    monkeypatch.setattr(prefix, "PACKING_MARGIN", 0.0)
+    expected = RewardModelScorer(model, tokenizer)(prompts, responses)
+    monkeypatch.setattr(prefix, "PACKING_MARGIN", float("inf"))  # pack these tiny rows
+    calls: list = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True)
+    try:
+        packed = RewardModelScorer(model, tokenizer)(prompts, responses)
+    finally:
+        handle.remove()
+    assert len(calls) == 1 and calls[0][0] == 2  # two distinct prompts, one row each
+    torch.testing.assert_close(packed, expected, atol=1e-5, rtol=0)
