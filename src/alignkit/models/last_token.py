@@ -20,6 +20,7 @@ duration of the call: do not run the same model from two threads at once.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -70,15 +71,16 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def last_token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      position_ids: torch.Tensor, last: torch.Tensor,
-                      rows: torch.Tensor | None = None) -> torch.Tensor | None:
+                      position_ids: torch.Tensor, last: torch.Tensor, rows: torch.Tensor | None = None,
+                      keys_mask: torch.Tensor | None = None) -> torch.Tensor | None:
     """Head outputs N at (row `rows[n]`, column `last[n]`): the classifier's logits there, fewer FLOPs.
 
     None when `model` needs the full forward (`supports_last_token` is False). With a 2D padding mask
     (B×T, rows = 0..B-1 by default), `last[b]` must be row b's last real token (every key the row
     attends to is at or before it), as `last_token_index(attention_mask)` gives. With a 4D mask (B×1×T×T
     bool, True: attend; `alignkit.ops.prefix.packed_prompt_layout`), several sequences share a row and
-    each read n sees the keys of mask row `last[n]`.
+    each read n sees the keys of mask row `last[n]`; when `attention_mask` is the additive form an
+    eager model reads (`alignkit.ops.prefix.packed_attention`), pass the bool mask as `keys_mask`.
 
     Shapes:
         input_ids, position_ids: B×T; attention_mask: B×T or B×1×T×T; last, rows: N long; returns N
@@ -106,7 +108,8 @@ def last_token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention
         rotary = backbone.rotary_emb(hidden, position_ids)
     rows = torch.arange(hidden.shape[0], device=hidden.device) if rows is None else rows
     if attention_mask.dim() == 4:
-        keys_seen = attention_mask[rows, 0, last].bool()[:, None, None, :]  # N×1×1×T: this read's keys
+        keys_mask = attention_mask if keys_mask is None else keys_mask
+        keys_seen = keys_mask[rows, 0, last].bool()[:, None, None, :]  # N×1×1×T: this read's keys
     else:
         keys_seen = attention_mask.bool()[rows][:, None, None, :]  # real tokens, all at or before `last`
     return _last_layer(layer, backbone, hf.score, hidden, rotary, keys_seen, rows, last)
@@ -127,11 +130,36 @@ def _last_layer(layer: Any, backbone: Any, head: torch.nn.Module, hidden: torch.
     cos_q, sin_q = cos[rows, :, last][:, :, None], sin[rows, :, last][:, :, None]  # N×1×1×D
     query = (query * cos_q + _rotate_half(query) * sin_q).to(key.dtype)
     key = (key * cos + _rotate_half(key) * sin).to(value.dtype)
-    if reads != batch or not torch.equal(rows, torch.arange(batch, device=rows.device)):
-        key, value = key[rows], value[rows]  # N×Hkv×T×D: the row each read attends in
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=keys_seen, dropout_p=attn.attention_dropout if attn.training else 0.0,
-        scale=attn.scaling, enable_gqa=query.shape[1] != n_kv)
+    attend = partial(F.scaled_dot_product_attention, dropout_p=attn.attention_dropout if attn.training else 0.0,
+                     scale=attn.scaling, enable_gqa=query.shape[1] != n_kv)
+    if reads == batch and torch.equal(rows, torch.arange(batch, device=rows.device)):
+        out = attend(query, key, value, attn_mask=keys_seen)  # N×Hq×1×D
+    else:
+        out = _grouped_reads(attend, query, key, value, keys_seen, rows)
     x = hidden[rows, last][:, None] + attn.o_proj(out.transpose(1, 2).reshape(reads, 1, -1))
     x = x + layer.mlp(layer.post_attention_layernorm(x))
     return head(backbone.norm(x))[:, 0, 0]
+
+
+def _grouped_reads(attend: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   keys_seen: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Attention of N reads that share rows (packed sequences) against their row's keys, uncopied.
+
+    The reads of row g become query slots 0..k_g-1 of a B×Hq×k×D query (k the most reads of a row),
+    each with its own mask row; empty slots see column 0 only (finite, never read).
+
+    Shapes:
+        query: N×Hq×1×D; key, value: B×Hkv×T×D; keys_seen: N×1×1×T; rows: N. returns N×Hq×1×D.
+    """
+    batch, reads = key.shape[0], rows.shape[0]
+    order = torch.argsort(rows, stable=True)
+    counts = torch.bincount(rows, minlength=batch)
+    slot = torch.empty_like(rows)
+    slot[order] = torch.arange(reads, device=rows.device) - (counts.cumsum(0) - counts)[rows[order]]
+    slots = int(counts.max())
+    grouped = query.new_zeros(batch, query.shape[1], slots, query.shape[3])
+    grouped[rows, :, slot] = query[:, :, 0]
+    mask = keys_seen.new_zeros(batch, 1, slots, keys_seen.shape[-1])
+    mask[:, 0, :, 0] = True  # empty slots
+    mask[rows, 0, slot] = keys_seen[:, 0, 0]
+    return attend(grouped, key, value, attn_mask=mask)[rows, :, slot][:, :, None]  # N×Hq×1×D

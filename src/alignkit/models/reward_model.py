@@ -30,7 +30,7 @@ import torch
 
 from alignkit.errors import AlignkitError
 from alignkit.models.last_token import last_token_scores
-from alignkit.ops.prefix import prefix_cache_forward
+from alignkit.ops.prefix import packed_attention, prefix_cache_forward
 
 CONFIG_GAIN = "reward_gain"
 CONFIG_BIAS = "reward_bias"
@@ -170,8 +170,11 @@ def packed_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, app
         returns: N float.
     """
     _refuse_inner_pads(batch["input_ids"], batch["attention_mask"], hf_model(model).config.pad_token_id)
-    scores = last_token_scores(model, batch["packed_input_ids"], batch["packed_attention_mask"],
-                               batch["packed_position_ids"], batch["read_col"], rows=batch["read_row"])
+    config, mask = hf_model(model).config, batch["packed_attention_mask"]
+    dtype = next(model.parameters()).dtype
+    scores = last_token_scores(model, batch["packed_input_ids"], packed_attention(mask, config, dtype),
+                               batch["packed_position_ids"], batch["read_col"], rows=batch["read_row"],
+                               keys_mask=mask)
     if scores is None:
         raise AlignkitError("packed rows need a model that `last_token_scores` supports (a Llama-family "
                             "classifier outside DDP/FSDP)")

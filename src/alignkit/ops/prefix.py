@@ -138,24 +138,38 @@ def prefix_cache_forward(model: Any, layout: dict[str, torch.Tensor], **first_kw
 # ---------------------------------------------------------------------------------------------------
 
 PACKING_MARGIN = 0.9  # pack when the estimated FLOPs fall below this fraction of the plain pass's
+PACKED_MAX_WIDTH = 2048  # widest packed row: its G×1×W×W mask and attention scores grow with W^2
+PACKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # rotary positions from position_ids, 4D masks honoured
 
 
 def accepts_packed_masks(config: Any) -> bool:
-    """Whether a model takes `packed_prompt_layout`'s 4D mask as given: its attention is `sdpa` or `eager`
-    (flash-attention kernels read only 2D padding masks) and it has no sliding window."""
-    return (config is not None and getattr(config, "_attn_implementation", None) in {"sdpa", "eager"}
+    """Whether a model takes `packed_prompt_layout`'s rows: a Llama-family model (positions from
+    `position_ids`, not from the mask or the column) whose attention is `sdpa` or `eager` (flash-
+    attention kernels read only 2D padding masks), without a sliding window."""
+    return (config is not None and getattr(config, "model_type", None) in PACKED_MODEL_TYPES
+            and getattr(config, "_attn_implementation", None) in {"sdpa", "eager"}
             and model_allows_sharing(config))
 
 
+def packed_attention(mask: torch.Tensor, config: Any, dtype: torch.dtype) -> torch.Tensor:
+    """The 4D mask in the form the model's attention reads: bool for sdpa, additive (0 / lowest) for eager."""
+    if config._attn_implementation != "eager":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
 def packing_pays(config: Any, rows: int, groups: int, prompt_width: int, suffix_width: int, slots: int) -> bool:
-    """Whether one packed row per prompt costs fewer FLOPs than one row per sequence (by `PACKING_MARGIN`).
+    """Whether one packed row per prompt costs fewer FLOPs than one row per sequence (by `PACKING_MARGIN`),
+    for rows at most `PACKED_MAX_WIDTH` wide.
 
     Per token, a layer's projections cost 2 * (4 H^2 + 3 H I) FLOPs (GQA and biases ignored); attention
     under a dense mask costs 4 H W^2 per row of width W, which packing makes wider (W = P + k S).
     """
+    plain_width, packed_width = prompt_width + suffix_width, prompt_width + slots * suffix_width
+    if packed_width > PACKED_MAX_WIDTH:
+        return False
     hidden = config.hidden_size
     per_token = 2 * (4 * hidden * hidden + 3 * hidden * getattr(config, "intermediate_size", 4 * hidden))
-    plain_width, packed_width = prompt_width + suffix_width, prompt_width + slots * suffix_width
     plain = rows * (plain_width * per_token + 4 * hidden * plain_width**2)
     packed = groups * (packed_width * per_token + 4 * hidden * packed_width**2)
     return packed < PACKING_MARGIN * plain

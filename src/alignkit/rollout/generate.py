@@ -23,6 +23,7 @@ from transformers import StaticCache
 from alignkit.ops.prefix import (
     accepts_packed_masks,
     distinct_rows,
+    packed_attention,
     packed_prompt_layout,
     packing_pays,
     prefix_cache_forward,
@@ -296,13 +297,14 @@ def sequence_logprobs(
     if temperature != 1.0:
         logits = logits / temperature
     picked = logits[rows, columns, rollout.response_ids]  # B×R
-    # logsumexp row by row keeps its temporaries at C×V instead of N×C×V.
-    lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])  # N×C
+    # logsumexp over chunks of R columns keeps its temporaries at R×V instead of N×C×V.
+    chunks = logits.reshape(-1, logits.shape[-1]).split(max(width_r, 1))
+    lse = torch.cat([torch.logsumexp(chunk, dim=-1) for chunk in chunks]).view(logits.shape[:2])  # N×C
     mask = rollout.response_mask
     logprobs = torch.where(mask, picked - lse[rows, columns], 0.0)
     if not with_entropy:
         return logprobs
-    expected = torch.stack([(row.softmax(dim=-1) * row).sum(dim=-1) for row in logits])  # N×C
+    expected = torch.cat([(chunk.softmax(dim=-1) * chunk).sum(dim=-1) for chunk in chunks]).view(lse.shape)
     return logprobs, torch.where(mask, (lse - expected)[rows, columns], 0.0)
 
 
@@ -341,11 +343,10 @@ def _packed_logits(model, rollout: Rollout, config) -> tuple[torch.Tensor, ...]:
     pad = getattr(config, "pad_token_id", None)
     layout = packed_prompt_layout(rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids,
                                   rollout.response_mask, 0 if pad is None else pad)
-    attention = layout["attention_mask"]
-    if config._attn_implementation == "eager":  # eager attention adds its mask to the scores
-        dtype = next(p for p in model.parameters()).dtype if hasattr(model, "parameters") else torch.float32
-        attention = torch.zeros(attention.shape, dtype=dtype, device=attention.device).masked_fill(
-            ~attention, torch.finfo(dtype).min)
+    dtype = next(model.parameters()).dtype if hasattr(model, "parameters") else torch.float32
+    attention = packed_attention(layout["attention_mask"], config, dtype)
+    keep = layout["keep"]
     out = model(input_ids=layout["input_ids"], attention_mask=attention, position_ids=layout["position_ids"],
-                use_cache=False, logits_to_keep=layout["keep"])
-    return out.logits, layout["group"], layout["take"]
+                use_cache=False, logits_to_keep=keep)
+    logits = out.logits if out.logits.shape[1] == keep.shape[0] else out.logits[:, keep]  # kept or ignored
+    return logits, layout["group"], layout["take"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from alignkit.models.reward_model import reward_scores, shared_prefix_scores
@@ -11,13 +12,13 @@ from alignkit.rollout.score import right_pad
 PAD = 0
 
 
-def tiny_classifier():
+def tiny_classifier(attn: str = "sdpa"):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          intermediate_size=64, vocab_size=50, max_position_embeddings=64, pad_token_id=PAD,
-                         num_labels=1)
+                         num_labels=1, attn_implementation=attn)
     return LlamaForSequenceClassification(config).eval()
 
 
@@ -61,13 +62,15 @@ def _groups_as_records(rows, groups):
     return [{"items": [rows[i] for i in items], "best": 0} for items in groups]
 
 
-def test_packed_rewards_and_gradients_equal_full_sequences(monkeypatch):
-    """[prefix, item 1, ..., item K] packed one row per prefix under a 4D mask, read at each item's end."""
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rewards_and_gradients_equal_full_sequences(monkeypatch, attn):
+    """[prefix, item 1, ..., item K] packed one row per prefix under a 4D mask, read at each item's end
+    (eager attention adds its mask to the scores: it gets the additive form)."""
     from alignkit.models.reward_model import packed_scores
     from alignkit.ops import prefix
     from alignkit.trainers.reward_data import collate_groups
 
-    model = tiny_classifier()
+    model = tiny_classifier(attn)
     ids, mask = right_pad(ROWS, PAD)
     full = reward_scores(model, ids, mask)
     (full * torch.arange(1.0, 9.0)).sum().backward()
@@ -103,6 +106,19 @@ def test_packing_only_when_it_saves_flops(monkeypatch):
 
     config = LlamaConfig(hidden_size=256, intermediate_size=688)
     assert packing_pays(config, 16, 8, 16, 32, 2)
+    assert not packing_pays(config, 16, 1, 16, 128, 16)  # 16 + 16 * 128 columns > PACKED_MAX_WIDTH
+
+
+def test_only_llama_family_models_with_sdpa_or_eager_attention_are_packed():
+    from transformers import BloomConfig, LlamaConfig, Qwen2Config
+
+    from alignkit.ops.prefix import accepts_packed_masks
+
+    assert accepts_packed_masks(LlamaConfig(attn_implementation="sdpa"))
+    assert accepts_packed_masks(Qwen2Config(attn_implementation="eager"))
+    assert not accepts_packed_masks(LlamaConfig(attn_implementation="flash_attention_2"))  # reads 2D masks only
+    assert not accepts_packed_masks(BloomConfig(attn_implementation="sdpa"))  # ALiBi: positions from the mask
+    assert not accepts_packed_masks(None)
 
 
 def test_sharing_only_when_it_removes_enough_tokens(monkeypatch):

@@ -282,6 +282,22 @@ def test_shared_prompt_forward_equals_one_pass_with_gradients(tokenizer, monkeyp
     assert (lp1 - rollout.logprobs).abs().max() < 1e-5
 
 
+def test_packed_logprobs_when_the_model_ignores_logits_to_keep(tokenizer, monkeypatch):
+    """A model that returns every column (older transformers, remote code): the kept columns are picked."""
+    from alignkit.ops import prefix
+
+    monkeypatch.setattr(prefix, "PACKING_MARGIN", float("inf"))
+    model = build_tiny_llama(len(tokenizer)).eval()
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS[:2])
+    rollout = _sample(model, tokenizer, ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0))
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, logits_to_keep=0, **kw: forward(*a, **kw))
+    with torch.no_grad():
+        packed = sequence_logprobs(model, rollout)
+        plain = sequence_logprobs(model, rollout, share_prompts=False)
+    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=0)
+
+
 def test_packed_layout_by_hand():
     """Two rows of prompt [7, 8] (one with a pad), one of [9]: rows, masks, positions and read columns."""
     from alignkit.ops.prefix import packed_prompt_layout
