@@ -1,4 +1,4 @@
-"""Run a shared prefix once: groups of sequences that start with the same prompt, scored in two passes.
+"""Run a shared prefix once: groups of sequences that start with the same prompt, in one or two passes.
 
 The items of a preference group (chosen and rejected, K ranked responses) and the k samples of one
 prompt all start with the same prompt tokens, and a causal model computes the same keys and values
@@ -14,6 +14,15 @@ the prefix keys copied per item), so sharing pays only when it removes enough to
 the benchmark's Llama (hidden 256, 4 layers; forward + backward of 8 rows, 32 response tokens),
 removing 25% of the tokens made it 14% slower, 38% 5% slower, 50% 1.2x faster, 60% 1.6x faster.
 Callers share when `worth_sharing` (at least `MIN_SAVING` of the tokens removed).
+
+Packing avoids the second call: `packed_prompt_layout` lays each distinct prompt out once per row,
+followed by its K suffixes side by side, under a 4D mask in which a suffix sees its prompt and
+itself only, at the positions it has in its own sequence. One forward call, no cache, so it also
+works under DDP. The cost is attention over wider rows with a dense mask, so callers pack when
+`packing_pays` (FLOP estimate at least 10% lower, rows at most `PACKED_MAX_WIDTH` wide) and the
+model is a Llama-family model with sdpa or eager attention (`accepts_packed_masks`). On the
+benchmark's shapes it removes 25% (RL: 2 prompts x 4 samples) and 17% (reward pairs) of the tokens:
+a GRPO policy forward + backward went from 71 to 62 ms, a reward step from 89 to 78 ms.
 """
 
 from __future__ import annotations
