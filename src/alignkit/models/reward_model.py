@@ -169,10 +169,9 @@ def packed_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, app
     Shapes:
         returns: N float.
     """
-    _refuse_inner_pads(batch["input_ids"], batch["attention_mask"], hf_model(model).config.pad_token_id)
     config, mask = hf_model(model).config, batch["packed_attention_mask"]
-    dtype = next(model.parameters()).dtype
-    scores = last_token_scores(model, batch["packed_input_ids"], packed_attention(mask, config, dtype),
+    _refuse_inner_pads(batch["input_ids"], batch["attention_mask"], config.pad_token_id)
+    scores = last_token_scores(model, batch["packed_input_ids"], packed_attention(mask, config, model.dtype),
                                batch["packed_position_ids"], batch["read_col"], rows=batch["read_row"],
                                keys_mask=mask)
     if scores is None:

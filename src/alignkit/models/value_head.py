@@ -103,6 +103,10 @@ class AdapterDisabledReference:
     def config(self) -> Any:
         return self.policy.config
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.policy.dtype
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with self.policy.disable_adapter():
             return self.policy(*args, **kwargs)

@@ -343,9 +343,7 @@ def _packed_logits(model, rollout: Rollout, config) -> tuple[torch.Tensor, ...]:
     pad = getattr(config, "pad_token_id", None)
     layout = packed_prompt_layout(rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids,
                                   rollout.response_mask, 0 if pad is None else pad)
-    owner = model if hasattr(model, "parameters") else getattr(model, "policy", None)  # AdapterDisabledReference
-    dtype = next(owner.parameters()).dtype if owner is not None else torch.float32
-    attention = packed_attention(layout["attention_mask"], config, dtype)
+    attention = packed_attention(layout["attention_mask"], config, model.dtype)
     keep = layout["keep"]
     out = model(input_ids=layout["input_ids"], attention_mask=attention, position_ids=layout["position_ids"],
                 use_cache=False, logits_to_keep=keep)

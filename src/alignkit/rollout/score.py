@@ -117,6 +117,7 @@ class RewardModelScorer:
     def _packed(self, rows: list[list[int]], prompts: list[Any]) -> dict | None:
         """`packed_groups` of rows grouped by equal prompt, or None (nothing repeated, model or FLOPs)."""
         from alignkit.models.reward_model import hf_model, supports_packing
+        from alignkit.ops.prefix import shared_prefix_layout
         from alignkit.trainers.reward_data import packed_groups
 
         groups: dict[str, list[int]] = {}
@@ -124,7 +125,8 @@ class RewardModelScorer:
             groups.setdefault(repr(prompt), []).append(i)
         if len(groups) == len(rows) or not supports_packing(self.model):
             return None
-        return packed_groups(rows, list(groups.values()), self.tokenizer.pad_token_id, hf_model(self.model).config)
+        pad = self.tokenizer.pad_token_id
+        return packed_groups(shared_prefix_layout(rows, list(groups.values()), pad), pad, hf_model(self.model).config)
 
     def _segment_sums(self, prompts: list[Any], responses: list[str]) -> torch.Tensor:
         """sum_k r(x, y, y_k): the head read at the end of each segment in one pass (Eq. 10.67-10.68)."""

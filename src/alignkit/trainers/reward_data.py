@@ -129,8 +129,11 @@ def collate_groups(groups: list[dict], pad_id: int, *, share_prefixes: bool = Fa
     layout = {}
     if share_prefixes and k > 1:  # groups of one share nothing
         groups_of = [[int(i) for i in row if i >= 0] for row in index]
-        layout = packed_groups(rows, groups_of, pad_id, pack_config) if pack_config is not None else None
-        layout = layout or shared_prefix_layout(rows, groups_of, pad_id, only_if_worth=True) or {}
+        if pack_config is None:
+            layout = shared_prefix_layout(rows, groups_of, pad_id, only_if_worth=True) or {}
+        else:  # the shared layout is needed anyway: build it once, then pack it or keep it if it pays
+            shared = shared_prefix_layout(rows, groups_of, pad_id)
+            layout = packed_groups(shared, pad_id, pack_config) or (shared if saves_enough(shared) else {})
     return {
         **layout,
         "input_ids": ids, "attention_mask": mask, "index": index,
@@ -141,18 +144,30 @@ def collate_groups(groups: list[dict], pad_id: int, *, share_prefixes: bool = Fa
     }
 
 
-def packed_groups(rows: list[list[int]], groups_of: list[list[int]], pad_id: int, config: Any) -> dict | None:
-    """The items packed one row per common prefix (`packed_prompt_layout`) with each item's read
-    position, or None when packing would not save FLOPs (`packing_pays`)."""
-    from alignkit.ops.prefix import packed_prompt_layout, packing_pays, shared_prefix_layout
+def saves_enough(shared: dict[str, torch.Tensor]) -> bool:
+    """`worth_sharing` of a built `shared_prefix_layout`: the prefix tokens its items no longer repeat."""
+    from alignkit.ops.prefix import worth_sharing
 
-    shared = shared_prefix_layout(rows, groups_of, pad_id)
-    prefix_ids, prefix_mask = shared["prefix_ids"][shared["prefix_index"]], shared["prefix_mask"][shared["prefix_index"]]
-    packed = packed_prompt_layout(prefix_ids, prefix_mask, shared["suffix_ids"], shared["suffix_mask"], pad_id)
-    n_rows, width = packed["input_ids"].shape
+    prefix_lengths = shared["prefix_mask"].sum(dim=1)
+    per_item = prefix_lengths[shared["prefix_index"]]
+    saved = int(per_item.sum() - prefix_lengths.sum())
+    return worth_sharing(saved, int(per_item.sum() + shared["suffix_mask"].sum()))
+
+
+def packed_groups(shared: dict[str, torch.Tensor], pad_id: int, config: Any) -> dict | None:
+    """The items of a `shared_prefix_layout` packed one row per distinct prefix (`packed_prompt_layout`)
+    with each item's read position, or None (before any packed tensor is built) when packing would
+    not save FLOPs (`packing_pays`)."""
+    from alignkit.ops.prefix import distinct_rows, packed_prompt_layout, packing_pays
+
+    index = shared["prefix_index"]
+    prefix_ids, prefix_mask = shared["prefix_ids"][index], shared["prefix_mask"][index]
+    _, _, group = distinct_rows(prefix_ids, prefix_mask)
+    counts = torch.bincount(group)
     width_p, width_s = prefix_ids.shape[1], shared["suffix_ids"].shape[1]
-    if not packing_pays(config, len(rows), n_rows, width_p, width_s, (width - width_p) // width_s):
+    if not packing_pays(config, len(index), len(counts), width_p, width_s, int(counts.max())):
         return None
+    packed = packed_prompt_layout(prefix_ids, prefix_mask, shared["suffix_ids"], shared["suffix_mask"], pad_id)
     ends = shared["suffix_mask"].sum(dim=1) - 1  # N: each item's last suffix token
     read_col = packed["columns"].gather(1, ends[:, None]).squeeze(1)
     return {"packed_input_ids": packed["input_ids"], "packed_attention_mask": packed["attention_mask"],

@@ -100,7 +100,12 @@ def test_packing_only_when_it_saves_flops(monkeypatch):
     # 8 rows of 6 vs 4 packed rows of up to 4 + 3 * 4 columns: attention grows more than tokens shrink
     assert not packing_pays(model.config, 8, 4, 4, 4, 3)
     batch = collate_groups(records, PAD, share_prefixes=True, pack_config=model.config)
-    assert "packed_input_ids" not in batch
+    assert "packed_input_ids" not in batch and "prefix_ids" not in batch  # 0.34 of the tokens < MIN_SAVING
+    from alignkit.ops import prefix
+
+    monkeypatch.setattr(prefix, "MIN_SAVING", 0.34)  # not packed, but the KV-cache sharing now pays
+    batch = collate_groups(records, PAD, share_prefixes=True, pack_config=model.config)
+    assert "packed_input_ids" not in batch and batch["prefix_index"].tolist() == [0, 0, 1, 1, 1, 2, 3, 3]
     # the benchmark's shape: hidden 256, MLP 688; 16 rows of 16 + 32 tokens, 8 packed rows of 16 + 2 * 32
     from transformers import LlamaConfig
 
