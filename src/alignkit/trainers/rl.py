@@ -45,7 +45,8 @@ from alignkit.losses.kl import AdaptiveKLController, FixedKLController, kl_k3, k
 from alignkit.losses.rl_algorithms import ALGORITHMS, Algorithm
 from alignkit.ops.masking import masked_mean, masked_var
 from alignkit.rollout.evaluate import evaluate_policy
-from alignkit.rollout.generate import sample, sequence_logprobs, tokenize_prompts
+from alignkit.rollout.generate import sample, tokenize_prompts
+from alignkit.rollout.logprobs import sequence_logprobs
 from alignkit.rollout.rewards import ScoreNormalizer, score_index, shape_scores
 from alignkit.rollout.types import Rollout
 from alignkit.trainers.loop import TrainLoop, global_batch_indices

@@ -9,7 +9,8 @@ from tests.conftest import build_tiny_llama
 import alignkit.rollout.fast_decoder as fast_decoder
 import alignkit.rollout.generate as generate
 from alignkit.rollout.fast_decoder import FastDecoder
-from alignkit.rollout.generate import sample, sequence_logprobs
+from alignkit.rollout.generate import sample
+from alignkit.rollout.logprobs import sequence_logprobs
 
 
 def _tiny(kind: str, vocab: int) -> torch.nn.Module:

@@ -9,7 +9,8 @@ import torch
 from tests.conftest import build_tiny_llama, build_tiny_tokenizer
 from tests.unit.rollout.conftest import PROMPTS
 
-from alignkit.rollout.generate import filter_logits, sample, sequence_logprobs, tokenize_prompts
+from alignkit.rollout.generate import filter_logits, sample, tokenize_prompts
+from alignkit.rollout.logprobs import sequence_logprobs
 from alignkit.rollout.types import Rollout
 
 
