@@ -170,9 +170,10 @@ def _draw(logits, block_eos, *, temperature, top_k, top_p, generator) -> tuple[t
         logits = logits / temperature
     logp = logits.log_softmax(dim=-1)  # B×V: the policy's distribution, whose log-probs are recorded
     policy_probs = logp.exp()
-    # B, of the unfiltered distribution (as a trainer computes). Tokens at -inf (p = 0) add 0, not NaN:
-    # their log-prob is clamped to the lowest finite float (5x faster than xlogy, which takes a log again).
-    entropy = -(policy_probs * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(dim=-1)
+    # B, of the unfiltered distribution (as a trainer computes). A token at -inf (p = 0) gives 0 * -inf =
+    # NaN, which nansum skips: it adds 0 (5x faster than xlogy, which takes a log again, and one B×V pass
+    # fewer than clamping log p). NaN logits still show: their log-probs are NaN.
+    entropy = (policy_probs * logp).nansum(dim=-1).neg_()
     if block_eos is None and top_k <= 0 and top_p >= 1.0:
         probs = policy_probs  # no filter: sample the policy's distribution itself
     else:
@@ -227,15 +228,23 @@ def _sample_loop(model, prompt_ids, prompt_mask, draw, lengths, eos_token_id, pa
     next_pos = positions[:, -1] + 1  # B: position of the first response token
     tokens, logprobs, entropies = [], [], []
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    n_done = 0  # rows done before this step (a Python int: the loop's one sync per step)
     for step in range(max_new_tokens):
         block_eos = eos if step < min_new_tokens else None
         token, logprob, entropy = draw(logits, block_eos)
-        tokens.append(torch.where(done, pad_token_id, token))
-        logprobs.append(torch.where(done, 0.0, logprob))
-        entropies.append(torch.where(done, 0.0, entropy))
-        key_mask[:, width_p + step] = ~done
+        if n_done:
+            tokens.append(torch.where(done, pad_token_id, token))
+            logprobs.append(torch.where(done, 0.0, logprob))
+            entropies.append(torch.where(done, 0.0, entropy))
+            key_mask[:, width_p + step] = ~done
+        else:  # no row has ended yet: nothing to mask
+            tokens.append(token)
+            logprobs.append(logprob)
+            entropies.append(entropy)
+            key_mask[:, width_p + step] = True
         done = done | torch.isin(token, eos)
-        if bool(done.all()) or step == max_new_tokens - 1:
+        n_done = int(done.sum())
+        if n_done == batch or step == max_new_tokens - 1:
             break
         logits = step_logits(tokens[-1], next_pos, width_p + step)
         next_pos = next_pos + 1
