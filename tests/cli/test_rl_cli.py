@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -151,4 +152,46 @@ def test_kill_9_then_resume_gives_the_same_rollouts_and_beta(tmp_path, tiny_llam
     assert [r["rollout/hash"] for r in a] == [r["rollout/hash"] for r in b]  # same token ids after resume
     assert [r["objective/kl_coef"] for r in a] == [r["objective/kl_coef"] for r in b]  # same beta trajectory
     assert len({r["objective/kl_coef"] for r in a}) > 5  # beta did move
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-6)
+
+
+def launch_two(args: list[str]) -> subprocess.CompletedProcess:
+    """`accelerate launch` of `alignkit <args>` on two gloo CPU processes, one thread each."""
+    import socket
+
+    with socket.socket() as sock:  # a free port, so parallel or lingering runs do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    launch = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--main_process_port", port,
+              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "alignkit.cli", *args]
+    return subprocess.run(launch, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow  # two launches of two processes: ~1 min
+def test_two_processes_share_beta_so_a_resume_repeats_the_run(tmp_path, tiny_llama_dir, reward_dir, prompts):
+    # A checkpoint keeps the main process's beta and score normaliser, and every process resumes with
+    # them. If each process moved beta by its own KL, or normalised by its own first scores, the other
+    # process's would jump at the resume, and its rewards, the averaged gradients and the run would
+    # change from there (each of the two fails this test when reverted).
+    # KL target near the tiny model's KL (~0.03-0.12), so that beta's error is not clipped to the same
+    # +-20% on both processes.
+    steps = ["--optim.max_steps", "6", "--run.save_every", "3", "--kl.target", "0.08", "--kl.horizon", "20",
+             "--eval_prompts", "0", "--prompts_per_step", "2"]
+    ref = tmp_path / "ref"
+    res = launch_two(rl_args("ppo", tiny_llama_dir, reward_dir, prompts, ref, *steps))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "resumed"
+    shutil.copytree(ref, out)
+    shutil.rmtree(out / "final")
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step-3"]
+    res = launch_two(rl_args("ppo", tiny_llama_dir, reward_dir, prompts, out, *steps, "--resume"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stdout
+    a, b = step_rows(ref), step_rows(out)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert len({r["objective/kl_coef"] for r in a}) == 6  # beta moved every step
+    assert [r["objective/kl_coef"] for r in a] == [r["objective/kl_coef"] for r in b]
+    assert [r["rollout/hash"] for r in a] == [r["rollout/hash"] for r in b]
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-6)

@@ -91,11 +91,14 @@ def shape_scores(
     normalizer: ScoreNormalizer,
     missing_eos_penalty: float | None = None,
     clip: float | None = None,
+    batch_raw: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Normalise raw scores, apply the EOS trick, clip (in that order; see the module docstring).
 
     The normaliser is updated with this batch first (a no-op after the first batch in mode
-    ``initial``). With `missing_eos_penalty` p, a response cut at the length limit gets score p
+    ``initial``) from `batch_raw`: the raw scores of the whole batch, on every process (default `raw`;
+    a multi-process run passes all processes' scores, so that every process normalises alike). With
+    `missing_eos_penalty` p, a response cut at the length limit gets score p
     whatever the reward model said (the "EOS trick"), so the policy learns to finish its responses.
 
     Shapes:
@@ -106,7 +109,7 @@ def shape_scores(
     """
     if not torch.isfinite(raw).all():
         raise ValueError(f"non-finite reward-model score in the batch: {raw.tolist()}")
-    normalizer.update(raw)
+    normalizer.update(raw if batch_raw is None else batch_raw)
     scores = normalizer(raw.float())
     if missing_eos_penalty is not None:
         penalty = torch.full_like(scores, missing_eos_penalty)

@@ -283,8 +283,10 @@ def score_rollout(ctx: RLContext, rollout: Rollout, prompts: list[str], response
     r = ctx.cfg.reward
     raw = torch.as_tensor(ctx.scorer(prompts, responses), dtype=torch.float32).to(rollout.logprobs.device)
     try:
+        # The normaliser learns from every process's scores (it is saved from the main process only).
         scores, metrics = shape_scores(raw, rollout.ends_with_eos, normalizer=ctx.normalizer,
-                                       missing_eos_penalty=r.missing_eos_penalty, clip=r.clip)
+                                       missing_eos_penalty=r.missing_eos_penalty, clip=r.clip,
+                                       batch_raw=ctx.loop.accelerator.gather(raw))
     except ValueError as err:
         raise AlignkitError(f"step {ctx.loop.step}: {err}") from None
     metrics["reward/model"] = raw.mean()
@@ -337,7 +339,7 @@ def rl_step(ctx: RLContext) -> dict[str, Any]:
         whiten=c.whiten_advantages)
     exp["response_mask"], exp["scores"] = mask, scores
     update_metrics = update_epochs(ctx, rollout, exp, step, beta)  # 6. epochs of minibatch updates
-    ctx.kl_ctl.update(kl_metrics["objective/kl"], n_steps=rollout.batch_size * ctx.loop.world)  # 7. beta
+    kl_metrics["objective/kl"] = update_kl_coef(ctx, kl_metrics["objective/kl"], rollout.batch_size)  # 7. beta
     t_end = time.perf_counter()
     n_tokens = int(rollout.lengths.sum())
     metrics.update(kl_metrics)
@@ -351,6 +353,18 @@ def rl_step(ctx: RLContext) -> dict[str, Any]:
         "time/process_cpu_s": time.process_time(),  # CPU seconds of this process so far (all threads)
     })
     return {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+
+
+def update_kl_coef(ctx: RLContext, kl: torch.Tensor, rows: int) -> torch.Tensor:
+    """Move beta with the KL of the whole batch and return that KL (the processes' mean).
+
+    Every process holds `rows` rows, so the mean over processes is the batch mean. Each process moves
+    its own controller by that same value, and beta stays the same everywhere (a per-process KL
+    would let the processes' betas drift apart, while a checkpoint keeps only the main process's).
+    """
+    kl = ctx.loop.accelerator.reduce(kl.detach().clone(), "mean")
+    ctx.kl_ctl.update(kl, n_steps=rows * ctx.loop.world)
+    return kl
 
 
 def rollout_metrics(rollout: Rollout, exp: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -178,3 +178,12 @@ def test_distinct_n_plain_definition():
     assert distinct_n([[1, 2, 1, 2], [1, 2]], 1) == 2 / 6
     assert distinct_n([[1, 2, 1, 2], [1, 2]], 2) == 2 / 4  # (1,2), (2,1)
     assert distinct_n([[1]], 2) == 0.0
+
+
+def test_normaliser_learns_from_the_whole_batch_across_processes():
+    # This process holds [1, 3]; the other one [5, 7]. By hand: mean 4, variance (9 + 1 + 1 + 9) / 4 = 5.
+    norm = ScoreNormalizer("initial", eps=0.0)
+    scores, _ = shape_scores(torch.tensor([1.0, 3.0]), torch.tensor([True, True]), normalizer=norm,
+                             batch_raw=torch.tensor([1.0, 3.0, 5.0, 7.0]))
+    assert norm.state_dict() == {"mode": "initial", "count": 4.0, "mean": 4.0, "var": 5.0}
+    torch.testing.assert_close(scores, torch.tensor([-3.0, -1.0]) / 5.0**0.5)
