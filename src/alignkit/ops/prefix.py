@@ -62,6 +62,14 @@ def worth_sharing(saved_tokens: int, total_tokens: int) -> bool:
     return total_tokens > 0 and saved_tokens >= MIN_SAVING * total_tokens
 
 
+def saves_enough(shared: dict[str, torch.Tensor]) -> bool:
+    """`worth_sharing` of a built `shared_prefix_layout`: the prefix tokens its items no longer repeat."""
+    prefix_lengths = shared["prefix_mask"].sum(dim=1)
+    per_item = prefix_lengths[shared["prefix_index"]]
+    saved = int(per_item.sum() - prefix_lengths.sum())
+    return worth_sharing(saved, int(per_item.sum() + shared["suffix_mask"].sum()))
+
+
 def _common_prefix(rows: list[list[int]]) -> int:
     first, n = rows[0], min(len(r) for r in rows)
     for row in rows[1:]:
@@ -235,3 +243,16 @@ def packed_prompt_layout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, su
                       1 + slot[:, None] * (width_s - 1) + torch.arange(width_s - 1, device=device)[None]], dim=1)
     return {"input_ids": ids, "attention_mask": attention[:, None], "position_ids": positions,
             "keep": keep, "group": rows, "take": take, "columns": columns}
+
+
+def pack_shared(shared: dict[str, torch.Tensor], pad_id: int, config: Any) -> dict[str, torch.Tensor] | None:
+    """The items of a `shared_prefix_layout` packed one row per distinct prefix (`packed_prompt_layout`),
+    or None, before any packed tensor is built, when packing would not save FLOPs (`packing_pays`)."""
+    index = shared["prefix_index"]
+    prefix_ids, prefix_mask = shared["prefix_ids"][index], shared["prefix_mask"][index]
+    _, _, group = distinct_rows(prefix_ids, prefix_mask)
+    counts = torch.bincount(group)
+    width_p, width_s = prefix_ids.shape[1], shared["suffix_ids"].shape[1]
+    if not packing_pays(config, len(index), len(counts), width_p, width_s, int(counts.max())):
+        return None
+    return packed_prompt_layout(prefix_ids, prefix_mask, shared["suffix_ids"], shared["suffix_mask"], pad_id)

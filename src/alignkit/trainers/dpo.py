@@ -37,7 +37,12 @@ from alignkit.errors import AlignkitError
 from alignkit.losses.preference import PREFERENCE_LOSSES
 from alignkit.losses.sft import IGNORE_INDEX
 from alignkit.ops.logits import labelled_logits
-from alignkit.ops.prefix import model_allows_sharing, prefix_cache_forward
+from alignkit.ops.prefix import (
+    accepts_packed_masks,
+    model_allows_sharing,
+    packed_attention,
+    prefix_cache_forward,
+)
 from alignkit.trainers.dpo_data import collate_groups, online_inputs, sample_round, tokenize_groups
 from alignkit.trainers.loop import TrainLoop
 
@@ -110,7 +115,15 @@ def response_logps(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]
     Shapes:
         batch: `collate_groups` output ((K·B)×T rows, slot-major). returns: (seq_logps B×K, n_tokens B×K).
     """
-    if "prefix_ids" in batch:  # each prompt once, the responses against its keys/values (`alignkit.ops.prefix`)
+    packable = _packed_target(model) if "packed_input_ids" in batch else None
+    if packable is not None:  # one row per prompt, [prompt, response 1, ...] (`alignkit.ops.prefix`)
+        keep = batch["packed_keep"]
+        out = model(input_ids=batch["packed_input_ids"], position_ids=batch["packed_position_ids"],
+                    attention_mask=packed_attention(batch["packed_attention_mask"], packable.config, packable.dtype),
+                    use_cache=False, logits_to_keep=keep)
+        logits = out.logits if out.logits.shape[1] == keep.shape[0] else out.logits[:, keep]  # kept or ignored
+        logits, labels = logits[batch["packed_group"], batch["packed_take"]], batch["suffix_labels"]  # N×S×V, N×S
+    elif "prefix_ids" in batch:  # each prompt once, the responses against its keys/values (`alignkit.ops.prefix`)
         first, second = prefix_cache_forward(model, batch, logits_to_keep=1)
         head = first.logits[:, -1:][batch["prefix_index"]]  # N×1×V: predicts suffix token 0
         logits, labels = torch.cat([head, second.logits[:, :-1]], dim=1), batch["suffix_labels"]  # N×S×V, N×S
@@ -124,6 +137,14 @@ def response_logps(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]
     size = batch["group_mask"].shape[1]
     seq = logprobs.sum(dim=1).view(size, -1).T  # B×K
     return seq, mask.sum(dim=1).view(size, -1).T.to(seq.dtype)
+
+
+def _packed_target(model: Any) -> Any | None:
+    """The model behind `model` (a policy, DDP-wrapped or not, or a `Reference`) if it takes packed rows."""
+    if isinstance(model, Reference):
+        model = model.model if model.model is not None else model.policy
+    model = getattr(model, "module", model)  # DDP
+    return model if accepts_packed_masks(getattr(model, "config", None)) else None
 
 
 @dataclass
@@ -430,12 +451,15 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
         loop.log(loop.stage_state["first_eval"])
     labeler, prompts = online_inputs(cfg) if cfg.rounds else (None, [])
     per_round = _steps_per_round(cfg, loop.global_batch) if cfg.rounds else loop.total_steps
-    # two forward calls per step, column-laid-out prefixes: see alignkit.ops.prefix
-    share = cfg.share_prefixes and loop.world == 1 and model_allows_sharing(loop.accelerator.unwrap_model(loop.model).config)
+    # KV-cache sharing takes two forward calls per step (one process only), packing one: alignkit.ops.prefix
+    config = loop.accelerator.unwrap_model(loop.model).config
+    share = cfg.share_prefixes and loop.world == 1 and model_allows_sharing(config)
+    pack_config = config if cfg.share_prefixes and accepts_packed_masks(config) else None  # one call: DDP too
     for _ in range(start, loop.total_steps):
         if cfg.rounds and (not train or loop.step % per_round == 0):
             train = _round_groups(loop, cfg, tokenizer, labeler, prompts, loop.step // per_round)
-        micro = [to_device(collate_groups([train[i] for i in idx], pad, share_prefixes=share), device)
+        micro = [to_device(collate_groups([train[i] for i in idx], pad, share_prefixes=share, pack_config=pack_config),
+                           device)
                  for idx in loop.micro_batch_indices(len(train), loop.step)]
         metrics = loop.update(micro, loss_fn)
         if cfg.run.eval_every and loop.step % cfg.run.eval_every == 0 and loop.step < loop.total_steps:

@@ -141,12 +141,17 @@ def tokenize_groups(records: list[dict], kind: str, loss: str, tokenizer: Any, *
     return out
 
 
-def collate_groups(groups: list[Group], pad_id: int, *, share_prefixes: bool = False) -> dict[str, Any]:
+def collate_groups(groups: list[Group], pad_id: int, *, share_prefixes: bool = False,
+                   pack_config: Any = None) -> dict[str, Any]:
     """Stack the responses of B groups slot-major into one right-padded batch.
 
     With `share_prefixes` the batch also holds the groups' `shared_prefix_layout` (each prompt once,
     the responses as suffixes), which `response_logps` runs in two passes over fewer tokens, when
-    that saves enough tokens to be faster (`alignkit.ops.prefix.worth_sharing`).
+    that saves enough tokens to be faster (`alignkit.ops.prefix.worth_sharing`). With `pack_config`
+    (the config of a model that takes packed rows, `accepts_packed_masks`) the groups are packed
+    first, one row per prompt [prompt, response 1, ..., response K] under a 4D mask, when that saves
+    FLOPs (`packing_pays`): one forward call, so it also runs under DDP. `response_logps` falls back
+    to the plain rows (always in the batch) for a model that cannot take them.
 
     Shapes:
         input_ids, attention_mask, labels: (K·B)×T, row k·B + b = response k of group b;
@@ -158,12 +163,8 @@ def collate_groups(groups: list[Group], pad_id: int, *, share_prefixes: bool = F
     rows = [g["responses"][k] if k < len(g["responses"]) else g["responses"][0] for k in range(size)
             for g in groups]
     batch = collate_padded(rows, pad_id)
-    if share_prefixes and size > 1:  # a group of one shares nothing
-        from alignkit.ops.prefix import shared_prefix_layout
-
-        slots = [[k * len(groups) + b for k in range(size)] for b in range(len(groups))]
-        batch.update(shared_prefix_layout([r["input_ids"] for r in rows], slots, pad_id,
-                                          labels=[r["labels"] for r in rows], only_if_worth=True) or {})
+    if (share_prefixes or pack_config is not None) and size > 1:  # a group of one shares nothing
+        batch.update(_shared_or_packed(rows, len(groups), size, pad_id, share_prefixes, pack_config))
     batch["group_mask"] = torch.tensor([[k < len(g["responses"]) for k in range(size)] for g in groups])
     batch["n_terms"] = len(groups)
     if groups[0].get("label") is not None:
@@ -171,6 +172,30 @@ def collate_groups(groups: list[Group], pad_id: int, *, share_prefixes: bool = F
     if all("ref_logps" in g for g in groups):
         batch["ref_logps"] = torch.tensor([g["ref_logps"] + [0.0] * (size - len(g["ref_logps"])) for g in groups])
     return batch
+
+
+def _shared_or_packed(rows: list[dict], n_groups: int, size: int, pad_id: int, share: bool,
+                      pack_config: Any) -> dict[str, torch.Tensor]:
+    """The packed rows when packing pays, else the shared layout when sharing is on and pays, else {}.
+
+    Packed: `packed_input_ids`, `packed_attention_mask` (bool G×1×W×W), `packed_position_ids`,
+    `packed_keep` (the output columns kept), `packed_group` and `packed_take` (N×S: suffix token (n, j)
+    is predicted by kept output `packed_take[n, j]` of row `packed_group[n, j]`) and `suffix_labels`.
+    """
+    from alignkit.ops.prefix import pack_shared, saves_enough, shared_prefix_layout
+
+    slots = [[k * n_groups + b for k in range(size)] for b in range(n_groups)]
+    ids, labels = [r["input_ids"] for r in rows], [r["labels"] for r in rows]
+    shared = shared_prefix_layout(ids, slots, pad_id, labels=labels, only_if_worth=pack_config is None)
+    if shared is None:
+        return {}
+    packed = pack_shared(shared, pad_id, pack_config) if pack_config is not None else None
+    if packed is not None:
+        return {"packed_input_ids": packed["input_ids"], "packed_attention_mask": packed["attention_mask"],
+                "packed_position_ids": packed["position_ids"], "packed_keep": packed["keep"],
+                "packed_group": packed["group"], "packed_take": packed["take"],
+                "suffix_labels": shared["suffix_labels"]}
+    return shared if share and saves_enough(shared) else {}
 
 
 # ---------------------------------------------------------------------------------------------

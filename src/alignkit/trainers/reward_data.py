@@ -113,7 +113,7 @@ def collate_groups(groups: list[dict], pad_id: int, *, share_prefixes: bool = Fa
         input_ids, attention_mask: N×T (N items); index: G×K (item of each group slot, -1 = none);
         best: G or None; targets: N or None; margin: G or None; n_terms: G (N for per-item losses).
     """
-    from alignkit.ops.prefix import shared_prefix_layout
+    from alignkit.ops.prefix import saves_enough, shared_prefix_layout
     from alignkit.rollout.score import right_pad
 
     rows = [ids for g in groups for ids in g["items"]]
@@ -144,30 +144,15 @@ def collate_groups(groups: list[dict], pad_id: int, *, share_prefixes: bool = Fa
     }
 
 
-def saves_enough(shared: dict[str, torch.Tensor]) -> bool:
-    """`worth_sharing` of a built `shared_prefix_layout`: the prefix tokens its items no longer repeat."""
-    from alignkit.ops.prefix import worth_sharing
-
-    prefix_lengths = shared["prefix_mask"].sum(dim=1)
-    per_item = prefix_lengths[shared["prefix_index"]]
-    saved = int(per_item.sum() - prefix_lengths.sum())
-    return worth_sharing(saved, int(per_item.sum() + shared["suffix_mask"].sum()))
-
-
 def packed_groups(shared: dict[str, torch.Tensor], pad_id: int, config: Any) -> dict | None:
-    """The items of a `shared_prefix_layout` packed one row per distinct prefix (`packed_prompt_layout`)
-    with each item's read position, or None (before any packed tensor is built) when packing would
-    not save FLOPs (`packing_pays`)."""
-    from alignkit.ops.prefix import distinct_rows, packed_prompt_layout, packing_pays
+    """The items of a `shared_prefix_layout` packed one row per distinct prefix (`pack_shared`) with
+    each item's read position, or None (before any packed tensor is built) when packing would not
+    save FLOPs (`packing_pays`)."""
+    from alignkit.ops.prefix import pack_shared
 
-    index = shared["prefix_index"]
-    prefix_ids, prefix_mask = shared["prefix_ids"][index], shared["prefix_mask"][index]
-    _, _, group = distinct_rows(prefix_ids, prefix_mask)
-    counts = torch.bincount(group)
-    width_p, width_s = prefix_ids.shape[1], shared["suffix_ids"].shape[1]
-    if not packing_pays(config, len(index), len(counts), width_p, width_s, int(counts.max())):
+    packed = pack_shared(shared, pad_id, config)
+    if packed is None:
         return None
-    packed = packed_prompt_layout(prefix_ids, prefix_mask, shared["suffix_ids"], shared["suffix_mask"], pad_id)
     ends = shared["suffix_mask"].sum(dim=1) - 1  # N: each item's last suffix token
     read_col = packed["columns"].gather(1, ends[:, None]).squeeze(1)
     return {"packed_input_ids": packed["input_ids"], "packed_attention_mask": packed["attention_mask"],

@@ -192,3 +192,71 @@ def test_every_loss_runs_through_the_forward_with_gradients(tok_model, loss):
     assert torch.isfinite(loss_sum) and {"rewards/chosen", "rewards/accuracy"} <= set(metrics)
     loss_sum.backward()
     assert all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_forward_equals_full_forward_with_gradients(tiny_llama_dir, monkeypatch, attn):
+    """One row per prompt (`pack_config`): same log-probs, token counts and gradients, pairs and a ranking;
+    a LoRA reference (adapters disabled) reads the packed rows too, and a model that cannot take them
+    gets the plain rows."""
+    from alignkit.models.load import load_causal_lm, load_tokenizer
+    from alignkit.ops import prefix
+
+    monkeypatch.setattr(prefix, "PACKING_MARGIN", float("inf"))  # pack these tiny rows
+    cfg = ModelConfig(name_or_path=str(tiny_llama_dir))
+    tokenizer = load_tokenizer(cfg)
+    model = load_causal_lm(cfg, tokenizer).eval()
+    model.set_attn_implementation(attn)  # eager adds its mask to the scores: it gets the additive form
+    assert model.config._attn_implementation == attn
+    ranking = [{"prompt": "Once upon", "responses": [" a time there was a fox.", " a hill.", " nothing"]},
+               {"prompt": "The", "responses": [" end.", " start of it all"]}]  # a shorter group: an empty slot
+    for groups in (_groups(tokenizer), _groups(tokenizer, ranking, "ranking", "plackett_luce")):
+        results = []
+        for packed in (False, True):
+            batch = collate_groups(groups, tokenizer.pad_token_id, pack_config=model.config if packed else None)
+            assert ("packed_input_ids" in batch) == packed and "prefix_ids" not in batch
+            logps, n_tokens = response_logps(model, batch)
+            (logps * torch.arange(1.0, logps.numel() + 1).view_as(logps)).sum().backward()
+            results.append((logps.detach(), n_tokens, [p.grad.clone() for p in model.parameters()]))
+            model.zero_grad()
+        (lp0, n0, g0), (lp1, n1, g1) = results
+        assert batch["packed_input_ids"].shape[0] == len(groups)  # one row per prompt
+        assert_close(lp1, lp0, atol=1e-5, rtol=0)
+        assert torch.equal(n1, n0)
+        for a, b in zip(g1, g0, strict=True):
+            assert_close(a, b, atol=1e-5, rtol=1e-4)
+    monkeypatch.setattr(prefix, "PACKING_MARGIN", 0.0)  # the FLOP estimate decides
+    assert "packed_input_ids" not in collate_groups(groups, tokenizer.pad_token_id, pack_config=model.config)
+
+
+def test_packed_rows_reach_a_lora_reference_and_not_a_model_that_cannot_take_them(tiny_llama_dir, monkeypatch):
+    from alignkit.models.load import load_causal_lm, load_tokenizer
+    from alignkit.ops import prefix
+
+    monkeypatch.setattr(prefix, "PACKING_MARGIN", float("inf"))
+    cfg = ModelConfig(name_or_path=str(tiny_llama_dir), lora_r=4)
+    tokenizer = load_tokenizer(cfg)
+    policy = load_causal_lm(cfg, tokenizer)
+    with torch.no_grad():  # make the adapters matter
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    groups = _groups(tokenizer)
+    plain = collate_groups(groups, tokenizer.pad_token_id)
+    packed = collate_groups(groups, tokenizer.pad_token_id, pack_config=policy.config)
+    assert "packed_input_ids" in packed
+    reference = Reference(None, policy)
+    with torch.no_grad():
+        assert_close(reference.logps(packed), reference.logps(plain), atol=1e-5, rtol=0)
+        assert_close(response_logps(policy, packed)[0], response_logps(policy, plain)[0], atol=1e-5, rtol=0)
+    calls = []
+
+    def spy(**inputs):
+        calls.append(inputs["input_ids"].shape)
+        return policy(**inputs)
+
+    spy.config = copy.deepcopy(policy.config)
+    spy.config._attn_implementation = "flash_attention_2"  # reads 2D masks only
+    with torch.no_grad():
+        response_logps(spy, packed)
+    assert calls == [plain["input_ids"].shape]  # the plain rows, not the packed ones
