@@ -21,8 +21,9 @@ itself only, at the positions it has in its own sequence. One forward call, no c
 works under DDP. The cost is attention over wider rows with a dense mask, so callers pack when
 `packing_pays` (FLOP estimate at least 10% lower, rows at most `PACKED_MAX_WIDTH` wide) and the
 model is a Llama-family model with sdpa or eager attention (`accepts_packed_masks`). On the
-benchmark's shapes it removes 25% (RL: 2 prompts x 4 samples) and 17% (reward pairs) of the tokens:
-a GRPO policy forward + backward went from 71 to 62 ms, a reward step from 89 to 78 ms.
+benchmark's shapes it removes 25% (RL: 2 prompts x 4 samples) and 17% (reward and DPO pairs) of the
+tokens: a GRPO policy forward + backward went from 71 to 62 ms, a reward step from 89 to 78 ms, a DPO
+policy step from 142 to 126 ms.
 """
 
 from __future__ import annotations

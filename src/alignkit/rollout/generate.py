@@ -170,10 +170,10 @@ def _draw(logits, block_eos, *, temperature, top_k, top_p, generator) -> tuple[t
         logits = logits / temperature
     logp = logits.log_softmax(dim=-1)  # B×V: the policy's distribution, whose log-probs are recorded
     policy_probs = logp.exp()
-    # B, of the unfiltered distribution (as a trainer computes). A token at -inf (p = 0) gives 0 * -inf =
-    # NaN, which nansum skips: it adds 0 (5x faster than xlogy, which takes a log again, and one B×V pass
-    # fewer than clamping log p). NaN logits still show: their log-probs are NaN.
-    entropy = (policy_probs * logp).nansum(dim=-1).neg_()
+    # B, of the unfiltered distribution (as a trainer computes). Tokens at -inf (p = 0) add 0, not NaN:
+    # their log-prob is clamped to the lowest finite float (5x faster than xlogy, which takes a log again).
+    # (nansum would save the clamp pass, ~0.2 ms per 32-token rollout, but would also hide NaN logits.)
+    entropy = -(policy_probs * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(dim=-1)
     if block_eos is None and top_k <= 0 and top_p >= 1.0:
         probs = policy_probs  # no filter: sample the policy's distribution itself
     else:

@@ -58,9 +58,14 @@ class ScoreNormalizer:
         self.mode, self.eps = mode, eps
         self.count, self.mean, self.var = 0.0, 0.0, 1.0
 
+    @property
+    def learns(self) -> bool:
+        """Whether `update` still changes the statistics (``running``, or ``initial`` before its first batch)."""
+        return self.mode == "running" or (self.mode == "initial" and self.count == 0)
+
     def update(self, raw: torch.Tensor) -> None:
         """Take the statistics of a batch of raw scores into account (per the mode)."""
-        if self.mode == "none" or (self.mode == "initial" and self.count > 0):
+        if not self.learns:
             return
         raw = raw.detach().double()
         n, mean, var = float(raw.numel()), float(raw.mean()), float(raw.var(unbiased=False))
@@ -107,8 +112,9 @@ def shape_scores(
 
     Metrics: ``reward/normalized`` (mean shaped score), ``reward/clipfrac`` (fraction clipped).
     """
-    if not torch.isfinite(raw).all():
-        raise ValueError(f"non-finite reward-model score in the batch: {raw.tolist()}")
+    for scores in (raw, batch_raw if batch_raw is not None else raw):  # every process stops at the same step
+        if not torch.isfinite(scores).all():
+            raise ValueError(f"non-finite reward-model score in the batch: {scores.tolist()}")
     normalizer.update(raw if batch_raw is None else batch_raw)
     scores = normalizer(raw.float())
     if missing_eos_penalty is not None:

@@ -61,8 +61,10 @@ class DPOConfig:
     loss: Literal["sigmoid", "ipo", "cdpo", "simpo", "orpo", "kto", "plackett_luce"] = "sigmoid"
     """The loss: sigmoid (DPO), ipo, cdpo, simpo, orpo, kto (unpaired data) or plackett_luce (rankings)."""
     share_prefixes: bool = True
-    """Run each prompt once and its responses against its keys/values (`alignkit.ops.prefix`; single-process
-    runs): the same log-probs and gradients from fewer tokens. False: one full pass per response."""
+    """Run each prompt once (`alignkit.ops.prefix`): the same log-probs and gradients from fewer tokens.
+    Llama-family models (sdpa or eager attention) get one packed row per prompt, [prompt, response 1, ...],
+    in one forward call (DDP too); others, in single-process runs, the responses against the prompt's
+    keys/values. Each only when it pays. False: one full pass per response."""
     beta: float = 0.1
     """KL strength beta of the implicit reward beta * log(pi / pi_ref) (IPO's tau; SimPO's beta; ORPO's lambda)."""
     label_smoothing: float = 0.0
@@ -107,7 +109,8 @@ class DPOConfig:
 
 
 def response_logps(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence log-probs of every response of a group batch, from one forward pass over K·B rows.
+    """Sequence log-probs of every response of a group batch, from one forward pass over K·B rows (or one
+    packed row per prompt, or a prefix pass and a suffix pass: see `collate_groups`).
 
     Equation: seq_logps[b, k] = sum_t log pi(y_t | x, y_<t) over the labelled (response) tokens of
     response k of group b; n_tokens counts them.

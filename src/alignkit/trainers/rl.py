@@ -284,9 +284,9 @@ def score_rollout(ctx: RLContext, rollout: Rollout, prompts: list[str], response
     raw = torch.as_tensor(ctx.scorer(prompts, responses), dtype=torch.float32).to(rollout.logprobs.device)
     try:
         # The normaliser learns from every process's scores (it is saved from the main process only).
+        batch_raw = ctx.loop.accelerator.gather(raw) if ctx.normalizer.learns else None
         scores, metrics = shape_scores(raw, rollout.ends_with_eos, normalizer=ctx.normalizer,
-                                       missing_eos_penalty=r.missing_eos_penalty, clip=r.clip,
-                                       batch_raw=ctx.loop.accelerator.gather(raw))
+                                       missing_eos_penalty=r.missing_eos_penalty, clip=r.clip, batch_raw=batch_raw)
     except ValueError as err:
         raise AlignkitError(f"step {ctx.loop.step}: {err}") from None
     metrics["reward/model"] = raw.mean()
@@ -340,6 +340,9 @@ def rl_step(ctx: RLContext) -> dict[str, Any]:
     exp["response_mask"], exp["scores"] = mask, scores
     update_metrics = update_epochs(ctx, rollout, exp, step, beta)  # 6. epochs of minibatch updates
     kl_metrics["objective/kl"] = update_kl_coef(ctx, kl_metrics["objective/kl"], rollout.batch_size)  # 7. beta
+    if "objective/non_score_reward" in kl_metrics:  # of the whole batch, like the KL it is made of
+        kl_metrics["objective/non_score_reward"] = ctx.loop.accelerator.reduce(
+            kl_metrics["objective/non_score_reward"].detach(), "mean")
     t_end = time.perf_counter()
     n_tokens = int(rollout.lengths.sum())
     metrics.update(kl_metrics)
@@ -362,7 +365,7 @@ def update_kl_coef(ctx: RLContext, kl: torch.Tensor, rows: int) -> torch.Tensor:
     its own controller by that same value, and beta stays the same everywhere (a per-process KL
     would let the processes' betas drift apart, while a checkpoint keeps only the main process's).
     """
-    kl = ctx.loop.accelerator.reduce(kl.detach().clone(), "mean")
+    kl = ctx.loop.accelerator.reduce(kl.detach(), "mean")  # a new tensor (a copy with one process)
     ctx.kl_ctl.update(kl, n_steps=rows * ctx.loop.world)
     return kl
 

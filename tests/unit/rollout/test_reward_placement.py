@@ -187,3 +187,7 @@ def test_normaliser_learns_from_the_whole_batch_across_processes():
                              batch_raw=torch.tensor([1.0, 3.0, 5.0, 7.0]))
     assert norm.state_dict() == {"mode": "initial", "count": 4.0, "mean": 4.0, "var": 5.0}
     torch.testing.assert_close(scores, torch.tensor([-3.0, -1.0]) / 5.0**0.5)
+    assert not norm.learns  # frozen after its first batch: the trainer stops gathering
+    with pytest.raises(ValueError, match="non-finite"):  # another process's NaN stops this one too
+        shape_scores(torch.tensor([1.0]), torch.tensor([True]), normalizer=ScoreNormalizer("running"),
+                     batch_raw=torch.tensor([1.0, float("nan")]))

@@ -210,12 +210,17 @@ def test_packed_forward_equals_full_forward_with_gradients(tiny_llama_dir, monke
     assert model.config._attn_implementation == attn
     ranking = [{"prompt": "Once upon", "responses": [" a time there was a fox.", " a hill.", " nothing"]},
                {"prompt": "The", "responses": [" end.", " start of it all"]}]  # a shorter group: an empty slot
+    seen = []  # the rows each forward call embeds
+    model.model.embed_tokens.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
     for groups in (_groups(tokenizer), _groups(tokenizer, ranking, "ranking", "plackett_luce")):
         results = []
         for packed in (False, True):
             batch = collate_groups(groups, tokenizer.pad_token_id, pack_config=model.config if packed else None)
             assert ("packed_input_ids" in batch) == packed and "prefix_ids" not in batch
+            seen.clear()
             logps, n_tokens = response_logps(model, batch)
+            rows = batch["packed_input_ids" if packed else "input_ids"]
+            assert seen == [tuple(rows.shape)]  # one call, on the packed rows when there are any
             (logps * torch.arange(1.0, logps.numel() + 1).view_as(logps)).sum().backward()
             results.append((logps.detach(), n_tokens, [p.grad.clone() for p in model.parameters()]))
             model.zero_grad()
@@ -225,8 +230,11 @@ def test_packed_forward_equals_full_forward_with_gradients(tiny_llama_dir, monke
         assert torch.equal(n1, n0)
         for a, b in zip(g1, g0, strict=True):
             assert_close(a, b, atol=1e-5, rtol=1e-4)
-    monkeypatch.setattr(prefix, "PACKING_MARGIN", 0.0)  # the FLOP estimate decides
+    monkeypatch.setattr(prefix, "PACKING_MARGIN", 0.0)  # the FLOP estimate decides ...
     assert "packed_input_ids" not in collate_groups(groups, tokenizer.pad_token_id, pack_config=model.config)
+    monkeypatch.setattr(prefix, "MIN_SAVING", 0.0)  # ... and then the KV-cache sharing, when on and it pays
+    batch = collate_groups(groups, tokenizer.pad_token_id, share_prefixes=True, pack_config=model.config)
+    assert "prefix_ids" in batch and "packed_input_ids" not in batch
 
 
 def test_packed_rows_reach_a_lora_reference_and_not_a_model_that_cannot_take_them(tiny_llama_dir, monkeypatch):
@@ -246,9 +254,23 @@ def test_packed_rows_reach_a_lora_reference_and_not_a_model_that_cannot_take_the
     packed = collate_groups(groups, tokenizer.pad_token_id, pack_config=policy.config)
     assert "packed_input_ids" in packed
     reference = Reference(None, policy)
+    seen = []
+    policy.get_base_model().model.embed_tokens.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].shape[0]))
+
+    class Wrapped(torch.nn.Module):  # as DDP wraps a model: the model under `.module`
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, **inputs):
+            return self.module(**inputs)
+
     with torch.no_grad():
         assert_close(reference.logps(packed), reference.logps(plain), atol=1e-5, rtol=0)
-        assert_close(response_logps(policy, packed)[0], response_logps(policy, plain)[0], atol=1e-5, rtol=0)
+        assert_close(response_logps(Wrapped(policy), packed)[0], response_logps(policy, plain)[0], atol=1e-5, rtol=0)
+    n_packed, n_plain = len(packed["packed_input_ids"]), len(plain["input_ids"])
+    assert seen == [n_packed, n_plain, n_packed, n_plain]  # the reference and the wrapped policy read packed rows
     calls = []
 
     def spy(**inputs):

@@ -34,8 +34,9 @@ def test_every_process_moves_beta_by_the_batch_kl():
     expected = 0.1 * (1 + (1 / 11) * 8 / 100)
     assert betas == [pytest.approx(expected, rel=1e-12)] * 2
     assert logged == [6.0, 6.0]
-    # Each process's own KL would have clipped to -0.2 and +0.2: two different betas.
-    assert 0.1 * (1 - 0.2 * 8 / 100) != pytest.approx(expected)
+    # Each process's own KL would have moved beta apart (clipped to -0.2 and +0.2).
+    own = [AdaptiveKLController(0.1, target=5.5, horizon=100).update(kl, n_steps=8) for kl in kls]
+    assert own == [pytest.approx(0.1 * (1 - 0.2 * 8 / 100)), pytest.approx(0.1 * (1 + 0.2 * 8 / 100))]
 
 
 def test_one_process_is_unchanged():
