@@ -78,9 +78,9 @@ def last_token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention
     None when `model` needs the full forward (`supports_last_token` is False). With a 2D padding mask
     (B×T, rows = 0..B-1 by default), `last[b]` must be row b's last real token (every key the row
     attends to is at or before it), as `last_token_index(attention_mask)` gives. With a 4D mask (B×1×T×T
-    bool, True: attend; `alignkit.ops.prefix.packed_prompt_layout`), several sequences share a row and
+    bool, True: attend; `alignkit.ops.packing.packed_prompt_layout`), several sequences share a row and
     each read n sees the keys of mask row `last[n]`; when `attention_mask` is the additive form an
-    eager model reads (`alignkit.ops.prefix.packed_attention`), pass the bool mask as `keys_mask`.
+    eager model reads (`alignkit.ops.packing.packed_attention`), pass the bool mask as `keys_mask`.
 
     Shapes:
         input_ids, position_ids: B×T; attention_mask: B×T or B×1×T×T; last, rows: N long; returns N

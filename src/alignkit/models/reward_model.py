@@ -30,7 +30,8 @@ import torch
 
 from alignkit.errors import AlignkitError
 from alignkit.models.last_token import last_token_scores
-from alignkit.ops.prefix import packed_attention, prefix_cache_forward
+from alignkit.ops.packing import packed_attention
+from alignkit.ops.prefix import prefix_cache_forward
 
 CONFIG_GAIN = "reward_gain"
 CONFIG_BIAS = "reward_bias"
@@ -157,7 +158,7 @@ def shared_prefix_scores(model: torch.nn.Module, layout: dict[str, torch.Tensor]
 
 
 def packed_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, apply_bias: bool = False) -> torch.Tensor:
-    """Rewards of N sequences packed by prompt (`alignkit.ops.prefix.packed_prompt_layout`), one pass.
+    """Rewards of N sequences packed by prompt (`alignkit.ops.packing.packed_prompt_layout`), one pass.
 
     `batch` (from `alignkit.trainers.reward_data.collate_groups` or `packed_groups`) holds the
     sequences (`input_ids`, `attention_mask`, checked for pad ids inside them), the packed rows
@@ -183,7 +184,7 @@ def packed_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, app
 def supports_packing(model: torch.nn.Module) -> bool:
     """Whether `packed_scores` can score `model`: `last_token_scores` supports it and its attention takes 4D masks."""
     from alignkit.models.last_token import supports_last_token
-    from alignkit.ops.prefix import accepts_packed_masks
+    from alignkit.ops.packing import accepts_packed_masks
 
     return supports_last_token(model) and accepts_packed_masks(hf_model(model).config)
 

@@ -3,22 +3,15 @@
 `sequence_logprobs` recomputes the log-probs the sampler recorded (`alignkit.rollout.generate`), as
 a trainer does; it agrees with the sampler's to float rounding (tested to 1e-5). Rows that repeat a
 prompt (k samples per prompt) run it once: packed into one row per prompt under a 4D mask
-(`alignkit.ops.prefix.packed_prompt_layout`), or through a shared KV cache.
+(`alignkit.ops.packing.packed_prompt_layout`), or through a shared KV cache.
 """
 
 from __future__ import annotations
 
 import torch
 
-from alignkit.ops.prefix import (
-    accepts_packed_masks,
-    distinct_rows,
-    packed_attention,
-    packed_prompt_layout,
-    packing_pays,
-    prefix_cache_forward,
-    worth_sharing,
-)
+from alignkit.ops.packing import accepts_packed_masks, packed_logits, packed_prompt_layout, packing_pays
+from alignkit.ops.prefix import distinct_rows, prefix_cache_forward, worth_sharing
 from alignkit.rollout.types import Rollout
 
 
@@ -36,7 +29,7 @@ def sequence_logprobs(
 
     With `share_prompts` and rows that repeat a prompt (k samples per prompt), each distinct prompt
     runs once (`_shared_prompt_logits`): packed with its k responses into one row under a 4D mask
-    when the model's attention takes one and that saves FLOPs (`alignkit.ops.prefix.packing_pays`),
+    when the model's attention takes one and that saves FLOPs (`alignkit.ops.packing.packing_pays`),
     else with its keys and values shared through a KV cache when that removes enough tokens. The
     result is the same to float rounding, gradients included.
 
@@ -72,7 +65,7 @@ def _shared_prompt_logits(model, rollout: Rollout) -> tuple[torch.Tensor, ...] |
     """(logits N×C×V, rows B×R, columns B×R) running each distinct prompt once; None: one plain pass.
 
     Response token (b, j) is predicted by logits[rows[b, j], columns[b, j]]. Packed rows
-    (`alignkit.ops.prefix.packed_prompt_layout`) when the model takes a 4D mask and packing saves
+    (`alignkit.ops.packing.packed_prompt_layout`) when the model takes a 4D mask and packing saves
     FLOPs; otherwise a shared-prefix pass through a KV cache (`prefix_cache_forward`) when it removes
     enough tokens (`worth_sharing`): the last prompt column predicts response token 0, the response
     columns tokens 1..R-1. Prompts are left-padded and responses follow them, so masks and positions
@@ -103,9 +96,5 @@ def _packed_logits(model, rollout: Rollout, config) -> tuple[torch.Tensor, ...]:
     pad = getattr(config, "pad_token_id", None)
     layout = packed_prompt_layout(rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids,
                                   rollout.response_mask, 0 if pad is None else pad)
-    attention = packed_attention(layout["attention_mask"], config, model.dtype)
-    keep = layout["keep"]
-    out = model(input_ids=layout["input_ids"], attention_mask=attention, position_ids=layout["position_ids"],
-                use_cache=False, logits_to_keep=keep)
-    logits = out.logits if out.logits.shape[1] == keep.shape[0] else out.logits[:, keep]  # kept or ignored
+    logits = packed_logits(model, layout, config, model.dtype)
     return logits, layout["group"], layout["take"]

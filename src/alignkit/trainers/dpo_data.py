@@ -182,7 +182,8 @@ def _shared_or_packed(rows: list[dict], n_groups: int, size: int, pad_id: int, s
     `packed_keep` (the output columns kept), `packed_group` and `packed_take` (N×S: suffix token (n, j)
     is predicted by kept output `packed_take[n, j]` of row `packed_group[n, j]`) and `suffix_labels`.
     """
-    from alignkit.ops.prefix import pack_shared, saves_enough, shared_prefix_layout
+    from alignkit.ops.packing import pack_shared
+    from alignkit.ops.prefix import saves_enough, shared_prefix_layout
 
     slots = [[k * n_groups + b for k in range(size)] for b in range(n_groups)]
     ids, labels = [r["input_ids"] for r in rows], [r["labels"] for r in rows]

@@ -106,7 +106,7 @@ def collate_groups(groups: list[dict], pad_id: int, *, share_prefixes: bool = Fa
     `shared_prefix_scores`: same rewards, fewer tokens; only when that saves enough tokens to be
     faster (`alignkit.ops.prefix.worth_sharing`). With `pack_config` (the config of a model that
     `packed_scores` can score) the groups are instead packed one row per prompt, [prompt, item 1, ...,
-    item K] under a 4D mask, when that saves FLOPs (`alignkit.ops.prefix.packing_pays`): one forward
+    item K] under a 4D mask, when that saves FLOPs (`alignkit.ops.packing.packing_pays`): one forward
     pass, no KV cache.
 
     Shapes:
@@ -148,7 +148,7 @@ def packed_groups(shared: dict[str, torch.Tensor], pad_id: int, config: Any) -> 
     """The items of a `shared_prefix_layout` packed one row per distinct prefix (`pack_shared`) with
     each item's read position, or None (before any packed tensor is built) when packing would not
     save FLOPs (`packing_pays`)."""
-    from alignkit.ops.prefix import pack_shared
+    from alignkit.ops.packing import pack_shared
 
     packed = pack_shared(shared, pad_id, config)
     if packed is None:

@@ -216,14 +216,14 @@ def test_token_chunks_join_back_to_the_text_with_a_metaspace_tokenizer():
 
 def test_scorer_packs_the_responses_to_one_prompt_into_one_row(rm, monkeypatch):
     """k responses per prompt (as RL scores them): one packed row per prompt, the same rewards."""
-    from alignkit.ops import prefix
+    from alignkit.ops import packing
 
     model, tokenizer = rm
     prompts = ["The film", "The film", "I think", "The film", "I think"]
     responses = [" was great.", " bored me to tears.", " it works", " was fine", " not"]
-    monkeypatch.setattr(prefix, "PACKING_MARGIN", 0.0)
+    monkeypatch.setattr(packing, "PACKING_MARGIN", 0.0)
     expected = RewardModelScorer(model, tokenizer)(prompts, responses)
-    monkeypatch.setattr(prefix, "PACKING_MARGIN", float("inf"))  # pack these tiny rows
+    monkeypatch.setattr(packing, "PACKING_MARGIN", float("inf"))  # pack these tiny rows
     calls: list = []
     handle = model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True)
     try:

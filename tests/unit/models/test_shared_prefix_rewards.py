@@ -67,7 +67,7 @@ def test_packed_rewards_and_gradients_equal_full_sequences(monkeypatch, attn):
     """[prefix, item 1, ..., item K] packed one row per prefix under a 4D mask, read at each item's end
     (eager attention adds its mask to the scores: it gets the additive form)."""
     from alignkit.models.reward_model import packed_scores
-    from alignkit.ops import prefix
+    from alignkit.ops import packing
     from alignkit.trainers.reward_data import collate_groups
 
     model = tiny_classifier(attn)
@@ -76,7 +76,7 @@ def test_packed_rewards_and_gradients_equal_full_sequences(monkeypatch, attn):
     (full * torch.arange(1.0, 9.0)).sum().backward()
     expected = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    monkeypatch.setattr(prefix, "PACKING_MARGIN", float("inf"))  # pack these tiny rows
+    monkeypatch.setattr(packing, "PACKING_MARGIN", float("inf"))  # pack these tiny rows
     batch = collate_groups(_groups_as_records(ROWS, GROUPS), PAD, share_prefixes=True, pack_config=model.config)
     assert batch["packed_input_ids"].shape[0] == 4  # one row per distinct prefix
     # distinct left-padded prefixes in sorted order: [0,0,1,20], [0,0,1,22], [0,1,5,6], [1,12,13,14]
@@ -91,7 +91,7 @@ def test_packed_rewards_and_gradients_equal_full_sequences(monkeypatch, attn):
 
 
 def test_packing_only_when_it_saves_flops(monkeypatch):
-    from alignkit.ops.prefix import packing_pays
+    from alignkit.ops.packing import packing_pays
     from alignkit.trainers.reward_data import collate_groups
 
     model = tiny_classifier()
@@ -117,7 +117,7 @@ def test_packing_only_when_it_saves_flops(monkeypatch):
 def test_only_llama_family_models_with_sdpa_or_eager_attention_are_packed():
     from transformers import BloomConfig, LlamaConfig, Qwen2Config
 
-    from alignkit.ops.prefix import accepts_packed_masks
+    from alignkit.ops.packing import accepts_packed_masks
 
     assert accepts_packed_masks(LlamaConfig(attn_implementation="sdpa"))
     assert accepts_packed_masks(Qwen2Config(attn_implementation="eager"))

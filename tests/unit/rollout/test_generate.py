@@ -248,11 +248,11 @@ def _record_shape(calls: list, module, args, kwargs) -> None:
 def test_shared_prompt_forward_equals_one_pass_with_gradients(tokenizer, monkeypatch, mode, groups):
     """Rows that repeat a prompt: prompts run once (packed rows or a shared KV cache); same log-probs,
     entropy and gradients as one plain pass, also for groups of unequal size in any row order."""
-    from alignkit.ops import prefix
+    from alignkit.ops import packing, prefix
 
     monkeypatch.setattr(prefix, "MIN_SAVING", 0.0)  # the cache path shares even these short prompts
     # Force the path under test: these tiny rows are not what `packing_pays` is tuned for.
-    monkeypatch.setattr(prefix, "PACKING_MARGIN", 0.0 if mode == "cache" else float("inf"))
+    monkeypatch.setattr(packing, "PACKING_MARGIN", 0.0 if mode == "cache" else float("inf"))
     attn = "eager" if mode == "packed-eager" else "sdpa"
     model = build_tiny_llama(len(tokenizer), num_key_value_heads=2, attn_implementation=attn).eval()
     ids, mask = tokenize_prompts(tokenizer, PROMPTS[:3])  # left-padded to different lengths
@@ -285,9 +285,9 @@ def test_shared_prompt_forward_equals_one_pass_with_gradients(tokenizer, monkeyp
 
 def test_packed_logprobs_when_the_model_ignores_logits_to_keep(tokenizer, monkeypatch):
     """A model that returns every column (older transformers, remote code): the kept columns are picked."""
-    from alignkit.ops import prefix
+    from alignkit.ops import packing
 
-    monkeypatch.setattr(prefix, "PACKING_MARGIN", float("inf"))
+    monkeypatch.setattr(packing, "PACKING_MARGIN", float("inf"))
     model = build_tiny_llama(len(tokenizer)).eval()
     ids, mask = tokenize_prompts(tokenizer, PROMPTS[:2])
     rollout = _sample(model, tokenizer, ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0))
@@ -301,7 +301,7 @@ def test_packed_logprobs_when_the_model_ignores_logits_to_keep(tokenizer, monkey
 
 def test_packed_layout_by_hand():
     """Two rows of prompt [7, 8] (one with a pad), one of [9]: rows, masks, positions and read columns."""
-    from alignkit.ops.prefix import packed_prompt_layout
+    from alignkit.ops.packing import packed_prompt_layout
 
     prompt_ids = torch.tensor([[0, 9], [7, 8], [7, 8]])
     prompt_mask = torch.tensor([[False, True], [True, True], [True, True]])

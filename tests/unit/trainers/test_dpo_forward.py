@@ -200,9 +200,9 @@ def test_packed_forward_equals_full_forward_with_gradients(tiny_llama_dir, monke
     a LoRA reference (adapters disabled) reads the packed rows too, and a model that cannot take them
     gets the plain rows."""
     from alignkit.models.load import load_causal_lm, load_tokenizer
-    from alignkit.ops import prefix
+    from alignkit.ops import packing, prefix
 
-    monkeypatch.setattr(prefix, "PACKING_MARGIN", float("inf"))  # pack these tiny rows
+    monkeypatch.setattr(packing, "PACKING_MARGIN", float("inf"))  # pack these tiny rows
     cfg = ModelConfig(name_or_path=str(tiny_llama_dir))
     tokenizer = load_tokenizer(cfg)
     model = load_causal_lm(cfg, tokenizer).eval()
@@ -230,7 +230,7 @@ def test_packed_forward_equals_full_forward_with_gradients(tiny_llama_dir, monke
         assert torch.equal(n1, n0)
         for a, b in zip(g1, g0, strict=True):
             assert_close(a, b, atol=1e-5, rtol=1e-4)
-    monkeypatch.setattr(prefix, "PACKING_MARGIN", 0.0)  # the FLOP estimate decides ...
+    monkeypatch.setattr(packing, "PACKING_MARGIN", 0.0)  # the FLOP estimate decides ...
     assert "packed_input_ids" not in collate_groups(groups, tokenizer.pad_token_id, pack_config=model.config)
     monkeypatch.setattr(prefix, "MIN_SAVING", 0.0)  # ... and then the KV-cache sharing, when on and it pays
     batch = collate_groups(groups, tokenizer.pad_token_id, share_prefixes=True, pack_config=model.config)
@@ -239,9 +239,9 @@ def test_packed_forward_equals_full_forward_with_gradients(tiny_llama_dir, monke
 
 def test_packed_rows_reach_a_lora_reference_and_not_a_model_that_cannot_take_them(tiny_llama_dir, monkeypatch):
     from alignkit.models.load import load_causal_lm, load_tokenizer
-    from alignkit.ops import prefix
+    from alignkit.ops import packing
 
-    monkeypatch.setattr(prefix, "PACKING_MARGIN", float("inf"))
+    monkeypatch.setattr(packing, "PACKING_MARGIN", float("inf"))
     cfg = ModelConfig(name_or_path=str(tiny_llama_dir), lora_r=4)
     tokenizer = load_tokenizer(cfg)
     policy = load_causal_lm(cfg, tokenizer)

@@ -1,0 +1,136 @@
+"""One pass over packed rows: [prompt, suffix_1, ..., suffix_k], each suffix attending to its prompt only.
+
+Running a shared prompt once through a KV cache (`alignkit.ops.prefix`) takes two forward calls.
+Packing avoids the second call: `packed_prompt_layout` lays each distinct prompt out once per row,
+followed by its K suffixes side by side, under a 4D mask in which a suffix sees its prompt and
+itself only, at the positions it has in its own sequence. One forward call, no cache, so it also
+works under DDP. The cost is attention over wider rows with a dense mask, so callers pack when
+`packing_pays` (FLOP estimate at least 10% lower, rows at most `PACKED_MAX_WIDTH` wide) and the
+model is a Llama-family model with sdpa or eager attention (`accepts_packed_masks`). On the
+benchmark's shapes it removes 25% (RL: 2 prompts x 4 samples) and 17% (reward and DPO pairs) of the
+tokens: a GRPO policy forward + backward went from 71 to 62 ms, a reward step from 89 to 78 ms, a DPO
+policy step from 142 to 126 ms.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from alignkit.ops.prefix import distinct_rows, model_allows_sharing
+
+PACKING_MARGIN = 0.9  # pack when the estimated FLOPs fall below this fraction of the plain pass's
+PACKED_MAX_WIDTH = 2048  # widest packed row: its G×1×W×W mask and attention scores grow with W^2
+PACKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # rotary positions from position_ids, 4D masks honoured
+
+
+def accepts_packed_masks(config: Any) -> bool:
+    """Whether a model takes `packed_prompt_layout`'s rows: a Llama-family model (positions from
+    `position_ids`, not from the mask or the column) whose attention is `sdpa` or `eager` (flash-
+    attention kernels read only 2D padding masks), without a sliding window."""
+    return (config is not None and getattr(config, "model_type", None) in PACKED_MODEL_TYPES
+            and getattr(config, "_attn_implementation", None) in {"sdpa", "eager"}
+            and model_allows_sharing(config))
+
+
+def packed_attention(mask: torch.Tensor, config: Any, dtype: torch.dtype) -> torch.Tensor:
+    """The 4D mask in the form the model's attention reads: bool for sdpa, additive (0 / lowest) for eager."""
+    if config._attn_implementation != "eager":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def packing_pays(config: Any, rows: int, groups: int, prompt_width: int, suffix_width: int, slots: int) -> bool:
+    """Whether one packed row per prompt costs fewer FLOPs than one row per sequence (by `PACKING_MARGIN`),
+    for rows at most `PACKED_MAX_WIDTH` wide.
+
+    Per token, a layer's projections cost 2 * (4 H^2 + 3 H I) FLOPs (GQA and biases ignored); attention
+    under a dense mask costs 4 H W^2 per row of width W, which packing makes wider (W = P + k S).
+    """
+    plain_width, packed_width = prompt_width + suffix_width, prompt_width + slots * suffix_width
+    if packed_width > PACKED_MAX_WIDTH:
+        return False
+    hidden = config.hidden_size
+    per_token = 2 * (4 * hidden * hidden + 3 * hidden * getattr(config, "intermediate_size", 4 * hidden))
+    plain = rows * (plain_width * per_token + 4 * hidden * plain_width**2)
+    packed = groups * (packed_width * per_token + 4 * hidden * packed_width**2)
+    return packed < PACKING_MARGIN * plain
+
+
+def packed_prompt_layout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, suffix_ids: torch.Tensor,
+                         suffix_mask: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows that repeat a prompt packed into one row per distinct prompt, for a single forward pass.
+
+    Row g is [prompt_g (left-padded, width P), slot 0, ..., slot k-1], each slot S columns holding one
+    of the suffixes that follow prompt g (k = the largest group; a smaller group leaves slots empty).
+    A suffix token attends to the real tokens of its prompt and to its own slot up to itself, at the
+    positions it has in its own sequence (prompt tokens cumsum(mask) - 1, suffix token j the next
+    prompt position + j), so every output equals that of the sequence alone to float rounding; the
+    prompt runs once instead of k times. Each token also attends to itself, which keeps the rows of
+    pad and empty-slot queries finite (their outputs are never read).
+
+    Args:
+        prompt_ids, prompt_mask: B×P, left-padded; suffix_ids, suffix_mask: B×S, right-padded.
+
+    Returns:
+        input_ids G×W, attention_mask G×1×W×W bool (True: attend), position_ids G×W; `keep` K long,
+        the columns whose outputs predict suffix tokens (the last prompt column, then each slot's
+        first S - 1 columns); `group` B×S and `take` B×S: suffix token (b, j) is predicted by
+        output `keep[take[b, j]]` of row `group[b, j]`; `columns` B×S: the column of suffix token (b, j).
+    """
+    unique, unique_mask, group = distinct_rows(prompt_ids, prompt_mask)
+    (n_groups, width_p), (batch, width_s) = unique.shape, suffix_ids.shape
+    device = prompt_ids.device
+    order = torch.argsort(group, stable=True)
+    counts = torch.bincount(group, minlength=n_groups)
+    slot = torch.empty_like(group)
+    slot[order] = torch.arange(batch, device=device) - (counts.cumsum(0) - counts)[group[order]]
+    slots = int(counts.max())
+    width = width_p + slots * width_s
+    columns = width_p + slot[:, None] * width_s + torch.arange(width_s, device=device)[None]  # B×S
+    rows = group[:, None].expand(batch, width_s)
+    ids = torch.full((n_groups, width), pad_id, dtype=torch.long, device=device)
+    real = torch.zeros((n_groups, width), dtype=torch.bool, device=device)
+    ids[:, :width_p], real[:, :width_p] = unique, unique_mask
+    ids[rows, columns], real[rows, columns] = suffix_ids, suffix_mask.bool()
+    prompt_positions = (unique_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # G×P
+    suffix_positions = unique_mask.sum(dim=1, keepdim=True) + torch.arange(width_s, device=device)[None]
+    positions = torch.cat([prompt_positions, suffix_positions.repeat(1, slots)], dim=1)
+    segment = torch.cat([torch.full((width_p,), -1, device=device),
+                         torch.arange(slots, device=device).repeat_interleave(width_s)])  # W
+    col = torch.arange(width, device=device)
+    visible = (col[None] <= col[:, None]) & ((segment[None] == -1) | (segment[None] == segment[:, None]))  # W×W
+    attention = (visible[None] & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)[None]
+    keep = torch.cat([torch.tensor([width_p - 1], device=device),
+                      (width_p + torch.arange(slots, device=device)[:, None] * width_s
+                       + torch.arange(width_s - 1, device=device)[None]).reshape(-1)])
+    take = torch.cat([torch.zeros((batch, 1), dtype=torch.long, device=device),
+                      1 + slot[:, None] * (width_s - 1) + torch.arange(width_s - 1, device=device)[None]], dim=1)
+    return {"input_ids": ids, "attention_mask": attention[:, None], "position_ids": positions,
+            "keep": keep, "group": rows, "take": take, "columns": columns}
+
+
+def pack_shared(shared: dict[str, torch.Tensor], pad_id: int, config: Any) -> dict[str, torch.Tensor] | None:
+    """The items of a `shared_prefix_layout` packed one row per distinct prefix (`packed_prompt_layout`),
+    or None, before any packed tensor is built, when packing would not save FLOPs (`packing_pays`)."""
+    index = shared["prefix_index"]
+    prefix_ids, prefix_mask = shared["prefix_ids"][index], shared["prefix_mask"][index]
+    _, _, group = distinct_rows(prefix_ids, prefix_mask)
+    counts = torch.bincount(group)
+    width_p, width_s = prefix_ids.shape[1], shared["suffix_ids"].shape[1]
+    if not packing_pays(config, len(index), len(counts), width_p, width_s, int(counts.max())):
+        return None
+    return packed_prompt_layout(prefix_ids, prefix_mask, shared["suffix_ids"], shared["suffix_mask"], pad_id)
+
+
+def packed_logits(model: Any, layout: dict[str, torch.Tensor], config: Any, dtype: torch.dtype) -> torch.Tensor:
+    """Logits G×K×V of `packed_prompt_layout` rows at its kept columns, from one forward call of `model`.
+
+    `config` and `dtype` (the model's) give the mask's form (`packed_attention`). A model that ignores
+    a tensor `logits_to_keep` (transformers < 4.49, remote code) is read at the kept columns here.
+    """
+    keep = layout["keep"]
+    out = model(input_ids=layout["input_ids"], attention_mask=packed_attention(layout["attention_mask"], config, dtype),
+                position_ids=layout["position_ids"], use_cache=False, logits_to_keep=keep)
+    return out.logits if out.logits.shape[1] == keep.shape[0] else out.logits[:, keep]
