@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from alignkit.errors import AlignkitError
 from alignkit.trainers import checkpoint as ckpt
+from alignkit.trainers.allocator import keep_freed_memory
 from alignkit.trainers.rundir import (
     MetricsLogger,
     config_yaml,
@@ -100,6 +101,7 @@ class TrainLoop:
     def __init__(self, stage: str, cfg: Any, model: torch.nn.Module, *, n_examples: int = 0,
                  total_steps: int | None = None):
         self.stage, self.cfg = stage, cfg
+        keep_freed_memory()  # no page faults for the memory each step frees and asks for again
         # Without a GPU, cpu=True makes `accelerate launch --multi_gpu --num_processes N` (or torchrun)
         # run N CPU processes with the gloo backend instead of N independent single-process runs.
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
