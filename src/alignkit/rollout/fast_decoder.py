@@ -61,8 +61,8 @@ class _Layer:
     o: _Weight
     gate_up: _Weight
     down: _Weight
-    eps1: float
-    eps2: float
+    eps1: torch.Tensor  # 0-d: no scalar-to-tensor fill per call
+    eps2: torch.Tensor
 
 
 def _cat_bias(*linears: torch.nn.Linear) -> torch.Tensor | None:
@@ -128,8 +128,13 @@ class FastDecoder:
         self.scaling = attn0.scaling
         self.embed = inner.embed_tokens  # called as a module: its hooks see every pass (bench/common.Probe)
         self.rotary = inner.rotary_emb
-        self.norm_w, self.norm_eps = inner.norm.weight, inner.norm.variance_epsilon
-        dtype, device = self.embed.weight.dtype, self.embed.weight.device
+        self.dtype = dtype = self.embed.weight.dtype
+        device = self.embed.weight.device
+
+        def eps(norm: torch.nn.Module) -> torch.Tensor:
+            return torch.tensor(norm.variance_epsilon, dtype=torch.float32, device=device)
+
+        self.norm_w, self.norm_eps = inner.norm.weight, eps(inner.norm)
         pack = self.packed = onednn_available(dtype)
         # cos/sin of every position the decoder can see, computed once (positions < width); rope types
         # whose frequencies depend on the longest position in the call are left to the module per call.
@@ -154,7 +159,7 @@ class FastDecoder:
                 gate_up=weight(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
                                _cat_bias(mlp.gate_proj, mlp.up_proj)),
                 down=weight(mlp.down_proj.weight, mlp.down_proj.bias),
-                eps1=layer.input_layernorm.variance_epsilon, eps2=layer.post_attention_layernorm.variance_epsilon,
+                eps1=eps(layer.input_layernorm), eps2=eps(layer.post_attention_layernorm),
             ))
         shape = (batch, self.n_kv, width, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
@@ -169,13 +174,13 @@ class FastDecoder:
         return cls(model, batch, width)
 
     @staticmethod
-    def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """LlamaRMSNorm: w * (x / rms(x)), computed in float32 and cast back as Hugging Face does."""
+    def _rms(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """LlamaRMSNorm: w * (x / rms(x)), computed in float32 and cast back as Hugging Face does (eps: 0-d)."""
         if x.dtype == torch.float32:
             # mean(x^2) + eps as eps + |x|^2 / d: 4 kernels where F.rms_norm runs ~7 (~10 us less per call
             # in the decode loop, where weight reads have just evicted the caches); equal to float rounding.
             norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-            return (x * torch.addcmul(norm.new_full((), eps), norm, norm, value=1.0 / x.shape[-1]).rsqrt_()) * weight
+            return (x * torch.addcmul(eps, norm, norm, value=1.0 / x.shape[-1]).rsqrt_()) * weight
         xf = x.float()
         return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
@@ -242,11 +247,13 @@ class FastDecoder:
             cache[:, :, :width_p] = part[inverse]
         return self._logits(hidden[:, -1])[inverse]
 
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor, column: int) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor | None,
+             column: int) -> torch.Tensor:
         """Next-token logits B×V after `tokens` (B) at `positions` (B), written at cache `column`.
 
-        `key_mask` is B×W bool over cache columns (True: attend); columns > `column` are ignored.
+        `key_mask` is B×W over cache columns, bool (True: attend) or an additive float bias; columns
+        > `column` are ignored. None: every column up to `column` is attended (~5% faster steps).
         """
-        mask = key_mask[:, None, None, : column + 1]
+        mask = None if key_mask is None else key_mask[:, None, None, : column + 1]
         hidden = self._forward(tokens[:, None], positions[:, None], column, mask)
         return self._logits(hidden[:, -1])

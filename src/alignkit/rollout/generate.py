@@ -141,12 +141,20 @@ def _fast_decoder(model, prompt_ids, prompt_mask, key_mask, width):
     decoder = FastDecoder.build(model, prompt_ids.shape[0], width)
     if decoder is None:
         return None
+    # A live row attends to its real prompt tokens and to every response column so far; the columns
+    # after a row's end hold its own pad tokens, which only that row reads, and its outputs are
+    # discarded. So the prompts' padding is the whole mask: built once, as the additive bias the
+    # attention would make of a bool mask at every layer; None when no prompt is padded.
+    bias = None
+    if not bool(prompt_mask.all()):
+        bias = torch.zeros(key_mask.shape, dtype=decoder.dtype, device=key_mask.device)  # B×W
+        bias[:, : prompt_mask.shape[1]].masked_fill_(~prompt_mask, float("-inf"))
 
     def prefill(positions):
         return decoder.prefill(prompt_ids, positions, prompt_mask)
 
     def step(tokens, positions, column):
-        return decoder.step(tokens, positions, key_mask, column)
+        return decoder.step(tokens, positions, bias, column)
 
     return prefill, step
 

@@ -39,8 +39,9 @@ def _tiny(kind: str, vocab: int) -> torch.nn.Module:
 
 def _sample(model, tokenizer, prompts, *, fast: bool, monkeypatch, **kwargs):
     monkeypatch.setattr(generate, "USE_FAST_DECODER", fast)
-    return sample(model, *prompts, max_new_tokens=16, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(7), **kwargs)
+    kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+    return sample(model, *prompts, max_new_tokens=16, pad_token_id=tokenizer.pad_token_id,
+                  generator=torch.Generator().manual_seed(7), **kwargs)
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["onednn-packed", "transposed"])
@@ -130,3 +131,54 @@ def test_repeated_prompts_are_prefilled_once_and_match(tokenizer, prompts, monke
     assert torch.equal(fast.response_ids, slow.response_ids)
     torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=1e-5, rtol=0)
     assert (sequence_logprobs(model, fast) - fast.logprobs).abs().max() < 1e-5
+
+
+def _spy_step_masks(monkeypatch) -> list:
+    masks: list = []
+    original = FastDecoder.step
+    monkeypatch.setattr(FastDecoder, "step",
+                        lambda self, tokens, pos, key_mask, column: masks.append(key_mask)
+                        or original(self, tokens, pos, key_mask, column))
+    return masks
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_decode_mask_is_the_prompt_padding_alone(padded, tokenizer, prompts, monkeypatch):
+    """Rows that end early do not need their later columns masked: same tokens as Hugging Face's masked
+    decode; the fast decoder's mask is None for unpadded prompts, else -inf exactly on the prompt pads."""
+    model = _tiny("llama", len(tokenizer))
+    ids, mask = prompts
+    if not padded:
+        ids = ids[:, -1:].repeat(1, 3)  # 4 unpadded prompts of 3 tokens
+        mask = torch.ones_like(ids, dtype=torch.bool)
+    eos = list(range(3, len(tokenizer), 8))  # an eighth of the vocabulary ends a row: rows end early
+    masks = _spy_step_masks(monkeypatch)
+    fast = _sample(model, tokenizer, (ids, mask), fast=True, monkeypatch=monkeypatch, eos_token_id=eos)
+    slow = _sample(model, tokenizer, (ids, mask), fast=False, monkeypatch=monkeypatch, eos_token_id=eos)
+    lengths = fast.lengths
+    assert lengths.min() < lengths.max() and lengths.min() < len(masks)  # steps ran after a row had ended
+    assert torch.equal(fast.response_ids, slow.response_ids)
+    assert torch.equal(fast.response_mask, slow.response_mask)
+    torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.entropy, slow.entropy, atol=1e-5, rtol=0)
+    if not padded:
+        assert all(m is None for m in masks)
+        return
+    bias = masks[0]
+    assert all(m is bias for m in masks)
+    expected = torch.zeros(bias.shape)
+    expected[:, : mask.shape[1]][~mask] = float("-inf")
+    assert torch.equal(bias, expected)
+
+
+def test_unmasked_step_equals_the_all_true_mask(tokenizer, prompts):
+    model = _tiny("llama", len(tokenizer))
+    ids = prompts[0][:, -1:].repeat(1, 3)
+    positions = torch.arange(3).expand(4, 3)
+    logits = []
+    with torch.inference_mode():
+        for key_mask in (None, torch.ones(4, 8, dtype=torch.bool), torch.zeros(4, 8)):
+            decoder = FastDecoder.build(model, 4, 8)
+            decoder.prefill(ids, positions, torch.ones_like(ids, dtype=torch.bool))
+            logits.append(decoder.step(ids[:, 0], torch.full((4,), 3), key_mask, 3))
+    assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])
