@@ -22,8 +22,6 @@ else `IGNORE_INDEX`; `labels[0]` is always `IGNORE_INDEX` (no token predicts the
 
 from __future__ import annotations
 
-import contextlib
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,27 +32,12 @@ Message = dict[str, str]
 Example = dict[str, Any]  # input_ids, labels (lists of int, same length), prompt_length
 
 
-# tokenizer -> ((its vocabulary size, BOS id), its special prefix): every encoded example asks for it,
-# and working it out takes two tokenizer calls (half of a scorer's tokenizing time).
-_PREFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def special_prefix(tokenizer: Any) -> list[int]:
     """The ids the tokenizer puts in front of a text when it adds special tokens (usually `[BOS]`)."""
-    key = (len(tokenizer), getattr(tokenizer, "bos_token_id", None))
-    try:
-        cached = _PREFIXES.get(tokenizer)
-    except TypeError:  # not weak-referenceable or not hashable: work it out each time
-        cached = None
-    if cached is not None and cached[0] == key:
-        return list(cached[1])
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     n = len(with_special) - len(plain)
-    prefix = list(with_special[:n]) if n > 0 and with_special[n:n + len(plain)] == plain else []
-    with contextlib.suppress(TypeError):
-        _PREFIXES[tokenizer] = (key, tuple(prefix))
-    return prefix
+    return list(with_special[:n]) if n > 0 and with_special[n:n + len(plain)] == plain else []
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
@@ -117,11 +100,12 @@ def _trained_flags(ids: list[int], eos_id: int | None) -> list[bool]:
 
 
 def encode_segments(
-    tokenizer: Any, segments: list[tuple[str, bool]], *, final_eos: bool
+    tokenizer: Any, segments: list[tuple[str, bool]], *, final_eos: bool, prefix: list[int] | None = None
 ) -> tuple[list[int], list[bool], int]:
     """Tokenize each segment separately and concatenate the ids.
 
-    The tokenizer's special prefix (BOS) is prepended unless the ids already start with it. With
+    The tokenizer's special prefix (BOS; `prefix`, else `special_prefix(tokenizer)`: callers that
+    encode many examples pass it once) is prepended unless the ids already start with it. With
     `final_eos`, EOS is appended (trained) when the last trained token is not EOS.
 
     Returns:
@@ -138,7 +122,7 @@ def encode_segments(
             last_start = len(ids)
         ids += seg
         flags += _trained_flags(seg, eos_id) if is_assistant else [False] * len(seg)
-    prefix = special_prefix(tokenizer)
+    prefix = special_prefix(tokenizer) if prefix is None else prefix
     if prefix and ids[: len(prefix)] != prefix:
         ids, flags = prefix + ids, [False] * len(prefix) + flags
         last_start = None if last_start is None else last_start + len(prefix)
@@ -168,13 +152,16 @@ def encode_prompt(tokenizer: Any, prompt: str | list[Message]) -> list[int]:
     return encode_segments(tokenizer, segments, final_eos=False)[0]
 
 
-def encode_example(tokenizer: Any, record: dict[str, Any], *, train_on_prompt: bool = False) -> Example:
+def encode_example(tokenizer: Any, record: dict[str, Any], *, train_on_prompt: bool = False,
+                   prefix: list[int] | None = None) -> Example:
     """Tokenize one `sft`-format record (`{prompt, completion}` or `{messages}`) with its labels.
 
     With `train_on_prompt`, every token but the first is trained. Returns `{"input_ids", "labels",
     "prompt_length"}`; `prompt_length` counts the tokens before the final (last assistant) response.
+    `prefix`: the tokenizer's `special_prefix`, when the caller has it already.
     """
-    ids, flags, prompt_length = encode_segments(tokenizer, record_segments(tokenizer, record), final_eos=True)
+    ids, flags, prompt_length = encode_segments(tokenizer, record_segments(tokenizer, record), final_eos=True,
+                                                prefix=prefix)
     if train_on_prompt:
         flags = [True] * len(ids)
     labels = [tok if (flag and t > 0) else IGNORE_INDEX for t, (tok, flag) in enumerate(zip(ids, flags, strict=True))]
@@ -243,12 +230,13 @@ def tokenize_sft(
     if max_length < 1:
         raise AlignkitError(f"option `data.max_length`: expected a positive number, got {max_length}")
     rows = rows or list(range(1, len(records) + 1))
-    keep_prefix = len(special_prefix(tokenizer))
+    prefix = special_prefix(tokenizer)
+    keep_prefix = len(prefix)
     out = TokenizedSFT(examples=[])
     for row, record in zip(rows, records, strict=True):
         field_name = "messages" if "messages" in record else "completion"
         try:
-            example = encode_example(tokenizer, record, train_on_prompt=train_on_prompt)
+            example = encode_example(tokenizer, record, train_on_prompt=train_on_prompt, prefix=prefix)
             fitted, was_cut = truncate_example(example, max_length=max_length, policy=truncation,
                                                keep_prefix=keep_prefix)
             if fitted is None and was_cut:

@@ -113,7 +113,7 @@ def _unsupported_reason(model: torch.nn.Module, width: int) -> str | None:
 class FastDecoder:
     """Prefill and one-token decode steps of a Llama-family model with its own KV cache.
 
-    Build it with `FastDecoder.build(model, batch, width, dtype)` inside `torch.inference_mode()`;
+    Build it with `FastDecoder.build(model, batch, width)` inside `torch.inference_mode()`;
     it reads the model's current weights (q/k/v and gate/up are concatenated once, at build time).
     Columns of the cache are absolute: prompt columns 0..P-1, response token t at column P + t.
     """

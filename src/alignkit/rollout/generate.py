@@ -2,8 +2,9 @@
 
 `sample` is alignkit's own decoding loop (faster than `model.generate` for RL-sized batches, see
 `bench/generate_speed.py`): prompts are left-padded, positions are cumsum(mask) - 1 so padding does
-not shift them, the KV cache is a `transformers.StaticCache` sized prompt + max_new_tokens (one
-preallocated B×(P+R_max) attention mask, columns switched on as tokens are written), and tokens are
+not shift them, the KV cache is preallocated for prompt + max_new_tokens (`FastDecoder` for
+Llama-family models, else a `transformers.StaticCache` with one preallocated B×(P+R_max) attention
+mask, columns switched on as tokens are written), and tokens are
 drawn by inverting the CDF (B uniforms per step instead of `torch.multinomial`'s B×V exponentials,
 the largest saving on CPU). Every random draw uses the caller's `torch.Generator`, so a seed fixes
 the token ids. `alignkit.rollout.logprobs.sequence_logprobs` recomputes the recorded log-probs with

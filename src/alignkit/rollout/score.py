@@ -31,18 +31,20 @@ class Scorer(Protocol):
     def __call__(self, prompts: list[Any], responses: list[Any]) -> torch.Tensor: ...
 
 
-def encode_scored(tokenizer: Any, prompt: Any, response: Any, max_length: int = 0) -> list[int]:
+def encode_scored(tokenizer: Any, prompt: Any, response: Any, max_length: int = 0,
+                  prefix: list[int] | None = None) -> list[int]:
     """ids of [x, y, EOS] for scoring: prompt and response tokenized apart (strict prefix), one BOS.
 
     A string response to a conversation prompt (message list) becomes one assistant turn. Longer than
-    `max_length` (> 0): the oldest prompt tokens are cut, keeping the BOS.
+    `max_length` (> 0): the oldest prompt tokens are cut, keeping the BOS. `prefix`: the tokenizer's
+    `special_prefix`, when the caller encodes many pairs (working it out takes two tokenizer calls).
     """
     if isinstance(prompt, list) and isinstance(response, str):
         response = [{"role": "assistant", "content": response}]
-    example = encode_example(tokenizer, {"prompt": prompt, "completion": response})
+    prefix = special_prefix(tokenizer) if prefix is None else prefix
+    example = encode_example(tokenizer, {"prompt": prompt, "completion": response}, prefix=prefix)
     if max_length > 0:
-        fitted, _ = truncate_example(example, max_length=max_length, policy="left",
-                                     keep_prefix=len(special_prefix(tokenizer)))
+        fitted, _ = truncate_example(example, max_length=max_length, policy="left", keep_prefix=len(prefix))
         example = fitted or {"input_ids": example["input_ids"][-max_length:]}
     return example["input_ids"]
 
@@ -100,7 +102,9 @@ class RewardModelScorer:
         from alignkit.data.collate import to_device
         from alignkit.models.reward_model import packed_scores, reward_scores
 
-        rows = [encode_scored(self.tokenizer, p, r, self.max_length) for p, r in zip(prompts, responses, strict=True)]
+        prefix = special_prefix(self.tokenizer)  # once per call, not per pair: ~1.4 ms of a bench GRPO step
+        rows = [encode_scored(self.tokenizer, p, r, self.max_length, prefix)
+                for p, r in zip(prompts, responses, strict=True)]
         device = next(self.model.parameters()).device
         out = []
         with torch.inference_mode():

@@ -16,8 +16,11 @@ Freed memory then stays in the heap for the next step; the resident size does no
 peak. Blocks above 32 MiB are mapped and unmapped as glibc does by default (a higher threshold let
 the heap grow by a whole block at each of several rounds of 40 MiB aligned allocations).
 
-It does nothing when the C library is not glibc, when the user set any `MALLOC_*_` variable (glibc
-reads those itself), or when `ALIGNKIT_MALLOC_KEEP=0`.
+It does nothing when `ALIGNKIT_MALLOC_KEEP=0`, when the C library is not glibc, when the user tuned
+glibc's malloc already (a `MALLOC_*` variable, or `glibc.malloc.*` in `GLIBC_TUNABLES`: a later
+`mallopt` would override them), or when another allocator is preloaded (jemalloc, tcmalloc,
+mimalloc in `LD_PRELOAD`, where glibc's settings would do nothing). The settings are process-wide
+and stay for the life of the process.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 1 << 30
-_USER_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+_PRELOADED_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 _done: bool | None = None  # the result of the first call (the settings are process-wide)
 
@@ -44,13 +47,19 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
+def _tuned_elsewhere(env: dict[str, str]) -> bool:
+    """Whether the user set glibc's malloc up already or preloaded another allocator."""
+    return (any(name.startswith("MALLOC_") for name in env) or "glibc.malloc." in env.get("GLIBC_TUNABLES", "")
+            or any(name in env.get("LD_PRELOAD", "") for name in _PRELOADED_ALLOCATORS))
+
+
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds for this process; whether they were set (once per process)."""
     global _done
     if _done is not None:
         return _done
     _done = False
-    if os.environ.get("ALIGNKIT_MALLOC_KEEP", "1") == "0" or any(v in os.environ for v in _USER_VARIABLES):
+    if os.environ.get("ALIGNKIT_MALLOC_KEEP", "1") == "0" or _tuned_elsewhere(os.environ):
         return False
     libc = _glibc()
     if libc is None:

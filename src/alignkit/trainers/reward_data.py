@@ -64,14 +64,16 @@ def record_groups(record: dict, kind: str, loss: str) -> list[dict]:
 
 def tokenize_groups(groups: list[dict], tokenizer: Any, max_length: int) -> list[dict]:
     """Each group with `items`: the ids of [x, y, EOS] per response (or of each segment prefix)."""
+    from alignkit.data.tokenize import special_prefix
     from alignkit.models.segments import segment_prefixes
     from alignkit.rollout.score import encode_scored
 
+    prefix = special_prefix(tokenizer)
     for g in groups:
         if "segments" in g:
             g["items"] = [ids[-max_length:] for ids in segment_prefixes(tokenizer, g["prompt"], g["segments"])]
         else:
-            g["items"] = [encode_scored(tokenizer, g["prompt"], r, max_length) for r in g["responses"]]
+            g["items"] = [encode_scored(tokenizer, g["prompt"], r, max_length, prefix) for r in g["responses"]]
     return groups
 
 

@@ -171,31 +171,28 @@ def test_bad_template_increment_is_an_error(tok):
         encode_example(tokenizer, {"messages": CONVERSATION[1:3]})
 
 
-class _CountingTokenizer:
-    """A tokenizer that counts its calls and can be given a longer vocabulary."""
 
-    def __init__(self, inner, bos_first: bool = True):
-        self.inner, self.calls, self.extra, self.bos_first = inner, 0, 0, bos_first
-        self.bos_token_id = inner.bos_token_id
+class _CountingTokenizer:
+    """The tiny tokenizer, counting its calls."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+        self.bos_token_id, self.eos_token_id = inner.bos_token_id, inner.eos_token_id
 
     def __call__(self, text, add_special_tokens=True):
         self.calls += 1
-        ids = self.inner(text, add_special_tokens=False)["input_ids"]
-        return {"input_ids": ([self.bos_token_id] if add_special_tokens and self.bos_first else []) + ids}
-
-    def __len__(self):
-        return len(self.inner) + self.extra
+        return self.inner(text, add_special_tokens=add_special_tokens)
 
 
-def test_special_prefix_is_worked_out_once_per_tokenizer_and_vocabulary():
-    from alignkit.data.tokenize import special_prefix
+def test_a_given_prefix_saves_the_tokenizer_calls_and_changes_nothing():
+    from alignkit.data.tokenize import encode_example, special_prefix
 
     tok = _CountingTokenizer(build_tiny_tokenizer())
-    assert special_prefix(tok) == [tok.bos_token_id] and tok.calls == 2
-    assert special_prefix(tok) == [tok.bos_token_id] and tok.calls == 2  # cached
-    special_prefix(tok).append(99)  # callers get their own list
-    assert special_prefix(tok) == [tok.bos_token_id]
-    tok.extra, tok.bos_token_id, tok.bos_first = 1, 7, False  # vocabulary and BOS changed: asked again
-    assert special_prefix(tok) == [] and tok.calls == 4
-    other = _CountingTokenizer(build_tiny_tokenizer(), bos_first=False)
-    assert special_prefix(other) == [] and other.calls == 2
+    record = {"prompt": "I loved", "completion": " it"}
+    plain = encode_example(tok, record)
+    calls = tok.calls
+    prefix = special_prefix(tok)
+    assert prefix == [tok.bos_token_id] and tok.calls == calls + 2  # two encodes of "a"
+    tok.calls = 0
+    assert encode_example(tok, record, prefix=prefix) == plain
+    assert tok.calls == calls - 2  # only the prompt and the completion

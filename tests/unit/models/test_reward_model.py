@@ -232,3 +232,19 @@ def test_scorer_packs_the_responses_to_one_prompt_into_one_row(rm, monkeypatch):
         handle.remove()
     assert len(calls) == 1 and calls[0][0] == 2  # two distinct prompts, one row each
     torch.testing.assert_close(packed, expected, atol=1e-5, rtol=0)
+
+
+def test_scorer_works_out_the_special_prefix_once_per_call(rm, monkeypatch):
+    import alignkit.rollout.score as score
+
+    model, tokenizer = rm
+    calls = []
+    original = score.special_prefix
+    monkeypatch.setattr(score, "special_prefix", lambda tok: calls.append(1) or original(tok))
+    scores = RewardModelScorer(model, tokenizer)([*PROMPTS, "What a"], [*RESPONSES, " beautiful story."])
+    assert len(calls) == 1 and scores.shape == (len(PROMPTS) + 1,)
+    rows = [encode_scored(tokenizer, p, r) for p, r in zip([*PROMPTS, "What a"], [*RESPONSES, " beautiful story."],
+                                                           strict=True)]
+    ids, mask = right_pad(rows, tokenizer.pad_token_id)
+    with torch.no_grad():
+        torch.testing.assert_close(scores, reward_scores(model, ids, mask, apply_bias=True), rtol=1e-4, atol=1e-5)

@@ -33,7 +33,8 @@ PAGES = 64 * 256  # 4 KiB pages in 64 MiB
 
 
 def _probe(**env: str) -> dict:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "ALIGNKIT_MALLOC_KEEP"}
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("MALLOC_") and k not in ("ALIGNKIT_MALLOC_KEEP", "GLIBC_TUNABLES", "LD_PRELOAD")}
     out = subprocess.run([sys.executable, "-c", _PROBE], env={**clean, **env, "OMP_NUM_THREADS": "1"},
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -71,7 +72,8 @@ def fake_libc(monkeypatch):
         libc = _FakeLibc(accepts)
         monkeypatch.setattr(allocator, "_glibc", lambda: libc)
         monkeypatch.setattr(allocator, "_done", None)
-        for name in (*allocator._USER_VARIABLES, "ALIGNKIT_MALLOC_KEEP"):
+        for name in [n for n in os.environ if n.startswith("MALLOC_")] + ["ALIGNKIT_MALLOC_KEEP", "GLIBC_TUNABLES",
+                                                                           "LD_PRELOAD"]:
             monkeypatch.delenv(name, raising=False)
         return libc
     return install
@@ -88,8 +90,17 @@ def test_mmap_threshold_first_and_no_trim_threshold_without_it(fake_libc):
     assert libc.calls == [(allocator.M_MMAP_THRESHOLD, 32 << 20)]
 
 
-@pytest.mark.parametrize("variable", ["ALIGNKIT_MALLOC_KEEP", "MALLOC_MMAP_THRESHOLD_"])
-def test_opt_out_and_user_settings_call_nothing(variable, fake_libc, monkeypatch):
+@pytest.mark.parametrize(("variable", "value"), [
+    ("ALIGNKIT_MALLOC_KEEP", "0"), ("MALLOC_ARENA_MAX", "2"), ("MALLOC_TRIM_THRESHOLD_", "0"),
+    ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0"), ("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")])
+def test_opt_out_and_user_settings_call_nothing(variable, value, fake_libc, monkeypatch):
     libc = fake_libc({allocator.M_MMAP_THRESHOLD, allocator.M_TRIM_THRESHOLD})
-    monkeypatch.setenv(variable, "0")
+    monkeypatch.setenv(variable, value)
     assert allocator.keep_freed_memory() is False and libc.calls == []
+
+
+def test_unrelated_tunables_and_preloads_do_not_count(fake_libc, monkeypatch):
+    libc = fake_libc({allocator.M_MMAP_THRESHOLD, allocator.M_TRIM_THRESHOLD})
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX2")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libfakeroot.so")
+    assert allocator.keep_freed_memory() is True and len(libc.calls) == 2
