@@ -104,9 +104,9 @@ def encode_segments(
 ) -> tuple[list[int], list[bool], int]:
     """Tokenize each segment separately and concatenate the ids.
 
-    The tokenizer's special prefix (BOS; `prefix`, else `special_prefix(tokenizer)`: callers that
-    encode many examples pass it once) is prepended unless the ids already start with it. With
-    `final_eos`, EOS is appended (trained) when the last trained token is not EOS.
+    The tokenizer's special prefix (BOS; `prefix` if given: callers encoding many examples pass it)
+    is prepended unless the ids already start with it. With `final_eos`, EOS is appended (trained)
+    when the last trained token is not EOS.
 
     Returns:
         `(ids, trained, last_start)`: T ids, T trained flags, and the index of the first token of
@@ -141,15 +141,15 @@ def record_segments(tokenizer: Any, record: dict[str, Any]) -> list[tuple[str, b
     return conversation_segments(tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages])
 
 
-def encode_prompt(tokenizer: Any, prompt: str | list[Message]) -> list[int]:
+def encode_prompt(tokenizer: Any, prompt: str | list[Message], prefix: list[int] | None = None) -> list[int]:
     """Ids of a prompt exactly as they begin `encode_example` of any response to it (BOS included).
 
     A string is tokenized as is; a message list is rendered with the generation prompt.
     """
     if isinstance(prompt, str):
-        return encode_segments(tokenizer, [(prompt, False)], final_eos=False)[0]
+        return encode_segments(tokenizer, [(prompt, False)], final_eos=False, prefix=prefix)[0]
     segments = conversation_segments(tokenizer, list(prompt), add_generation_prompt=True)
-    return encode_segments(tokenizer, segments, final_eos=False)[0]
+    return encode_segments(tokenizer, segments, final_eos=False, prefix=prefix)[0]
 
 
 def encode_example(tokenizer: Any, record: dict[str, Any], *, train_on_prompt: bool = False,
@@ -158,10 +158,9 @@ def encode_example(tokenizer: Any, record: dict[str, Any], *, train_on_prompt: b
 
     With `train_on_prompt`, every token but the first is trained. Returns `{"input_ids", "labels",
     "prompt_length"}`; `prompt_length` counts the tokens before the final (last assistant) response.
-    `prefix`: the tokenizer's `special_prefix`, when the caller has it already.
     """
-    ids, flags, prompt_length = encode_segments(tokenizer, record_segments(tokenizer, record), final_eos=True,
-                                                prefix=prefix)
+    segments = record_segments(tokenizer, record)
+    ids, flags, prompt_length = encode_segments(tokenizer, segments, final_eos=True, prefix=prefix)
     if train_on_prompt:
         flags = [True] * len(ids)
     labels = [tok if (flag and t > 0) else IGNORE_INDEX for t, (tok, flag) in enumerate(zip(ids, flags, strict=True))]
@@ -201,17 +200,10 @@ class TokenizedSFT:
     skipped: list[tuple[int, str | None, str]] = field(default_factory=list)  # (row, field, reason), on_bad_rows=skip
 
 
-def tokenize_sft(
-    records: list[dict[str, Any]],
-    tokenizer: Any,
-    *,
-    max_length: int,
-    truncation: Literal["left", "drop"] = "left",
-    train_on_prompt: bool = False,
-    source: str = "data",
-    rows: list[int] | None = None,
-    on_bad_rows: Literal["error", "skip"] = "error",
-) -> TokenizedSFT:
+def tokenize_sft(records: list[dict[str, Any]], tokenizer: Any, *, max_length: int,
+                 truncation: Literal["left", "drop"] = "left", train_on_prompt: bool = False,
+                 source: str = "data", rows: list[int] | None = None,
+                 on_bad_rows: Literal["error", "skip"] = "error") -> TokenizedSFT:
     """Tokenize validated `sft` records and apply the truncation policy.
 
     Args:
@@ -231,14 +223,13 @@ def tokenize_sft(
         raise AlignkitError(f"option `data.max_length`: expected a positive number, got {max_length}")
     rows = rows or list(range(1, len(records) + 1))
     prefix = special_prefix(tokenizer)
-    keep_prefix = len(prefix)
     out = TokenizedSFT(examples=[])
     for row, record in zip(rows, records, strict=True):
         field_name = "messages" if "messages" in record else "completion"
         try:
             example = encode_example(tokenizer, record, train_on_prompt=train_on_prompt, prefix=prefix)
             fitted, was_cut = truncate_example(example, max_length=max_length, policy=truncation,
-                                               keep_prefix=keep_prefix)
+                                               keep_prefix=len(prefix))
             if fitted is None and was_cut:
                 raise AlignkitError(f"the response is fully truncated by data.max_length={max_length} "
                                     f"({len(example['input_ids'])} tokens)")

@@ -1,20 +1,15 @@
 """A lean forward pass for decoding Llama-family models, used by `sample` when the model allows it.
 
-Decoding a batch of a few rows is memory-bound on CPU: every step reads every weight to multiply it
-by B rows. Profiling `sample` on the benchmark's model (4 layers, hidden 256, vocab 4096; 8 rows,
-32 tokens; bench/profile_stage.py) gave 0.19 s with the Hugging Face forward, of which ~30 ms was
-per-module Python overhead (hooks, output capturing, cache bookkeeping, mask building) and most of
-the rest matrix products. `FastDecoder` runs the same maths as `LlamaForCausalLM` (also Mistral and
-Qwen2, which share its layer) as plain tensor ops on the model's own parameters: fused q/k/v and
-gate/up projections, one rotary application for q and k together, a preallocated B×H×W×D key/value
-cache per layer, `scaled_dot_product_attention` over the columns written so far (0.16 s), and
-weights stored transposed (in×out) at build time, because `x @ W_t` ran ~25% faster than
-`F.linear(x, W)` for these few-row products (0.12 s). Where oneDNN is available (x86 CPU builds of
-torch) and the model is float32, the weights are instead reordered once into oneDNN's blocked
-layout (`alignkit.ops.packed_linear`, what torch.compile's CPU backend does for linear layers):
-on the benchmark's 8-row decode step the 17 matrix products took 0.78 ms instead of 2.0 ms, the
-whole 8×32 rollout 0.099 s instead of 0.136 s. It is exact up to float
-rounding: the sampler's recorded log-probs still match a trainer's forward (tests/unit/rollout).
+Decoding a few rows is dominated on CPU by per-op cost and weight reads: the Hugging Face forward
+spends ~30 ms of a 0.19 s benchmark rollout on per-module Python overhead alone (hooks, output
+capturing, cache bookkeeping, mask building). `FastDecoder` runs the same maths as
+`LlamaForCausalLM` (also Mistral and Qwen2, which share its layer) as plain tensor ops on the model's
+own parameters: fused q/k/v and gate/up projections, one rotary application for q and k together,
+a preallocated B×H×W×D key/value cache per layer and `scaled_dot_product_attention` over the columns
+written so far. Its weights are reordered once per build into oneDNN's blocked layout where oneDNN
+is available and the model is float32 (`alignkit.ops.packed_linear`), else stored transposed for a
+plain `x @ W_t`. It is exact up to float rounding: the sampler's recorded log-probs match a
+trainer's forward (tests/unit/rollout). The README's speed section has the measurements.
 
 Anything else (other architectures, peft wrappers or other non-Linear projections, sliding-window
 attention, non-SiLU MLPs, Gemma style norms, models on an accelerator) makes `FastDecoder.build`
@@ -42,8 +37,7 @@ class _Weight:
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, pack: bool) -> None:
-        self.bias = bias
-        self.packed = pack
+        self.bias, self.packed = bias, pack
         self.weight = reorder(weight, rows) if pack else weight.t().contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,16 +116,14 @@ class FastDecoder:
         inner = model.model
         config = model.config
         attn0 = inner.layers[0].self_attn
-        self.head_dim = attn0.head_dim
-        self.n_heads = config.num_attention_heads
-        self.n_kv = config.num_key_value_heads
-        self.scaling = attn0.scaling
+        self.head_dim, self.scaling = attn0.head_dim, attn0.scaling
+        self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
         self.embed = inner.embed_tokens  # called as a module: its hooks see every pass (bench/common.Probe)
         self.rotary = inner.rotary_emb
         self.dtype = dtype = self.embed.weight.dtype
         device = self.embed.weight.device
 
-        def eps(norm: torch.nn.Module) -> torch.Tensor:
+        def eps(norm: torch.nn.Module) -> torch.Tensor:  # 0-d, made once
             return torch.tensor(norm.variance_epsilon, dtype=torch.float32, device=device)
 
         self.norm_w, self.norm_eps = inner.norm.weight, eps(inner.norm)
@@ -255,5 +247,4 @@ class FastDecoder:
         > `column` are ignored. None: every column up to `column` is attended (~5% faster steps).
         """
         mask = None if key_mask is None else key_mask[:, None, None, : column + 1]
-        hidden = self._forward(tokens[:, None], positions[:, None], column, mask)
-        return self._logits(hidden[:, -1])
+        return self._logits(self._forward(tokens[:, None], positions[:, None], column, mask)[:, -1])

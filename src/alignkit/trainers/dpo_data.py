@@ -56,16 +56,20 @@ def to_groups(record: dict[str, Any], kind: str, family: str) -> list[tuple[Any,
     return [(prompt, responses, None)]
 
 
-def encode_group(tokenizer: Any, prompt: Any, responses: list[Any]) -> tuple[list[dict], int]:
+def encode_group(tokenizer: Any, prompt: Any, responses: list[Any],
+                 prefix: list[int] | None = None) -> tuple[list[dict], int]:
     """Tokenize each response after the shared prompt; return the examples and the prompt length.
+
+    `prefix`: the tokenizer's `special_prefix` (worked out here when not given).
 
     Raises:
         AlignkitError: The prompt ids are not a strict prefix of a response's ids.
     """
-    prompt_ids = encode_prompt(tokenizer, prompt)
+    prefix = special_prefix(tokenizer) if prefix is None else prefix
+    prompt_ids = encode_prompt(tokenizer, prompt, prefix)
     examples = []
     for k, response in enumerate(responses):
-        example = encode_example(tokenizer, {"prompt": prompt, "completion": response})
+        example = encode_example(tokenizer, {"prompt": prompt, "completion": response}, prefix=prefix)
         if example["input_ids"][: len(prompt_ids)] != prompt_ids:
             raise AlignkitError(f"response {k}: the prompt does not tokenize as a prefix of prompt + response")
         examples.append({"input_ids": example["input_ids"], "labels": example["labels"]})
@@ -121,12 +125,13 @@ def tokenize_groups(records: list[dict], kind: str, loss: str, tokenizer: Any, *
     if kind not in LOSS_KINDS[family]:
         raise AlignkitError(f"{source}: loss {loss!r} trains on {' or '.join(LOSS_KINDS[family])} records, "
                             f"got {kind!r} records")
-    keep = len(special_prefix(tokenizer))
+    prefix = special_prefix(tokenizer)
+    keep = len(prefix)
     out = TokenizedGroups(groups=[])
     for row, record in zip(rows or range(1, len(records) + 1), records, strict=True):
         try:
             for prompt, responses, label in to_groups(record, kind, family):
-                examples, plen = encode_group(tokenizer, prompt, responses)
+                examples, plen = encode_group(tokenizer, prompt, responses, prefix)
                 fitted, was_cut = fit_group(examples, plen, max_length=max_length, keep_prefix=keep,
                                             policy=truncation)
                 out.truncated += int(was_cut)
