@@ -6,6 +6,7 @@ import pytest
 import torch
 from tests.conftest import build_tiny_llama
 
+import alignkit.rollout.decode_layers as decode_layers
 import alignkit.rollout.fast_decoder as fast_decoder
 import alignkit.rollout.generate as generate
 from alignkit.rollout.fast_decoder import FastDecoder
@@ -183,3 +184,55 @@ def test_unmasked_step_equals_the_all_true_mask(tokenizer, prompts):
             logits.append(decoder.step(ids[:, 0], torch.full((4,), 3), key_mask, 3))
     torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-6)
     torch.testing.assert_close(logits[2], logits[0], rtol=0, atol=1e-6)
+
+
+def _decode_logits(model, ids, steps: int) -> torch.Tensor:
+    """Prefill `ids` (B×P, unpadded) then `steps` greedy decode steps; the logits of every call, stacked."""
+    batch, width_p = ids.shape
+    positions = torch.arange(width_p).expand(batch, width_p)
+    with torch.inference_mode():
+        decoder = FastDecoder.build(model, batch, width_p + steps)
+        out = [decoder.prefill(ids, positions, torch.ones_like(ids, dtype=torch.bool))]
+        for step in range(steps):
+            out.append(decoder.step(out[-1].argmax(-1), torch.full((batch,), width_p + step), None, width_p + step))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["onednn-packed", "transposed"])
+@pytest.mark.parametrize("kind", ["llama", "llama-rope-dynamic"])
+def test_torchscript_decode_is_bit_identical_to_python(kind, packed, tokenizer, prompts, monkeypatch):
+    """`decoder_layers` through TorchScript's interpreter runs the very ops of the Python function."""
+    if packed and not fast_decoder.onednn_available(torch.float32):
+        pytest.skip("this torch build has no oneDNN")
+    monkeypatch.setattr(fast_decoder, "onednn_available", lambda dtype: packed)
+    model = _tiny(kind, len(tokenizer))
+    ids = prompts[0][:, -1:].repeat(1, 3)
+    monkeypatch.setattr(decode_layers, "_COMPILED", {})
+    scripted = _decode_logits(model, ids, 5)
+    assert isinstance(decode_layers._COMPILED["fn"], torch.jit.ScriptFunction)
+    monkeypatch.setattr(decode_layers, "_COMPILED", {"fn": decode_layers.decoder_layers})
+    assert torch.equal(_decode_logits(model, ids, 5), scripted)
+
+
+def test_torchscript_off_or_failing_falls_back_to_python(monkeypatch):
+    monkeypatch.setattr(decode_layers, "_COMPILED", {})
+    monkeypatch.setenv("ALIGNKIT_TORCHSCRIPT", "0")
+    assert decode_layers.compiled_layers() is decode_layers.decoder_layers
+    monkeypatch.setattr(decode_layers, "_COMPILED", {})
+    monkeypatch.delenv("ALIGNKIT_TORCHSCRIPT")
+
+    def refuse(fn):
+        raise RuntimeError("TorchScript was removed")
+
+    monkeypatch.setattr(torch.jit, "script", refuse)
+    assert decode_layers.compiled_layers() is decode_layers.decoder_layers
+
+
+def test_run_layers_leaves_the_jit_optimisation_flag_as_it_was(tokenizer, prompts, monkeypatch):
+    monkeypatch.setattr(decode_layers, "_COMPILED", {})
+    seen = []
+    compiled = decode_layers.compiled_layers()
+    monkeypatch.setattr(decode_layers, "_COMPILED",
+                        {"fn": lambda *a: seen.append(torch._C._get_graph_executor_optimize()) or compiled(*a)})
+    _decode_logits(_tiny("llama", len(tokenizer)), prompts[0][:, -1:], 2)
+    assert seen == [False] * 3 and torch._C._get_graph_executor_optimize()
