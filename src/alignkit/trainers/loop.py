@@ -47,6 +47,28 @@ from alignkit.trainers.rundir import (
 )
 
 
+def clip_grad_norm(acc: Accelerator, parameters: Any, max_norm: float) -> torch.Tensor:
+    """`acc.clip_grad_norm_`, without its multiply by 1 when the norm is within `max_norm`.
+
+    torch scales every gradient by min(max_norm / (norm + 1e-6), 1) even when that is exactly 1 (to
+    avoid a device sync); on CPU that multiply reads and writes every gradient for nothing (~3 ms
+    of a 76 ms bench SFT step). Plain gradients outside FSDP/DeepSpeed/XLA get the same norm from
+    `torch.nn.utils.get_total_norm` and the same scaling when the factor is not 1 (NaN included),
+    so the gradients are bit-identical; anything else goes to accelerate.
+    """
+    from accelerate.utils import DistributedType
+
+    params = [p for p in parameters if p.grad is not None]
+    plain = acc.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+    if not plain or any(type(p.grad) is not torch.Tensor for p in params):  # e.g. DTensor gradients
+        return acc.clip_grad_norm_(params, max_norm)
+    acc.unscale_gradients()  # fp16 loss scaling, as accelerate does first
+    total = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+    if not bool(torch.clamp(max_norm / (total + 1e-6), max=1.0) == 1.0):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
 def global_batch_indices(n_examples: int, global_batch: int, step: int, seed: int) -> list[int]:
     """Example indices of optimizer step `step`: a window over concatenated seeded permutations."""
     if n_examples <= 0:
@@ -214,7 +236,7 @@ class TrainLoop:
             for k, v in metrics.items():
                 extra.setdefault(k, []).append(torch.as_tensor(v, dtype=torch.float32, device=acc.device))
         max_norm = self.cfg.optim.max_grad_norm or float("inf")
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = clip_grad_norm(acc, self.model.parameters(), max_norm)
         loss = acc.reduce(loss_total, "sum").item() / max(total_terms, 1.0)
         bad = acc.reduce(torch.tensor(float(not (math.isfinite(loss) and torch.isfinite(grad_norm))),
                                       device=acc.device), "sum").item()
