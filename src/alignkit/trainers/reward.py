@@ -241,7 +241,7 @@ def load_model(cfg: RewardConfig, tokenizer: Any, seed: int) -> torch.nn.Module:
 def train_one(cfg: RewardConfig, tokenizer: Any, train: list[dict], data: dict, gold: list[dict],
               norm_rows: list[list[int]]) -> dict[str, Any]:
     """Train one reward model in `cfg.run.output_dir`, evaluate, normalise, save `final/`; return the summary."""
-    from alignkit.models.reward_model import apply_normalization, normalization
+    from alignkit.models.reward_normalization import apply_normalization, normalization
 
     model = load_model(cfg, tokenizer, cfg.run.seed)
     model.train()

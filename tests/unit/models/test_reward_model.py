@@ -13,14 +13,13 @@ from alignkit.models.ensemble import EnsembleScorer, combine_rewards, save_ensem
 from alignkit.models.load import load_sequence_classifier, load_tokenizer
 from alignkit.models.reward_model import (
     CONFIG_BIAS,
-    apply_normalization,
     init_head,
     last_token_index,
     load_reward_model,
-    normalization,
     reward_scores,
     score_head,
 )
+from alignkit.models.reward_normalization import apply_normalization, normalization
 from alignkit.models.save import save_pretrained_atomic
 from alignkit.models.segments import segment_prefixes, split_sentences
 from alignkit.rollout.score import (
