@@ -29,7 +29,7 @@ from alignkit.ops.prefix import prefix_cache_forward
 CONFIG_GAIN = "reward_gain"
 CONFIG_BIAS = "reward_bias"
 CONFIG_BIAS_FOLDED = "reward_bias_folded"
-REMOTE_MODULE = "alignkit_reward"  # written next to a model whose bias is not folded (`remote_code_source`)
+REMOTE_MODULE = "alignkit_reward"  # saved beside a model whose bias is not folded (reward_normalization.remote_code_source)
 REMOTE_CLASS = "NormalizedRewardModel"
 CONFIG_SEGMENTS = "reward_segments"  # segmentation of a model trained on segment scores (scorers sum them)
 

@@ -58,10 +58,11 @@ def clip_grad_norm(acc: Accelerator, parameters: Any, max_norm: float) -> torch.
     """
     from accelerate.utils import DistributedType
 
+    parameters = list(parameters)  # accelerate gets them all: FSDP compares them with the model's
     params = [p for p in parameters if p.grad is not None]
     plain = acc.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
     if not plain or any(type(p.grad) is not torch.Tensor for p in params):  # e.g. DTensor gradients
-        return acc.clip_grad_norm_(params, max_norm)
+        return acc.clip_grad_norm_(parameters, max_norm)
     acc.unscale_gradients()  # fp16 loss scaling, as accelerate does first
     total = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
     if not bool(torch.clamp(max_norm / (total + 1e-6), max=1.0) == 1.0):

@@ -199,19 +199,36 @@ def _decode_logits(model, ids, steps: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["onednn-packed", "transposed"])
-@pytest.mark.parametrize("kind", ["llama", "llama-rope-dynamic"])
+@pytest.mark.parametrize("kind", ["llama", "llama-rope-dynamic", "llama-bf16"])
 def test_torchscript_decode_is_bit_identical_to_python(kind, packed, tokenizer, prompts, monkeypatch):
-    """`decoder_layers` through TorchScript's interpreter runs the very ops of the Python function."""
+    """`decoder_layers` through TorchScript's interpreter runs the very ops of the Python function:
+    logits of prefill and steps, and sampled rollouts from padded, repeated prompts (prefill of the
+    distinct rows, the padding bias in every step) with rows ending early."""
     if packed and not fast_decoder.onednn_available(torch.float32):
         pytest.skip("this torch build has no oneDNN")
     monkeypatch.setattr(fast_decoder, "onednn_available", lambda dtype: packed)
-    model = _tiny(kind, len(tokenizer))
-    ids = prompts[0][:, -1:].repeat(1, 3)
+    model = _tiny(kind.removesuffix("-bf16"), len(tokenizer))
+    if kind.endswith("bf16"):
+        model = model.to(torch.bfloat16)
+    ids, mask = prompts
+    repeated = (ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0))
+    assert not repeated[1].all()  # padded
+    eos = list(range(3, len(tokenizer), 8))  # rows end early
+
+    def run():
+        logits = _decode_logits(model, ids[:, -1:].repeat(1, 3), 5)
+        rollout = _sample(model, tokenizer, repeated, fast=True, monkeypatch=monkeypatch, eos_token_id=eos)
+        return logits, rollout
+
     monkeypatch.setattr(decode_layers, "_COMPILED", {})
-    scripted = _decode_logits(model, ids, 5)
+    scripted, scripted_rollout = run()
     assert isinstance(decode_layers._COMPILED["fn"], torch.jit.ScriptFunction)
     monkeypatch.setattr(decode_layers, "_COMPILED", {"fn": decode_layers.decoder_layers})
-    assert torch.equal(_decode_logits(model, ids, 5), scripted)
+    python, python_rollout = run()
+    assert torch.equal(python, scripted)
+    assert scripted_rollout.lengths.min() < scripted_rollout.lengths.max()
+    for name in ("response_ids", "response_mask", "logprobs", "entropy"):
+        assert torch.equal(getattr(python_rollout, name), getattr(scripted_rollout, name)), name
 
 
 def test_torchscript_off_or_failing_falls_back_to_python(monkeypatch):

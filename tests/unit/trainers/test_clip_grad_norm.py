@@ -40,14 +40,30 @@ def test_same_norm_and_gradients_as_torch(scale, monkeypatch):
         assert total == pytest.approx(1.0, rel=1e-4)
 
 
-def test_nan_norm_scales_like_torch():
+@pytest.mark.parametrize(("bad", "max_norm"), [(float("nan"), 1.0), (float("inf"), 1.0), (float("inf"), math.inf)],
+                         ids=["nan", "inf", "inf-without-limit"])
+def test_nonfinite_norm_scales_like_torch(bad, max_norm):
     ours, theirs = _params(1.0), _params(1.0)
     for params in (ours, theirs):
-        params[0].grad[0, 0] = float("nan")
-    norm = loop.clip_grad_norm(Accelerator(cpu=True), ours, 1.0)
-    expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
-    assert math.isnan(float(norm)) and math.isnan(float(expected))
-    assert torch.isnan(ours[1].grad).all() and torch.isnan(theirs[1].grad).all()
+        params[0].grad[0, 0] = bad
+    norm = loop.clip_grad_norm(Accelerator(cpu=True), ours, max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    torch.testing.assert_close(norm, expected, rtol=0, atol=0, equal_nan=True)
+    assert not math.isfinite(float(norm))
+    for a, b in zip(ours[:2], theirs[:2], strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, equal_nan=True)
+
+
+def test_sharded_or_other_setups_go_to_accelerate_with_every_parameter(monkeypatch):
+    from accelerate.utils import DistributedType
+
+    acc = Accelerator(cpu=True)
+    params = _params(100.0)  # the last has no gradient: accelerate still gets it (FSDP compares lists)
+    seen = []
+    monkeypatch.setattr(type(acc), "distributed_type", property(lambda self: DistributedType.FSDP))
+    monkeypatch.setattr(acc, "clip_grad_norm_", lambda p, max_norm: seen.append(list(p)) or torch.tensor(7.0))
+    assert float(loop.clip_grad_norm(acc, iter(params), 1.0)) == 7.0
+    assert len(seen) == 1 and len(seen[0]) == 3 and all(a is b for a, b in zip(seen[0], params, strict=True))
 
 
 def test_no_limit_never_multiplies(monkeypatch):
