@@ -37,7 +37,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> torch.
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], packed: bool) -> torch.Tensor:  # noqa: UP045
     """F.linear(x, W, b) with W reordered for oneDNN (`packed`, `alignkit.ops.packed_linear`) or stored as W^T."""
-    if packed:
+    if packed:  # `packed_linear`'s call, inlined: TorchScript needs the empty scalar list typed
         scalars: List[Optional[number]] = []  # noqa: F821, UP006, UP045 (TorchScript's Scalar; not evaluated)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", scalars, "")
     out = x @ weight

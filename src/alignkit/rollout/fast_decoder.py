@@ -8,8 +8,9 @@ own parameters: fused q/k/v and gate/up projections, one rotary application for 
 a preallocated B×H×W×D key/value cache per layer and `scaled_dot_product_attention` over the columns
 written so far, in one function run by TorchScript's interpreter (`alignkit.rollout.decode_layers`).
 Its weights are reordered once per build into oneDNN's blocked layout where oneDNN is available and
-the model is float32 (`alignkit.ops.packed_linear`), else stored transposed for a plain `x @ W_t`. It is exact up to float rounding: the sampler's recorded log-probs match a
-trainer's forward (tests/unit/rollout). The README's speed section has the measurements.
+the model is float32 (`alignkit.ops.packed_linear`), else stored transposed for a plain `x @ W_t`.
+It is exact up to float rounding: the sampler's recorded log-probs match a trainer's forward
+(tests/unit/rollout). The README's speed section has the measurements.
 
 Anything else (other architectures, peft wrappers or other non-Linear projections, sliding-window
 attention, non-SiLU MLPs, Gemma style norms, models on an accelerator) makes `FastDecoder.build`

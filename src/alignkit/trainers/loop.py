@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from alignkit.errors import AlignkitError
@@ -56,8 +56,6 @@ def clip_grad_norm(acc: Accelerator, parameters: Any, max_norm: float) -> torch.
     `torch.nn.utils.get_total_norm` and the same scaling when the factor is not 1 (NaN included),
     so the gradients are bit-identical; anything else goes to accelerate.
     """
-    from accelerate.utils import DistributedType
-
     parameters = list(parameters)  # accelerate gets them all: FSDP compares them with the model's
     params = [p for p in parameters if p.grad is not None]
     plain = acc.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
