@@ -1,5 +1,5 @@
 # Quick start: `make demo` (set up, then run the main job on the embedded sentiment world) and
-# `make test` (set up with test extras, then lint and run the test suite).
+# `make test` (set up with every extra, then lint and run the test suite).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,9 +9,13 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: demo test test-slow lint bench clean
 
-$(BIN)/.installed: pyproject.toml
+# pyproject.toml declares ranges; constraints.txt pins the exact versions tested (torch: the CPU wheel).
+# One venv for everything: the demo world's packages, the report's plots, TensorBoard and the test tools.
+EXTRAS := test,demo,report,tensorboard
+
+$(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $@
 
 demo: $(BIN)/.installed

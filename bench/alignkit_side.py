@@ -51,7 +51,7 @@ STAGE_SPECS: dict[str, tuple[str, str, Path, list[str]]] = {
 }
 
 
-def stage_argv(stage: str, steps: int, out_dir: str) -> list[str]:
+def stage_argv(stage: str, steps: int, out_dir: str, accel: str = "auto") -> list[str]:
     _, _, data, extra = STAGE_SPECS[stage]
     model = PATHS.reward_model if stage == "reward" else PATHS.base_model
     return [
@@ -61,7 +61,7 @@ def stage_argv(stage: str, steps: int, out_dir: str) -> list[str]:
         "--optim.max_steps", str(steps), "--optim.lr", "1e-5", "--optim.scheduler", "constant",
         "--optim.warmup_steps", "0",
         "--run.output_dir", out_dir, "--run.seed", str(SEED), "--run.log_every", "10",
-        "--run.eval_every", "0", "--run.progress", "false", "--run.tensorboard", "false",
+        "--run.eval_every", "0", "--run.progress", "false", "--run.report_to", "[]", "--run.accel", accel,
         *extra,
     ]
 
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", required=True, choices=sorted(STAGE_SPECS))
     parser.add_argument("--steps", type=int, default=common.STEPS)
+    parser.add_argument("--accel", default="auto", choices=["auto", "cpu", "plain"], help="`--run.accel`")
     args = parser.parse_args(argv)
     if not stage_available(args.stage):
         common.emit({"side": "alignkit", "stage": args.stage, "available": False,
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     instrument(timer_box)
     with tempfile.TemporaryDirectory(prefix=f"alignkit-{args.stage}-") as out:
         try:
-            cfg = resolve_config(getattr(module, cls_name), None, stage_argv(args.stage, args.steps, out))
+            cfg = resolve_config(getattr(module, cls_name), None, stage_argv(args.stage, args.steps, out, args.accel))
             module.run(cfg)
         except Exception as err:  # reported by the driver; the benchmark goes on with other stages
             traceback.print_exc()

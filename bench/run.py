@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    f"the first {common.WARMUP_STEPS} are warm-up)")
     p.add_argument("--quick", action="store_true", help=f"{common.QUICK_STEPS} steps per run, 1 repeat")
     p.add_argument("--sides", default="alignkit,trl", help="comma-separated: alignkit, trl")
+    p.add_argument("--accel", default="auto", choices=["auto", "cpu", "plain"],
+                   help="alignkit's acceleration backend (`--run.accel`): auto (cpu here), cpu, or plain "
+                        "(the Hugging Face forward and KV-cache decoding alone)")
     p.add_argument("--omp-wait-policy", default="unset", choices=["passive", "active", "unset"],
                    help="OMP_WAIT_POLICY of both sides. unset (default): OpenMP's own default, as users run "
                         "both libraries; run on a quiet machine. passive: threads sleep between parallel "
@@ -66,9 +69,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def side_command(side: str, stage: str, steps: int) -> list[str]:
+def side_command(side: str, stage: str, steps: int, accel: str = "auto") -> list[str]:
     if side == "alignkit":
-        return [sys.executable, str(BENCH_DIR / "alignkit_side.py"), "--stage", stage, "--steps", str(steps)]
+        return [sys.executable, str(BENCH_DIR / "alignkit_side.py"), "--stage", stage, "--steps", str(steps),
+                "--accel", accel]
     python = TRL_VENVS.get(stage, DEFAULT_TRL_VENV) / "bin" / "python"
     return [str(python), str(BENCH_DIR / "trl_side.py"), "--stage", stage, "--steps", str(steps)]
 
@@ -85,7 +89,7 @@ def side_env(omp_wait_policy: str) -> dict[str, str]:
 
 def run_side(side: str, stage: str, repeat: int, args: argparse.Namespace) -> dict:
     """One child process; its BENCH_RESULT line as a dict (or an error dict)."""
-    cmd = side_command(side, stage, args.steps)
+    cmd = side_command(side, stage, args.steps, args.accel)
     if not Path(cmd[0]).exists():
         return {"side": side, "stage": stage, "error": f"{cmd[0]} missing: run `bash bench/setup_peers.sh`"}
     LOG_DIR.mkdir(parents=True, exist_ok=True)
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = {stage: stage_entry(stage, runs, peak) for stage, runs in raw.items()}
     machine = {**common.machine_info(), "peak_matmul_gflops": peak, "peak_matmul_gflops_before": peak_before,
                "omp_wait_policy": args.omp_wait_policy, "load_avg_1min_at_end": os.getloadavg()[0]}
-    settings = {"steps": args.steps, "warmup_steps": common.WARMUP_STEPS, "repeats": args.repeats,
+    settings = {"steps": args.steps, "warmup_steps": common.WARMUP_STEPS, "repeats": args.repeats, "accel": args.accel,
                 "batch": common.BATCH, "prompt_tokens": common.PROMPT_TOKENS,
                 "response_tokens": common.RESPONSE_TOKENS, "rl_prompts": common.RL_PROMPTS,
                 "rl_generations": common.RL_GENERATIONS, "new_tokens": common.NEW_TOKENS, "model": manifest}

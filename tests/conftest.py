@@ -3,6 +3,8 @@
 No network: the tokenizer is a byte-level BPE trained here on a few sentences, the model is randomly
 initialised. Both are session-scoped directories; load them with `AutoTokenizer.from_pretrained`,
 `AutoModelForCausalLM.from_pretrained` or alignkit's loaders. Tests must not modify them.
+The sampler and backend tests use the tokenizer in memory (`tokenizer`) and `TINY_PROMPTS` left-padded
+(`prompts`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ TINY_TEXTS = [
     "What a beautiful, moving story about friendship.",
     "User: how are you? Assistant: I am fine, thank you.",
 ]
+
+TINY_PROMPTS = ["The quick brown fox", "I loved", "Terrible film. I hated every minute", "What"]
+"""Four prompts of different lengths: left-padded together (`prompts`), some rows are padded."""
 
 TINY_SPECIAL_TOKENS = {"pad_token": "<|pad|>", "bos_token": "<|bos|>", "eos_token": "<|eos|>"}
 
@@ -108,3 +113,19 @@ def reward_dir(tmp_path_factory, tiny_llama_dir) -> Path:
     model = load_sequence_classifier(cfg, num_labels=1, tokenizer=tokenizer)
     init_head(model)
     return save_pretrained_atomic(model, tokenizer, tmp_path_factory.mktemp("rm") / "rm")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The tiny tokenizer, built in memory once per test module (do not change it)."""
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    """(ids, mask) of `TINY_PROMPTS`, left-padded by `tokenize_prompts` (some rows are padded)."""
+    from alignkit.rollout.generate import tokenize_prompts
+
+    ids, mask = tokenize_prompts(tokenizer, TINY_PROMPTS)
+    assert not mask.all()  # left padding is exercised
+    return ids, mask

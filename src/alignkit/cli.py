@@ -15,32 +15,7 @@ from typing import Any
 
 from alignkit.config import format_help, resolve_config
 from alignkit.errors import AlignkitError
-
-# stage -> (module, config class, one-line description). Modules are imported only when used,
-# so `alignkit --help` is fast.
-STAGES: dict[str, tuple[str, str, str]] = {
-    "pretrain": ("alignkit.trainers.pretrain", "PretrainConfig", "causal LM training on raw text {text}"),
-    "sft": ("alignkit.trainers.sft", "SFTConfig", "supervised fine-tuning on {prompt, completion} or {messages}"),
-    "label": ("alignkit.trainers.label", "LabelConfig", "sample K responses per prompt and label them (pairs, "
-              "choices, rankings, ratings)"),
-    "reward": ("alignkit.trainers.reward", "RewardConfig", "train a (normalised) reward model or ensemble on feedback"),
-    "ppo": ("alignkit.trainers.rl", "PPOConfig", "PPO from a reward model or gold scorer, KL to the reference"),
-    "rloo": ("alignkit.trainers.rl", "RLOOConfig", "REINFORCE leave-one-out (k samples per prompt, no critic)"),
-    "grpo": ("alignkit.trainers.rl", "GRPOConfig", "GRPO (group-normalised advantages, k3 KL in the loss)"),
-    "reinforce": ("alignkit.trainers.rl", "ReinforceConfig", "REINFORCE with a learned baseline"),
-    "a2c": ("alignkit.trainers.rl", "A2CConfig", "advantage actor-critic (TD advantages)"),
-    "dpo": ("alignkit.trainers.dpo", "DPOConfig", "DPO family (sigmoid, ipo, cdpo, simpo, orpo, kto, plackett_luce), "
-            "offline or online"),
-    "best-of-n": ("alignkit.trainers.best_of_n", "BestOfNConfig", "sample N per prompt, keep the best by a scorer; "
-                  "reward and KL per N"),
-    "rejection-sampling": ("alignkit.recipes.rejection_sampling", "RejectionSamplingConfig",
-                           "rounds of best-of-N winners -> SFT"),
-    "eval": ("alignkit.eval", "EvalConfig", "policies on held-out prompts: gold +- CI, proxy, exact KL, win rate, "
-             "diversity, length"),
-    "report": ("alignkit.report", "ReportConfig", "HTML report (reward-KL frontier, over-optimisation, samples) "
-               "+ summary.json"),
-    "pipeline": ("alignkit.pipeline", "PipelineConfig", "chain the stages with caching (`--only`, `--from`)"),
-}
+from alignkit.stages import STAGES
 
 WORLD_COMMANDS = ("build", "info")
 
@@ -92,12 +67,14 @@ def run_stage(stage: str, argv: list[str]) -> Any:
     config, rest = _split_config(argv)
     rest = [a.replace("--from", "--from_step", 1) if a.split("=")[0] == "--from" else a for a in rest]
     cfg = resolve_config(cls, config, rest)
-    return _load(module, "run")(cfg)
+    from alignkit.pipeline import run_stage as run_with_world  # start-up cost: torch only when a stage runs
+
+    return run_with_world(stage, cfg)
 
 
 def run_world(argv: list[str]) -> Any:
     """`alignkit world <name> build|info [--<field> VALUE ...]`."""
-    from alignkit.worlds.base import WORLD_BUILDERS, get_world
+    from alignkit.worlds import WORLD_BUILDERS, get_world  # start-up cost: `alignkit --help` imports no torch
 
     names = "|".join(WORLD_BUILDERS)
     if len(argv) < 2 or argv[0] in ("-h", "--help") or argv[1] not in WORLD_COMMANDS:

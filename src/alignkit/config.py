@@ -45,12 +45,19 @@ class RunConfig:
     """Evaluate on held-out data every N optimizer steps (0: only at the end)."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """On a NaN/inf loss or gradient: stop with the step named, or skip that step's update."""
-    tensorboard: bool = True
-    """Also write TensorBoard event files under `<output_dir>/tensorboard`."""
-    wandb: bool = False
-    """Also log to Weights & Biases (needs `wandb` installed and logged in)."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab",
+                            "trackio"]] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers (accelerate's) that also get the metrics, e.g. `tensorboard,wandb`; `[]`: none.
+    Each needs its package (`pip install wandb`); TensorBoard (events in `<output_dir>/alignkit/`) is
+    skipped with a note when `tensorboard` is not installed. `metrics.jsonl` is always written."""
     progress: bool = True
     """Show a progress bar with ETA."""
+    accel: Literal["auto", "cpu", "plain"] = "auto"
+    """Acceleration backend (`alignkit.accel`): `plain` = Hugging Face forward and KV-cache decoding, any
+    model and device; `cpu` = alignkit's CPU machinery (lean decoder, packed prompt rows, oneDNN weights,
+    one-token reward read), each falling back to `plain` where a model is not covered; `auto` = `cpu` on
+    a CPU, `plain` on an accelerator. Same results to float rounding; the run plan says what was picked.
+    The `ALIGNKIT_ACCEL` environment variable overrides it."""
 
 
 @dataclass
@@ -397,11 +404,6 @@ def resolve_config(cls: type, config_path: str | Path | None = None, argv: list[
     return build(cls, values, f"{where} + command line" if config_path else "command line")
 
 
-def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
 def format_help(cls: type, prefix: str = "", defaults: Any = None) -> str:
     """One line per field: `--key TYPE (default: X)  doc`, grouped by part (defaults as the stage sets them)."""
     lines: list[str] = []
@@ -418,3 +420,42 @@ def format_help(cls: type, prefix: str = "", defaults: Any = None) -> str:
         if docs.get(f.name):
             lines.append(f"      {docs[f.name]}")
     return "\n".join(lines)
+
+
+def world_names(cfg: Any) -> list[str]:
+    """The worlds a stage config names: its `world` / `gold_world` options and `gold:<world>` scorer specs."""
+    names: list[str] = []
+
+    def walk(obj: Any) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value)
+            elif isinstance(value, str) and value:
+                name = value if f.name in ("world", "gold_world") else value[5:] if value.startswith("gold:") else ""
+                if name and name not in names:
+                    names.append(name)
+
+    walk(cfg)
+    return names
+
+
+def require_world(cfg: Any, world: Any) -> Any:
+    """The loaded world a stage was given for the world its config names (None when it names none).
+
+    Worlds are loaded at the edge (the CLI, the pipeline, `alignkit.pipeline.run_stage`) and passed to
+    a stage's `run(cfg, world=...)`; the layers below never look one up.
+
+    Raises:
+        AlignkitError: The config names two worlds, or names one that was not passed.
+    """
+    names = world_names(cfg)
+    if not names:
+        return None
+    if len(names) > 1:
+        raise AlignkitError(f"the options name {len(names)} worlds ({', '.join(names)}); a stage runs in one")
+    if world is None or getattr(world, "name", names[0]) != names[0]:
+        raise AlignkitError(f"option `world` ({names[0]!r}): this stage needs the loaded world. The CLI and the "
+                            f"pipeline load it; from Python call alignkit.pipeline.run_stage(stage, cfg) or pass "
+                            f"run(cfg, world=alignkit.worlds.get_world({names[0]!r}))")
+    return world

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import shutil
 import sys
 import time
@@ -51,6 +52,9 @@ from alignkit.pipeline_cache import (
     sweep_variants,
     write_marker,
 )
+from alignkit.stages import STAGES
+from alignkit.worlds import WORLD_BUILDERS, world_for
+from alignkit.worlds.base import world_root
 
 STEP_KEYS = {"name", "stage", "config", "set", "sweep", "after"}
 
@@ -79,13 +83,9 @@ class PipelineConfig:
 
 def _stage_class(stage: str, world: str) -> type:
     if stage == "world":
-        from alignkit.worlds.base import WORLD_BUILDERS
-
         if world not in WORLD_BUILDERS:
             raise AlignkitError(f"option `world`: unknown world {world!r}; known: {', '.join(WORLD_BUILDERS)}")
         return WORLD_BUILDERS[world]()[0]
-    from alignkit.cli import STAGES
-
     if stage not in STAGES or stage == "pipeline":
         raise AlignkitError(f"unknown stage {stage!r}; stages: world, {', '.join(s for s in STAGES if s != 'pipeline')}")
     module, cls_name, _ = STAGES[stage]
@@ -111,8 +111,6 @@ def _step_values(spec: dict[str, Any], overrides: dict[str, Any]) -> dict[str, A
 
 def expand_steps(cfg: PipelineConfig) -> list[Step]:
     """The concrete steps (sweeps expanded), with resolved values, upstream steps and fingerprints."""
-    from alignkit.worlds.base import world_root
-
     runs_dir = Path(cfg.runs_root) / cfg.name
     known: dict[str, Path] = {}
     sweeps: dict[str, list[str]] = {}
@@ -173,16 +171,20 @@ class _ProgressTee:
         return False
 
 
+def run_stage(stage: str, cfg: Any) -> Any:
+    """`run(cfg)` of a stage (a name of `alignkit.stages.STAGES`), with the world its config names loaded
+    and passed in (`alignkit.worlds.world_for`): the one place where stages get their world."""
+    run = importlib.import_module(STAGES[stage][0]).run
+    world = world_for(cfg) if "world" in inspect.signature(run).parameters else None
+    return run(cfg, world=world) if world is not None else run(cfg)
+
+
 def _run_stage(step: Step, world: str) -> dict[str, Any]:
     cls = _stage_class(step.stage, world)
     config = build(cls, step.values, f"pipeline step {step.name}")
     if step.stage == "world":
-        from alignkit.worlds.base import WORLD_BUILDERS
-
         return WORLD_BUILDERS[world]()[1](config)
-    from alignkit.cli import STAGES
-
-    return importlib.import_module(STAGES[step.stage][0]).run(config)
+    return run_stage(step.stage, config)
 
 
 

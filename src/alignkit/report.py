@@ -31,7 +31,7 @@ ORDER = ["sft", "ppo", "rloo", "grpo", "dpo", "best_of_n", "rejection_sampling"]
 class ReportConfig:
     """Build `report.html` and `summary.json` from a pipeline's run directories."""
 
-    run: RunConfig = field(default_factory=lambda: RunConfig(tensorboard=False))
+    run: RunConfig = field(default_factory=lambda: RunConfig(report_to=[]))
     runs_dir: str = ""
     """The pipeline's directory (`runs/<name>`): the report and summary go here; step timings are read here."""
     eval_dir: str = ""

@@ -47,7 +47,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
 def dpo_args(model: Path, out: Path, *extra: str) -> list[str]:
     return ["dpo", "--model.name_or_path", str(model), "--output-dir", str(out), "--optim.per_device_batch_size", "4",
             "--optim.lr", "3e-3", "--optim.warmup_steps", "0", "--optim.scheduler", "constant", "--optim.max_steps",
-            "10", "--run.log_every", "5", "--run.tensorboard", "false", "--run.progress", "false",
+            "10", "--run.log_every", "5", "--run.report_to", "[]", "--run.progress", "false",
             "--data.eval_fraction", "0.2", *extra]
 
 

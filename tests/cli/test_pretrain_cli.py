@@ -34,7 +34,7 @@ def pretrain_args(model_dir: Path, corpus: Path, out: Path, *extra: str) -> list
     return ["pretrain", "--model.name_or_path", str(model_dir), "--data.path", str(corpus),
             "--output-dir", str(out), "--block_size", "32", "--optim.per_device_batch_size", "4",
             "--optim.grad_accum_steps", "2", "--optim.lr", "3e-3", "--optim.warmup_steps", "3",
-            "--run.log_every", "1", "--run.tensorboard", "false", "--run.progress", "false", *extra]
+            "--run.log_every", "1", "--run.report_to", "[]", "--run.progress", "false", *extra]
 
 
 def cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -43,7 +43,7 @@ def cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 def losses(run_dir: Path) -> list[float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
+    return [r["loss/total"] for r in rows if "loss/total" in r]
 
 
 def test_pretrain_run_dir_and_loss_falls(tmp_path, tiny_llama_dir, corpus):

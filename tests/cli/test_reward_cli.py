@@ -42,7 +42,7 @@ def _args(model: Path, data_path: Path, out: Path, *extra: str) -> list[str]:
     return ["reward", "--model.name_or_path", str(model), "--data.path", str(data_path), "--output-dir", str(out),
             "--data.eval_fraction", "0.2", "--optim.per_device_batch_size", "4", "--optim.lr", "3e-3",
             "--optim.warmup_steps", "2", "--optim.max_steps", "25", "--run.log_every", "5",
-            "--run.tensorboard", "false", "--run.progress", "false", *extra]
+            "--run.report_to", "[]", "--run.progress", "false", *extra]
 
 
 def test_reward_learns_preferences_and_saves_a_normalised_model(tmp_path, tiny_llama_dir, data):
@@ -68,8 +68,9 @@ def test_reward_learns_preferences_and_saves_a_normalised_model(tmp_path, tiny_l
     assert abs(scores.mean().item()) < 0.5 and 0.5 < scores.std(unbiased=False).item() < 1.5
     from transformers import AutoModelForSequenceClassification
 
+    from alignkit.data.collate import right_pad
+    from alignkit.data.reward_groups import encode_scored
     from alignkit.models.reward_model import reward_scores
-    from alignkit.rollout.score import encode_scored, right_pad
 
     texts = list(pairs)[:4]
     ids, mask = right_pad([encode_scored(scorer.tokenizer, p, r, 0) for p, r in texts], scorer.tokenizer.pad_token_id)
@@ -117,9 +118,9 @@ def test_segment_scores_pointwise_and_kind_errors(tmp_path, tiny_llama_dir, data
 
     scorer = RewardModelScorer.from_path(out / "final")
     assert scorer.segments == "sentences"
+    from alignkit.data.collate import right_pad
+    from alignkit.data.segments import segment_prefixes
     from alignkit.models.reward_model import reward_scores
-    from alignkit.models.segments import segment_prefixes
-    from alignkit.rollout.score import right_pad
 
     total = scorer(["A"], [" I loved it. It was bad."])
     prefixes = segment_prefixes(scorer.tokenizer, "A", [" I loved it.", " It was bad."])  # [x y_1], [x y_1 y_2 EOS]

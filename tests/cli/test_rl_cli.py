@@ -50,7 +50,7 @@ def rl_args(stage: str, model: Path, reward: Path, prompts: Path, out: Path, *ex
             "--data.eval_fraction", "0.2", "--output-dir", str(out), "--prompts_per_step", "4",
             "--samples_per_prompt", "2", "--max_new_tokens", "6", "--minibatches", "2", "--epochs", "2",
             "--eval_prompts", "4", "--optim.lr", "1e-3", "--optim.scheduler", "constant",
-            "--optim.per_device_batch_size", "4", "--run.log_every", "1", "--run.tensorboard", "false",
+            "--optim.per_device_batch_size", "4", "--run.log_every", "1", "--run.report_to", "[]",
             "--run.progress", "false", *extra]
 
 
@@ -66,7 +66,8 @@ def step_rows(run_dir: Path) -> list[dict]:
 METRICS = ["reward/model", "objective/kl", "objective/kl_k3", "objective/kl_coef", "policy/entropy",
            "policy/clipfrac", "policy/approx_kl", "loss/policy", "loss/value", "value/explained_variance",
            "rollout/length", "rollout/eos_fraction", "rollout/logprob_parity_max_abs", "time/generation_s",
-           "time/scoring_s", "time/training_s", "perf/tokens_per_s", "rollout/hash"]
+           "time/scoring_s", "time/training_s", "perf/tokens_per_s", "rollout/hash", "loss/total",
+           "optim/grad_norm", "optim/lr"]
 
 
 def test_ppo_run_dir_metrics_and_summary(tmp_path, tiny_llama_dir, reward_dir, prompts):
@@ -101,7 +102,7 @@ def test_sampler_logprobs_as_old_logprobs_equal_a_recomputed_forward(tmp_path, t
     a, b = runs["reuse"], runs["recompute"]
     assert [r["rollout/hash"] for r in a] == [r["rollout/hash"] for r in b]
     for key in ["objective/kl", "objective/kl_k3", "policy/entropy", "loss/policy", "loss/value",
-                "policy/approx_kl", "loss"]:
+                "policy/approx_kl", "loss/total"]:
         assert [r[key] for r in a] == pytest.approx([r[key] for r in b], abs=1e-4), key
 
 
@@ -121,6 +122,8 @@ def test_other_algorithms_run(tmp_path, tiny_llama_dir, reward_dir, prompts, sta
     assert res.returncode == 0, res.stderr
     rows = step_rows(out)
     assert len(rows) == 2 and all(r["rollout/logprob_parity_max_abs"] < 1e-4 for r in rows)
+    assert "objective/kl" in rows[0]  # the per-response sequence KL, whatever the algorithm
+    assert ("objective/kl_k3_token_mean" in rows[0]) == (stage == "grpo")  # GRPO's in-loss KL term
     assert f"algorithm: {stage}\n" in (out / "config.yaml").read_text()
 
 
@@ -152,7 +155,7 @@ def test_kill_9_then_resume_gives_the_same_rollouts_and_beta(tmp_path, tiny_llam
     assert [r["rollout/hash"] for r in a] == [r["rollout/hash"] for r in b]  # same token ids after resume
     assert [r["objective/kl_coef"] for r in a] == [r["objective/kl_coef"] for r in b]  # same beta trajectory
     assert len({r["objective/kl_coef"] for r in a}) > 5  # beta did move
-    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-6)
+    assert [r["loss/total"] for r in a] == pytest.approx([r["loss/total"] for r in b], abs=1e-6)
 
 
 def launch_two(args: list[str]) -> subprocess.CompletedProcess:
@@ -194,4 +197,4 @@ def test_two_processes_share_beta_so_a_resume_repeats_the_run(tmp_path, tiny_lla
     assert len({r["objective/kl_coef"] for r in a}) == 6  # beta moved every step
     assert [r["objective/kl_coef"] for r in a] == [r["objective/kl_coef"] for r in b]
     assert [r["rollout/hash"] for r in a] == [r["rollout/hash"] for r in b]
-    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-6)
+    assert [r["loss/total"] for r in a] == pytest.approx([r["loss/total"] for r in b], abs=1e-6)

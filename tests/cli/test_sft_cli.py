@@ -36,7 +36,7 @@ def sft_args(model_dir: Path, data_path: Path, out: Path, *extra: str) -> list[s
     return ["sft", "--model.name_or_path", str(model_dir), "--data.path", str(data_path), "--output-dir", str(out),
             "--data.eval_fraction", "0.15", "--optim.per_device_batch_size", "8", "--optim.lr", "3e-3",
             "--optim.warmup_steps", "2", "--optim.max_steps", "16", "--run.eval_every", "8", "--run.log_every", "4",
-            "--n_samples", "2", "--max_new_tokens", "8", "--run.tensorboard", "false", "--run.progress", "false",
+            "--n_samples", "2", "--max_new_tokens", "8", "--run.report_to", "[]", "--run.progress", "false",
             *extra]
 
 

@@ -46,7 +46,7 @@ def one_step(tmp_path, micro: int, accum: int, batch: dict, name: str):
     cfg = resolve_config(PretrainConfig, None, [
         "--output-dir", str(tmp_path / name), "--optim.per_device_batch_size", str(micro),
         "--optim.grad_accum_steps", str(accum), "--optim.max_steps", "1", "--optim.max_grad_norm", "0",
-        "--run.tensorboard", "false", "--run.progress", "false"])
+        "--run.report_to", "[]", "--run.progress", "false"])
     model = build_tiny_llama(VOCAB, seed=0, attention_dropout=0.0)
     loop = TrainLoop("test", cfg, model)
     loop.resume()
@@ -60,7 +60,7 @@ def one_step(tmp_path, micro: int, accum: int, batch: dict, name: str):
     micro_batches = [slice_batch(batch, list(range(a * micro, (a + 1) * micro))) for a in range(accum)]
     metrics = loop.update(micro_batches, padded_loss)
     loop.close()
-    return metrics["loss"], grads
+    return metrics["loss/total"], grads
 
 
 def test_accumulation_is_exact_with_unequal_lengths(tmp_path):
@@ -105,7 +105,7 @@ def test_global_batches_cover_each_epoch_once_and_shard_disjointly():
 def test_nonfinite_loss_names_step_and_leaves_weights(tmp_path, mode):
     cfg = resolve_config(PretrainConfig, None, [
         "--output-dir", str(tmp_path / mode), "--optim.per_device_batch_size", "2", "--optim.max_steps", "4",
-        "--run.on_nonfinite", mode, "--run.tensorboard", "false", "--run.progress", "false"])
+        "--run.on_nonfinite", mode, "--run.report_to", "[]", "--run.progress", "false"])
     model = build_tiny_llama(VOCAB, seed=0)
     loop = TrainLoop("test", cfg, model)
     loop.resume()
@@ -123,7 +123,7 @@ def test_nonfinite_loss_names_step_and_leaves_weights(tmp_path, mode):
             loop.update([batch], nan_at_step_2)
     else:
         metrics = loop.update([batch], nan_at_step_2)
-        assert metrics["skipped"] == 1.0
+        assert metrics["optim/skipped"] == 1.0
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
     if mode == "skip":  # the next step trains again

@@ -11,6 +11,7 @@ import pytest
 import torch
 from tests.conftest import TINY_TEXTS
 
+import alignkit.worlds
 from alignkit.pipeline import PipelineConfig
 from alignkit.pipeline import run as run_pipeline
 from alignkit.worlds import base
@@ -45,8 +46,8 @@ def tiny_world(monkeypatch, tmp_path, tiny_llama_dir):
     def load(r: Path) -> base.World:
         return base.World("tinyworld", r, tiny_llama_dir, tiny_llama_dir, load_gold=lambda: _gold)
 
-    monkeypatch.setitem(base.WORLDS, "tinyworld", load)
-    monkeypatch.setitem(base.WORLD_BUILDERS, "tinyworld", lambda: (TinyBuildConfig, build))
+    monkeypatch.setitem(alignkit.worlds.WORLDS, "tinyworld", load)
+    monkeypatch.setitem(alignkit.worlds.WORLD_BUILDERS, "tinyworld", lambda: (TinyBuildConfig, build))
     return root
 
 
@@ -54,8 +55,8 @@ def _steps(model: Path) -> list[dict]:
     rl = {"model.name_or_path": "${steps.sft.final}", "reward.model": "${steps.reward.final}", "world": "tinyworld",
           "prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 6, "optim.max_steps": 2,
           "optim.per_device_batch_size": 8, "eval_prompts": 4, "run.eval_every": 1, "run.progress": False,
-          "run.tensorboard": False}
-    fast = {"run.progress": False, "run.tensorboard": False}
+          "run.report_to": []}
+    fast = {"run.progress": False, "run.report_to": []}
     return [
         {"name": "world", "stage": "world"},
         {"name": "sft", "stage": "sft", "after": ["world"], "set": {

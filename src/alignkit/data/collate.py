@@ -17,12 +17,24 @@ from typing import Any
 
 import torch
 
-from alignkit.losses.sft import IGNORE_INDEX
+from alignkit.ops.logprobs import IGNORE_INDEX
+from alignkit.ops.masking import mask_positions
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """The batch with its tensors on `device` (other values as they are)."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and 0/1 mask (from the lengths). Shapes: B×T each."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
 
 
 def count_terms(labels: list[int]) -> int:
@@ -135,5 +147,4 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]
         if seq:
             ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
             mask[i, width - len(seq):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": mask_positions(mask)}

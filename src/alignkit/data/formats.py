@@ -327,21 +327,3 @@ def detect_format(record: dict[str, Any]) -> str:
         f"cannot tell the record format from its fields {sorted(record)}; expected the fields of one of: "
         + "; ".join(f"{kind} {{{', '.join(fields)}}}" for kind, fields in FIELDS.items())
     )
-
-
-def is_conversational(record: dict[str, Any]) -> bool:
-    """True when the record holds message lists (`messages`, or a list `prompt`) rather than strings."""
-    return "messages" in record or isinstance(record.get("prompt"), list)
-
-
-def as_messages(value: str | list[dict[str, Any]], *, role: str = "user") -> list[dict[str, str]]:
-    """A prompt or response as a list of `{role, content}` messages.
-
-    A string becomes one message with `role` ("user" for a prompt, "assistant" for a response); a
-    message list is copied keeping only `role` and `content`.
-    """
-    if isinstance(value, str):
-        return [{"role": role, "content": value}]
-    if isinstance(value, list):
-        return [{"role": message["role"], "content": message["content"]} for message in value]
-    raise TypeError(f"expected a string or a list of messages, got {type(value).__name__}")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from alignkit.errors import AlignkitError
-from alignkit.losses.sft import IGNORE_INDEX
+from alignkit.ops.logprobs import IGNORE_INDEX
 
 Message = dict[str, str]
 Example = dict[str, Any]  # input_ids, labels (lists of int, same length), prompt_length

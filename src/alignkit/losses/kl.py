@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from alignkit.ops.masking import last_true_index
+
 
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Per-token KL estimator k1 = log pi - log pi_ref (unbiased, can be negative).
@@ -41,15 +43,6 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_ratio) - log_ratio - 1
 
 
-KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
-
-
-def _last_response_index(response_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last True position per row (B×T bool -> B long)."""
-    positions = torch.arange(response_mask.shape[1], device=response_mask.device)
-    return torch.where(response_mask.to(torch.bool), positions, -1).amax(dim=1)
-
-
 def kl_penalized_rewards(
     scores: torch.Tensor,
     logprobs: torch.Tensor,
@@ -70,7 +63,8 @@ def kl_penalized_rewards(
         logprobs, ref_logprobs: B×T log-probs of the sampled tokens under pi and pi_ref.
         response_mask: B×T bool.
         last_index: B long, the index of the last response token (the EOS, never a pad); if
-            None it is the last True position of ``response_mask`` (every row needs one).
+            None it is the last True position of ``response_mask`` (``last_true_index``; a row
+            without one raises ValueError).
         returns: ``(rewards, metrics)``; rewards B×T, 0 outside the mask.
 
     Metrics (batch means of per-sequence sums): ``objective/kl`` (sum_t k1),
@@ -80,7 +74,9 @@ def kl_penalized_rewards(
     kl = torch.where(mask, kl_k1(logprobs.detach(), ref_logprobs.detach()), 0.0)  # B×T
     rewards = -kl_coef * kl
     if last_index is None:
-        last_index = _last_response_index(mask)
+        last_index = last_true_index(mask)
+        if (last_index < 0).any():
+            raise ValueError("every response needs at least one token to carry its score")
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, last_index] += scores.detach().to(rewards.dtype)
     kl_per_seq = kl.sum(dim=1)  # B
@@ -143,8 +139,3 @@ class FixedKLController:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.value = float(state["value"])
-
-
-FixedKL = FixedKLController
-
-KL_CONTROLLERS = {"adaptive": AdaptiveKLController, "fixed": FixedKLController}

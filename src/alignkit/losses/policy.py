@@ -1,4 +1,4 @@
-"""Policy-gradient losses: PPO (clipped), value, REINFORCE, A2C, GRPO, and the policy entropy.
+"""Policy-gradient losses: PPO (clipped), value, REINFORCE, A2C and GRPO.
 
 Notation (Xiao & Zhu, Sec. 10.3.3): ``logprobs`` = log pi_theta(y_t | x, y_<t) of the sampled
 tokens, ``old_logprobs`` = the same under the policy that sampled them, ``advantages`` A_t.
@@ -137,7 +137,7 @@ def reinforce_loss(
     """REINFORCE with a baseline (Williams 1992; Xiao & Zhu, Eq. 10.26).
 
     Equation: L = -mean_t log pi(y_t) * A_t, where the caller supplies A_t = sum_{k>=t} r_k - b
-    (e.g. ``discounted_returns`` minus a baseline, or ``rloo_advantages`` per sequence).
+    (e.g. ``gae`` with lam = 1 and the baseline as V, or ``rloo_advantages`` per sequence).
 
     Shapes:
         logprobs: B×T.
@@ -212,7 +212,8 @@ def grpo_loss(
     Reduces by the token mean over the response mask of the whole batch. DeepSeekMath's Eq. 3
     averages per sequence first (1/|o_i|), which weights short responses' tokens more; the token
     mean does not. Metrics: ``loss/policy``, ``policy/clipfrac``, ``policy/approx_kl``,
-    ``objective/kl`` (token-mean k3).
+    ``objective/kl_k3_token_mean`` (the token mean of k3 in the loss; not ``objective/kl``, which is
+    the per-response sequence KL everywhere).
     """
     advantages = _per_token(advantages, logprobs)
     losses, clipped, approx_kl = _clipped_surrogate(logprobs, old_logprobs, advantages, cliprange)
@@ -222,29 +223,6 @@ def grpo_loss(
         "loss/policy": loss.detach(),
         "policy/clipfrac": masked_mean(clipped, response_mask),
         "policy/approx_kl": masked_mean(approx_kl, response_mask),
-        "objective/kl": masked_mean(kl.detach(), response_mask),
+        "objective/kl_k3_token_mean": masked_mean(kl.detach(), response_mask),
     }
     return loss, metrics
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical distribution softmax(logits) at every position.
-
-    Equation: H = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v, with p = softmax(z).
-
-    Shapes:
-        logits: B×T×V, finite (mask vocabulary entries with a large negative number, not -inf).
-        returns: B×T (reduce with ``masked_mean`` for ``policy/entropy``).
-
-    No reduction over positions; the vocabulary axis is summed.
-    """
-    probs = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
-
-
-POLICY_LOSSES = {
-    "ppo": ppo_policy_loss,
-    "reinforce": reinforce_loss,
-    "a2c": a2c_loss,
-    "grpo": grpo_loss,
-}

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from alignkit.losses.reward import plackett_luce_loss
+from alignkit.ops.masking import last_true_index
 
 Metrics = dict[str, torch.Tensor]
 
@@ -232,8 +233,7 @@ def plackett_luce_dpo_loss(
     rewards = beta * (policy_logps - ref_logps.detach())  # B×K
     loss, pl_metrics = plackett_luce_loss(rewards, mask)
     present = torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask.to(torch.bool)
-    positions = torch.arange(rewards.shape[1], device=rewards.device)
-    last = torch.where(present, positions, -1).amax(dim=1, keepdim=True)  # B×1, last present item
+    last = last_true_index(present).unsqueeze(1)  # B×1, last present item
     metrics = _reward_metrics(rewards[:, 0], rewards.gather(1, last).squeeze(1))
     metrics["rewards/accuracy"] = pl_metrics["rewards/accuracy"]
     return loss, metrics

@@ -3,8 +3,10 @@
 Every algorithm is an `Algorithm`: an advantage estimator, run once per rollout batch, and a loss,
 run on every minibatch. The trainer's loop is the same for all of them (rollout -> score ->
 KL-shaped rewards -> advantages -> epochs of minibatch updates); it picks the pair from
-`ALGORITHMS` by name. Estimators and losses take tensors and keyword hyperparameters; each ignores
-the keywords it does not use, so the trainer calls them all the same way.
+`ALGORITHMS` by name. Estimators and losses take tensors and keyword hyperparameters: each names
+the ones it reads and ignores any others (`**_`), so one call with every keyword serves them all.
+The trainer passes only what the stage's config holds for its algorithm (`RLConfig.targets_options`,
+`RLConfig.loss_options`) plus the current beta as `kl_coef`.
 
 Notation as in `alignkit.losses.policy` and `alignkit.ops.advantages`: per-token ``rewards`` B×T
 (KL penalty on every token, score at the last one, from ``kl_penalized_rewards``), sequence
@@ -40,7 +42,7 @@ def _per_token(seq_advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 # ---------------------------------------------------------------------------------------------
 
 
-def gae_targets(rewards, values, scores, response_mask, *, gamma, lam, k, whiten) -> Targets:
+def gae_targets(rewards, values, scores, response_mask, *, gamma, lam, whiten, **_) -> Targets:
     """PPO: GAE(gamma, lam) advantages and returns R_t = A_t + V(s_t) (Schulman et al. 2016).
 
     Advantages are whitened over the batch's response tokens when `whiten` (returns are not).
@@ -49,13 +51,13 @@ def gae_targets(rewards, values, scores, response_mask, *, gamma, lam, k, whiten
     return _maybe_whiten(advantages, response_mask, whiten), returns
 
 
-def td_targets(rewards, values, scores, response_mask, *, gamma, lam, k, whiten) -> Targets:
+def td_targets(rewards, values, scores, response_mask, *, gamma, whiten, **_) -> Targets:
     """A2C: the TD error A_t = r_t + gamma V(s_{t+1}) - V(s_t) (Xiao & Zhu, Eq. 10.31; GAE with lam = 0)."""
     advantages, returns = gae(rewards, values, response_mask, gamma=gamma, lam=0.0)
     return _maybe_whiten(advantages, response_mask, whiten), returns
 
 
-def baseline_targets(rewards, values, scores, response_mask, *, gamma, lam, k, whiten) -> Targets:
+def baseline_targets(rewards, values, scores, response_mask, *, gamma, whiten, **_) -> Targets:
     """REINFORCE with a learned baseline: A_t = sum_{k>=t} gamma^(k-t) r_k - V(s_t) (Eq. 10.26-10.27).
 
     That is GAE with lam = 1; the return (reward-to-go) is the value model's target.
@@ -64,7 +66,7 @@ def baseline_targets(rewards, values, scores, response_mask, *, gamma, lam, k, w
     return _maybe_whiten(advantages, response_mask, whiten), returns
 
 
-def rloo_targets(rewards, values, scores, response_mask, *, gamma, lam, k, whiten) -> Targets:
+def rloo_targets(rewards, values, scores, response_mask, *, k, whiten, **_) -> Targets:
     """RLOO: the sequence reward (score - beta * KL, the sum of the KL-shaped rewards) minus the mean
     of the other k - 1 samples of the same prompt (Ahmadian et al. 2024, Eq. 8), on every token."""
     seq_rewards = torch.where(response_mask, rewards, 0.0).sum(dim=1)  # B
@@ -72,7 +74,7 @@ def rloo_targets(rewards, values, scores, response_mask, *, gamma, lam, k, white
     return _maybe_whiten(advantages, response_mask, whiten), torch.zeros_like(advantages)
 
 
-def group_targets(rewards, values, scores, response_mask, *, gamma, lam, k, whiten) -> Targets:
+def group_targets(rewards, values, scores, response_mask, *, k, **_) -> Targets:
     """GRPO: scores normalised within each prompt's group of k (Shao et al. 2024, Sec. 4.1.2).
 
     The KL penalty is in the loss, not the reward, so only the scores are used; not whitened again.
@@ -86,7 +88,7 @@ def group_targets(rewards, values, scores, response_mask, *, gamma, lam, k, whit
 # ---------------------------------------------------------------------------------------------
 
 
-def ppo_loss(logprobs, values, batch, *, cliprange, cliprange_value, value_coef, kl_coef) -> tuple:
+def ppo_loss(logprobs, values, batch, *, cliprange, cliprange_value, value_coef, **_) -> tuple:
     """PPO: clipped surrogate (Eq. 10.49-10.50) + value_coef * (optionally clipped) value MSE."""
     mask = batch["response_mask"]
     policy, metrics = ppo_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask,
@@ -96,14 +98,13 @@ def ppo_loss(logprobs, values, batch, *, cliprange, cliprange_value, value_coef,
     return policy + value_coef * value, {**metrics, **value_metrics}
 
 
-def actor_critic_loss(logprobs, values, batch, *, cliprange, cliprange_value, value_coef, kl_coef) -> tuple:
+def actor_critic_loss(logprobs, values, batch, *, value_coef, **_) -> tuple:
     """A2C: -log pi * A_t + value_coef * (V - R)^2 in one loss (Eq. 10.40)."""
     return a2c_loss(logprobs, values, batch["advantages"], batch["returns"], batch["response_mask"],
                     value_coef=value_coef)
 
 
-def reinforce_baseline_loss(logprobs, values, batch, *, cliprange, cliprange_value, value_coef,
-                            kl_coef) -> tuple:
+def reinforce_baseline_loss(logprobs, values, batch, *, value_coef, **_) -> tuple:
     """REINFORCE with baseline (Eq. 10.26) + value_coef * the baseline's MSE to the returns."""
     mask = batch["response_mask"]
     policy, metrics = reinforce_loss(logprobs, batch["advantages"], mask)
@@ -111,7 +112,7 @@ def reinforce_baseline_loss(logprobs, values, batch, *, cliprange, cliprange_val
     return policy + value_coef * value, {**metrics, **value_metrics}
 
 
-def clipped_policy_loss(logprobs, values, batch, *, cliprange, cliprange_value, value_coef, kl_coef) -> tuple:
+def clipped_policy_loss(logprobs, values, batch, *, cliprange, **_) -> tuple:
     """RLOO's policy loss: the clipped surrogate with the leave-one-out advantages, no critic.
 
     On-policy (one epoch, one minibatch) the ratio is 1 and its gradient equals REINFORCE's,
@@ -121,7 +122,7 @@ def clipped_policy_loss(logprobs, values, batch, *, cliprange, cliprange_value, 
                            cliprange=cliprange)
 
 
-def group_policy_loss(logprobs, values, batch, *, cliprange, cliprange_value, value_coef, kl_coef) -> tuple:
+def group_policy_loss(logprobs, values, batch, *, cliprange, kl_coef, **_) -> tuple:
     """GRPO: clipped surrogate + kl_coef * k3 KL to the reference in the loss (Shao et al. 2024, Eq. 3)."""
     return grpo_loss(logprobs, batch["old_logprobs"], batch["ref_logprobs"], batch["advantages"],
                      batch["response_mask"], cliprange=cliprange, kl_coef=kl_coef)

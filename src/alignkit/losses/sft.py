@@ -1,6 +1,6 @@
 """Token-level language-modelling losses (pretraining and supervised fine-tuning).
 
-Only torch is imported here.
+Only torch (and `alignkit.ops`) is imported here.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from alignkit.ops.logprobs import IGNORE_INDEX
 
 
 def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:

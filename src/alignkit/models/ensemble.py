@@ -84,16 +84,6 @@ class EnsembleScorer:
         self.last_metrics = {name: float(value) for name, value in metrics.items()}
         return combined
 
-    @classmethod
-    def from_path(cls, path: str | Path, **kwargs: Any) -> EnsembleScorer:
-        """Load an ensemble directory; `kwargs` go to each member's `RewardModelScorer`."""
-        from alignkit.rollout.score import RewardModelScorer
-
-        path = Path(path)
-        spec = read_ensemble_spec(path)
-        members = [RewardModelScorer.from_path(path / name, **kwargs) for name in spec["members"]]
-        return cls(members, weights=spec.get("weights"), combine=spec.get("combine", "mean"), k=spec.get("k", 1.0))
-
 
 def read_ensemble_spec(path: Path) -> dict[str, Any]:
     """The contents of `<path>/ensemble.json`, checked, with errors naming the file and field."""

@@ -5,7 +5,8 @@
 A reward model is a Hugging Face `*ForSequenceClassification` with one label. Decoder backbones
 (Llama, GPT-2, Qwen, ...) score the last non-pad token; encoder backbones (BERT, ...) score their
 pooled output (the first token), so they must be right-padded. `reward_scores` passes positions
-cumsum(mask) - 1, so a left-padded and a right-padded batch give the same rewards.
+cumsum(mask) - 1, so a left-padded and a right-padded batch give the same rewards. It is the plain
+forward; the acceleration backends (`alignkit.accel`) score groups of rows faster with the same results.
 
 Initialised from a causal LM (e.g. the SFT model) the head is new and drawn from N(0, 1 / (d + 1))
 (Ziegler et al. 2019, Sec. 2.2); from a sequence classifier it is kept.
@@ -22,9 +23,7 @@ from typing import Any
 import torch
 
 from alignkit.errors import AlignkitError
-from alignkit.models.last_token import last_token_scores
-from alignkit.ops.packing import packed_attention
-from alignkit.ops.prefix import prefix_cache_forward
+from alignkit.ops.masking import mask_positions
 
 CONFIG_GAIN = "reward_gain"
 CONFIG_BIAS = "reward_bias"
@@ -84,7 +83,6 @@ def reward_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
 
     The reward is read at each row's last token of the attention mask; pad ids inside a sequence
     are refused, so this is also the token the Hugging Face head reads (the rightmost non-pad).
-    Llama-family classifiers run their last layer at that token only (`alignkit.models.last_token`).
     Positions are cumsum(mask) - 1, so left padding does not shift them.
 
     Args:
@@ -97,89 +95,26 @@ def reward_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
         returns: B float.
     """
     config = hf_model(model).config
-    pad = config.pad_token_id if pad_token_id is None else pad_token_id
     mask = attention_mask.long()
-    _refuse_inner_pads(input_ids, mask, pad)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # B×T
-    # The last layer at the read token only, for the models that allow it (alignkit.models.last_token).
-    scores = last_token_scores(model, input_ids, mask, positions, last_token_index(mask))
-    if scores is None:
-        scores = model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits[:, 0]
-    return _with_bias(model, scores.float(), apply_bias)  # B
+    refuse_inner_pads(input_ids, mask, config.pad_token_id if pad_token_id is None else pad_token_id)
+    scores = model(input_ids=input_ids, attention_mask=mask, position_ids=mask_positions(mask)).logits[:, 0]
+    scores = scores.float()  # B
+    return with_stored_bias(model, scores) if apply_bias else scores
 
 
-def _refuse_inner_pads(input_ids: torch.Tensor, mask: torch.Tensor, pad: int | None) -> None:
+def refuse_inner_pads(input_ids: torch.Tensor, mask: torch.Tensor, pad: int | None) -> None:
+    """Raise when the pad id occurs on a real (masked-in) token: the reward would be read at the wrong token."""
     if pad is not None and bool(((input_ids == pad) & mask.bool()).any()):
         raise AlignkitError(f"the pad id {pad} occurs inside a sequence; the reward would be read at the wrong "
                             "token. Use a tokenizer whose pad token is distinct (alignkit's loader adds one)")
 
 
-def _with_bias(model: torch.nn.Module, scores: torch.Tensor, apply_bias: bool) -> torch.Tensor:
-    """`scores` plus the stored normalisation bias `reward_bias` when asked and the head has no bias."""
+def with_stored_bias(model: torch.nn.Module, scores: torch.Tensor) -> torch.Tensor:
+    """`scores` plus the stored normalisation bias `reward_bias` when the head has no bias of its own."""
     config = hf_model(model).config
-    if apply_bias and not getattr(config, CONFIG_BIAS_FOLDED, True) and type(hf_model(model)).__name__ != REMOTE_CLASS:
+    if not getattr(config, CONFIG_BIAS_FOLDED, True) and type(hf_model(model)).__name__ != REMOTE_CLASS:
         scores = scores + float(getattr(config, CONFIG_BIAS, 0.0))
     return scores
-
-
-def shares_prefixes(model: torch.nn.Module) -> bool:
-    """Whether `model` can score with `shared_prefix_scores`: a causal (decoder) classifier, read at its last token."""
-    from alignkit.ops.prefix import model_allows_sharing
-
-    return getattr(hf_model(model), "score", None) is not None and model_allows_sharing(hf_model(model).config)
-
-
-def shared_prefix_scores(model: torch.nn.Module, layout: dict[str, torch.Tensor], *,
-                         pad_token_id: int | None = None) -> torch.Tensor:
-    """Rewards of the N sequences of a `shared_prefix_layout`, each group's prefix run once.
-
-    `prefix_cache_forward` runs the G prefixes, then the suffixes against their keys and values, and
-    the head reads each suffix's last token. The rewards equal `reward_scores` of the full rows to
-    float rounding, gradients included. Decoder classifiers only (`shares_prefixes`).
-
-    Shapes:
-        returns: N float.
-    """
-    config = hf_model(model).config
-    pad = config.pad_token_id if pad_token_id is None else pad_token_id
-    suffix_ids, suffix_mask = layout["suffix_ids"], layout["suffix_mask"]
-    if pad is not None and bool(((suffix_ids == pad) & suffix_mask.bool()).any()):
-        raise AlignkitError(f"the pad id {pad} occurs inside a sequence; the reward would be read at the wrong "
-                            "token. Use a tokenizer whose pad token is distinct (alignkit's loader adds one)")
-    out = prefix_cache_forward(model, layout)[1]
-    return out.logits[:, 0].float()
-
-
-def packed_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, apply_bias: bool = False) -> torch.Tensor:
-    """Rewards of N sequences packed by prompt (`alignkit.ops.packing.packed_prompt_layout`), one pass.
-
-    `batch` (from `alignkit.trainers.reward_data.collate_groups` or `packed_groups`) holds the
-    sequences (`input_ids`, `attention_mask`, checked for pad ids inside them), the packed rows
-    (`packed_input_ids`, `packed_attention_mask` G×1×W×W, `packed_position_ids`) and where each
-    sequence ends (`read_row`, `read_col`, N); the head reads there through `last_token_scores`, so
-    only models it supports are packed (`supports_packing`). The rewards equal `reward_scores` of
-    the full rows to float rounding, gradients included; `apply_bias` as there.
-
-    Shapes:
-        returns: N float.
-    """
-    config, mask = hf_model(model).config, batch["packed_attention_mask"]
-    _refuse_inner_pads(batch["input_ids"], batch["attention_mask"], config.pad_token_id)
-    scores = last_token_scores(model, batch["packed_input_ids"], packed_attention(mask, config, model.dtype),
-                               batch["packed_position_ids"], batch["read_col"], rows=batch["read_row"],
-                               keys_mask=mask)
-    if scores is None:
-        raise AlignkitError("packed rows need a model that `last_token_scores` supports (a Llama-family "
-                            "classifier outside DDP/FSDP)")
-    return _with_bias(model, scores.float(), apply_bias)
-
-
-def supports_packing(model: torch.nn.Module) -> bool:
-    """Whether `packed_scores` can score `model`: `last_token_scores` supports it and its attention takes 4D masks."""
-    from alignkit.models.last_token import supports_last_token
-    from alignkit.ops.packing import accepts_packed_masks
-
-    return supports_last_token(model) and accepts_packed_masks(hf_model(model).config)
 
 
 def load_reward_model(path: str, *, dtype: str = "float32", allow_unsafe_pickle: bool = False) -> tuple[Any, Any]:

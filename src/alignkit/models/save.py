@@ -1,20 +1,19 @@
 """Save a model and its tokenizer in Hugging Face format, atomically.
 
-The files are written into a temporary directory beside `out_dir` and renamed into place, so a
-crash or full disk leaves either the old `out_dir` or the new one, never a half-written one.
+The files are written into a temporary directory beside `out_dir`, fsynced and renamed into place
+(`alignkit.atomic.atomic_dir`), so a crash or full disk leaves either the old `out_dir` or the new
+one, never a half-written one.
 """
 
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from alignkit.atomic import atomic_dir
 from alignkit.errors import AlignkitError
 from alignkit.models.load import record_special_token_ids
 
@@ -54,14 +53,8 @@ def save_pretrained_atomic(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise AlignkitError(f"cannot save the model to {out_dir}: it exists and is not a directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp_dir:
         _write(model, tokenizer, tmp_dir, merge_lora=merge_lora)
-        _swap_into_place(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -91,34 +84,3 @@ def _is_peft(model: torch.nn.Module) -> bool:
     except ImportError:  # pragma: no cover - peft is a dependency
         return False
     return isinstance(model, PeftModel)
-
-
-def _swap_into_place(tmp_dir: Path, out_dir: Path) -> None:
-    """Rename `tmp_dir` to `out_dir`, replacing an existing `out_dir` (restored if the rename fails)."""
-    if not out_dir.exists():
-        os.replace(tmp_dir, out_dir)
-        _fsync_dir(out_dir.parent)
-        return
-    old_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    os.replace(out_dir, old_dir)  # replaces the empty placeholder made by mkdtemp
-    try:
-        os.replace(tmp_dir, out_dir)
-    except BaseException:
-        os.replace(old_dir, out_dir)
-        raise
-    _fsync_dir(out_dir.parent)
-    shutil.rmtree(old_dir, ignore_errors=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the renames in `directory` durable (best effort; not all platforms allow it)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -1,10 +1,8 @@
 """The value model V(s_t) of PPO/A2C and the reference policy pi_ref, built from Hugging Face models.
 
 `ValueModel` = a transformer backbone + a scalar head applied at every position (Xiao & Zhu,
-Sec. 10.3.3: the value model is usually initialised from the reward model). `response_values`
-reads V(s_t) for every response token of a `Rollout` with the same column alignment as the policy's
-log-probs: the value of the state before response token j is read at column P + j - 1 of
-`full_ids()`, where the model has seen the prompt and y_<j.
+Sec. 10.3.3: the value model is usually initialised from the reward model);
+`alignkit.rollout.logprobs.response_values` reads it at every response token of a rollout.
 
 `AdapterDisabledReference` is the reference policy of a LoRA policy: the same module with its
 adapters switched off, so the frozen weights are not held twice.
@@ -19,7 +17,6 @@ import torch
 
 from alignkit.config import ModelConfig
 from alignkit.errors import AlignkitError
-from alignkit.rollout.types import Rollout
 
 
 class ValueModel(torch.nn.Module):
@@ -40,18 +37,6 @@ class ValueModel(torch.nn.Module):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                use_cache=False).last_hidden_state  # B×T×H
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
-
-
-def response_values(value_model: ValueModel, rollout: Rollout) -> torch.Tensor:
-    """V(s_t) for every response token of a rollout, 0 where `response_mask` is False.
-
-    Shapes:
-        returns: B×R; entry j is the value read at column P + j - 1 of `full_ids()`.
-    """
-    width_p, width_r = rollout.prompt_length, rollout.response_ids.shape[1]
-    values = value_model(rollout.full_ids(), rollout.full_mask().long(), rollout.position_ids())  # B×(P+R)
-    values = values[:, width_p - 1 : width_p - 1 + width_r].float()  # B×R
-    return torch.where(rollout.response_mask, values, 0.0)
 
 
 def load_value_model(source: str, init: str, tokenizer: Any, base: ModelConfig) -> ValueModel:
@@ -88,10 +73,10 @@ def load_value_model(source: str, init: str, tokenizer: Any, base: ModelConfig) 
 
 
 class AdapterDisabledReference:
-    """The reference policy of a peft LoRA policy: its forward runs with the adapters disabled.
+    """The reference policy of a peft LoRA policy: its forward runs with the adapters disabled, in eval mode.
 
     Not a module (its parameters are the policy's; it must not be registered twice). Call it like
-    the model, under `torch.no_grad()`.
+    the model, under `torch.no_grad()`; the policy's training mode is restored after each call.
     """
 
     def __init__(self, policy: torch.nn.Module) -> None:
@@ -108,5 +93,10 @@ class AdapterDisabledReference:
         return self.policy.dtype
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with self.policy.disable_adapter():
-            return self.policy(*args, **kwargs)
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with self.policy.disable_adapter():
+                return self.policy(*args, **kwargs)
+        finally:
+            self.policy.train(was_training)

@@ -1,4 +1,4 @@
-"""Advantage estimators: GAE over tokens, discounted returns, RLOO and GRPO group baselines.
+"""Advantage estimators: GAE over tokens, RLOO and GRPO group baselines.
 
 Notation (Xiao & Zhu, Sec. 10.3.1): per-token rewards r_t, values V(s_t), discount gamma, GAE
 parameter lam. Per-token tensors are B×T; ``response_mask`` is True on response tokens. All
@@ -57,24 +57,6 @@ def gae(
         next_value = torch.where(m, values[:, t], next_value)
     returns = torch.where(mask, advantages + values, torch.zeros_like(values))
     return advantages, returns
-
-
-def discounted_returns(rewards: torch.Tensor, response_mask: torch.Tensor, *, gamma: float) -> torch.Tensor:
-    """Discounted reward-to-go over response tokens.
-
-    Equation: G_t = r_t + gamma * G_{t+1}, G_{T+1} = 0, i.e. G_t = sum_{k>=t} gamma^(k-t) r_k
-    (the return of Xiao & Zhu, Eq. 10.15; with gamma = 1 the reward-to-go of Eq. 10.26).
-    It equals ``gae`` with V = 0 and lam = 1. Masked positions are skipped as in ``gae``.
-
-    Shapes:
-        rewards: B×T.
-        response_mask: B×T bool.
-        returns: B×T, 0 outside the mask.
-
-    No reduction.
-    """
-    _, returns = gae(rewards, torch.zeros_like(rewards), response_mask, gamma=gamma, lam=1.0)
-    return returns
 
 
 def _groups(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Masked reductions over per-token tensors: sums, means, variances and whitening.
+"""Masked reductions over per-token tensors (sums, means, variances, whitening) and mask positions.
 
 Every function takes ``values`` and a ``mask`` of the same shape (or broadcastable to it). The mask
 is boolean, ``True`` = the position counts (a response token); a 0/1 float mask is accepted and
@@ -112,3 +112,30 @@ def masked_whiten(
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask.to(torch.bool), whitened, torch.zeros_like(whitened))
+
+
+def mask_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of padded rows: cumsum(mask) - 1 along the last dim, clamped at 0 on left padding.
+
+    Left padding then does not shift a sequence's positions, so a left- and a right-padded row get
+    the same positions on their real tokens (Hugging Face models take them as `position_ids`).
+
+    Shapes:
+        mask: ...×T (bool or 0/1). returns: ...×T long.
+    """
+    return (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def last_true_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last True position of each row along the last dim; -1 for a row with no True.
+
+    For a response mask (True up to and including the first EOS) that is the row's last response
+    token: its EOS, or its last sampled token when it has none; for a right-padded attention mask
+    it is the last real token. The -1 of an empty row is a flag for the caller to check, not an
+    index to use (it would read the last column).
+
+    Shapes:
+        mask: ...×T (bool or 0/1). returns: ... long.
+    """
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    return torch.where(mask.to(torch.bool), positions, -1).amax(dim=-1)

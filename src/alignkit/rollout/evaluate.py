@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from alignkit.accel import Backend
 from alignkit.rollout.generate import sample, tokenize_prompts
 from alignkit.rollout.types import Rollout
 
@@ -80,6 +81,7 @@ def evaluate_policy(
     seed: int = 0,
     batch_size: int = 64,
     n_keep: int = 16,
+    backend: Backend | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Sample one response per prompt (fixed seed), score it, and measure KL, length and diversity.
 
@@ -94,6 +96,7 @@ def evaluate_policy(
         seed: Seed of the sampler's generator (the same at every evaluation).
         batch_size: Prompts per generation batch.
         n_keep: How many `{prompt, response, reward, gold}` samples to return.
+        backend: The acceleration backend that samples (default `alignkit.accel.resolve()`).
 
     Returns:
         (metrics, samples). Metrics: ``eval/gold``, ``eval/reward`` (when given), ``eval/kl`` (exact),
@@ -105,7 +108,8 @@ def evaluate_policy(
     for start in range(0, len(prompts), batch_size):
         prompt_ids, prompt_mask = tokenize_prompts(tokenizer, prompts[start : start + batch_size])
         rollout = sample(policy, prompt_ids.to(device), prompt_mask.to(device), generator=generator,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling)
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, backend=backend,
+                         **sampling)
         exact, k1 = sequence_kl(policy, ref, rollout, temperature=sampling.get("temperature", 1.0))
         texts += rollout.texts(tokenizer)
         ids += _responses(rollout)

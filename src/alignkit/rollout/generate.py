@@ -2,13 +2,12 @@
 
 `sample` is alignkit's own decoding loop (faster than `model.generate` for RL-sized batches, see
 `bench/generate_speed.py`): prompts are left-padded, positions are cumsum(mask) - 1 so padding does
-not shift them, the KV cache is preallocated for prompt + max_new_tokens (`FastDecoder` for
-Llama-family models, else a `transformers.StaticCache` with one preallocated B×(P+R_max) attention
-mask, columns switched on as tokens are written), and tokens are
-drawn by inverting the CDF (B uniforms per step instead of `torch.multinomial`'s B×V exponentials,
-the largest saving on CPU). Every random draw uses the caller's `torch.Generator`, so a seed fixes
-the token ids. `alignkit.rollout.logprobs.sequence_logprobs` recomputes the recorded log-probs with
-one forward pass over prompt + response, as a trainer does.
+not shift them, the KV cache is preallocated for prompt + max_new_tokens by the acceleration
+backend's decoder (`alignkit.accel`: a `transformers.StaticCache`, or the CPU backend's lean
+decoder), and tokens are drawn by inverting the CDF (B uniforms per step instead of
+`torch.multinomial`'s B×V exponentials, the largest saving on CPU). Every random draw uses the
+caller's `torch.Generator`, so a seed fixes the token ids. `alignkit.rollout.logprobs.sequence_logprobs`
+recomputes the recorded log-probs with one forward pass over prompt + response, as a trainer does.
 """
 
 from __future__ import annotations
@@ -19,15 +18,11 @@ from functools import partial
 from itertools import dropwhile
 
 import torch
-from transformers import StaticCache
 
-from alignkit.rollout.fast_decoder import FastDecoder
-from alignkit.rollout.sampling import draw_token, filter_logits, sample_categorical  # noqa: F401 (also public here)
+from alignkit.accel import Backend, resolve
+from alignkit.ops.masking import mask_positions
+from alignkit.rollout.sampling import draw_token
 from alignkit.rollout.types import Rollout
-
-# `sample` decodes Llama-family models with `FastDecoder` (same maths, less per-module overhead);
-# False forces the Hugging Face forward everywhere (used by tests and benchmarks to compare the two).
-USE_FAST_DECODER = True
 
 
 def tokenize_prompts(
@@ -75,6 +70,7 @@ def sample(
     pad_token_id: int,
     generator: torch.Generator | None = None,
     min_new_tokens: int = 0,
+    backend: Backend | None = None,
 ) -> Rollout:
     """Sample responses to left-padded prompts with a preallocated KV cache.
 
@@ -97,6 +93,7 @@ def sample(
         pad_token_id: Id written after EOS.
         generator: Source of every random draw; the same seed gives the same token ids.
         min_new_tokens: EOS is not sampled before this many tokens.
+        backend: The acceleration backend that decodes (default: `alignkit.accel.resolve()`).
 
     Returns:
         A `Rollout`; R is the number of steps run (<= `max_new_tokens`).
@@ -116,51 +113,15 @@ def sample(
         with torch.inference_mode():
             draw = partial(draw_token, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             lengths = (max_new_tokens, min_new_tokens)
-            rollout = _sample_loop(model, prompt_ids, prompt_mask, draw, lengths, eos_token_id, pad_token_id)
+            rollout = _sample_loop(model, prompt_ids, prompt_mask, draw, lengths, eos_token_id, pad_token_id,
+                                   backend or resolve())
     finally:
         model.train(was_training)
     # Inference-mode tensors cannot enter autograd; trainers use these ids in a forward with gradients.
     return Rollout(**{f.name: getattr(rollout, f.name).clone() for f in fields(rollout)})
 
 
-def _hf_decoder(model, prompt_ids, prompt_mask, key_mask, width):
-    """(prefill, step) closures over the Hugging Face forward with a `StaticCache` (any causal LM)."""
-    cache = StaticCache(config=model.config, max_cache_len=width)
-    shared = {"attention_mask": key_mask, "past_key_values": cache, "use_cache": True}
-
-    def prefill(positions):
-        return model(input_ids=prompt_ids, position_ids=positions, logits_to_keep=1, **shared).logits[:, -1, :]
-
-    def step(tokens, positions, column):
-        return model(input_ids=tokens[:, None], position_ids=positions[:, None], **shared).logits[:, -1, :]
-
-    return prefill, step
-
-
-def _fast_decoder(model, prompt_ids, prompt_mask, key_mask, width):
-    """(prefill, step) closures over `FastDecoder`, or None when the architecture is not supported."""
-    decoder = FastDecoder.build(model, prompt_ids.shape[0], width)
-    if decoder is None:
-        return None
-    # A live row attends to its real prompt tokens and to every response column so far; the columns
-    # after a row's end hold its own pad tokens, which only that row reads, and its outputs are
-    # discarded. So the prompts' padding is the whole mask: built once, as the additive bias the
-    # attention would make of a bool mask at every layer; None when no prompt is padded.
-    bias = None
-    if not bool(prompt_mask.all()):
-        bias = torch.zeros(key_mask.shape, dtype=decoder.dtype, device=key_mask.device)  # B×W
-        bias[:, : prompt_mask.shape[1]].masked_fill_(~prompt_mask, float("-inf"))
-
-    def prefill(positions):
-        return decoder.prefill(prompt_ids, positions, prompt_mask)
-
-    def step(tokens, positions, column):
-        return decoder.step(tokens, positions, bias, column)
-
-    return prefill, step
-
-
-def _sample_loop(model, prompt_ids, prompt_mask, draw, lengths, eos_token_id, pad_token_id) -> Rollout:
+def _sample_loop(model, prompt_ids, prompt_mask, draw, lengths, eos_token_id, pad_token_id, backend) -> Rollout:
     """The decoding loop of `sample` (in inference mode); `draw` is `draw_token` with the sampling options."""
     max_new_tokens, min_new_tokens = lengths
     device = prompt_ids.device
@@ -168,9 +129,8 @@ def _sample_loop(model, prompt_ids, prompt_mask, draw, lengths, eos_token_id, pa
     eos = torch.as_tensor(eos_token_id, device=device).reshape(-1)
     key_mask = torch.zeros(batch, width, dtype=torch.bool, device=device)  # B×(P+R_max)
     key_mask[:, :width_p] = prompt_mask
-    decoder = _fast_decoder(model, prompt_ids, prompt_mask, key_mask, width) if USE_FAST_DECODER else None
-    prefill, step_logits = decoder or _hf_decoder(model, prompt_ids, prompt_mask, key_mask, width)
-    positions = (prompt_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # B×P
+    prefill, step_logits = backend.decoder(model, prompt_ids, prompt_mask, key_mask, width)
+    positions = mask_positions(prompt_mask)  # B×P
     logits = prefill(positions)
     next_pos = positions[:, -1] + 1  # B: position of the first response token
     tokens, logprobs, entropies = [], [], []

@@ -20,13 +20,15 @@ from typing import Literal
 
 import torch
 
+from alignkit.ops.masking import last_true_index
+
 
 def score_index(response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Column of each row's last response token: its first EOS, else its last sampled token.
 
     A rollout's `response_mask` is True up to and including the first EOS and False on the pads
-    after it, so the last True column is the EOS when there is one. Every row needs at least one
-    response token (the sampler always draws one).
+    after it, so the last True column (`alignkit.ops.masking.last_true_index`) is the EOS when there
+    is one. Every row needs at least one response token (the sampler always draws one).
 
     Shapes:
         response_ids: B×R long. response_mask: B×R bool.
@@ -35,11 +37,10 @@ def score_index(response_ids: torch.Tensor, response_mask: torch.Tensor) -> torc
     Raises:
         ValueError: If a row has no response token (there is no token to put its score on).
     """
-    mask = response_mask.to(torch.bool)
-    if not mask.any(dim=1).all():
+    index = last_true_index(response_mask)
+    if (index < 0).any():
         raise ValueError("every response needs at least one token to carry its score")
-    positions = torch.arange(mask.shape[1], device=mask.device)  # R
-    return torch.where(mask, positions, -1).amax(dim=1)
+    return index
 
 
 class ScoreNormalizer:

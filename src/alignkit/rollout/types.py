@@ -18,6 +18,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from alignkit.ops.masking import mask_positions
+
 
 @dataclass
 class Rollout:
@@ -68,13 +70,13 @@ class Rollout:
         return torch.cat([self.prompt_mask, self.response_mask], dim=1)
 
     def position_ids(self) -> torch.Tensor:
-        """Position ids of `full_ids()`, B×(P+R) long: cumsum(mask) - 1, clamped at 0.
+        """Position ids of `full_ids()`, B×(P+R) long: cumsum(mask) - 1, clamped at 0 (`mask_positions`).
 
         They match the positions the sampler used, so the first real token of each row is at position
         0 whatever its left padding. Pad positions get the position of the previous real token (0 for
         left padding); they are masked out and never read.
         """
-        return (self.full_mask().long().cumsum(dim=1) - 1).clamp(min=0)
+        return mask_positions(self.full_mask())
 
     def response_last_index(self) -> torch.Tensor:
         """Column in `response_ids` of each row's last response token, B long.
@@ -101,10 +103,6 @@ class Rollout:
     def select(self, index: torch.Tensor | slice | list[int]) -> Rollout:
         """The rollout restricted to some rows (e.g. a PPO minibatch); columns are kept as they are."""
         return Rollout(**{f.name: _apply(getattr(self, f.name), lambda t: t[index]) for f in fields(self)})
-
-    def to(self, device: torch.device | str) -> Rollout:
-        """A copy with every tensor moved to `device`."""
-        return Rollout(**{f.name: _apply(getattr(self, f.name), lambda t: t.to(device)) for f in fields(self)})
 
     @classmethod
     def concat(cls, rollouts: list[Rollout], *, pad_token_id: int) -> Rollout:

@@ -6,15 +6,14 @@ A checkpoint `checkpoints/step-N/` holds
 - `rng-<rank>.safetensors` + `trainer_state.json`: RNG states of torch, numpy and `random`, the
   step (which fixes the data position), the scheduler and any stage state (e.g. a KL controller);
 - `config.yaml`: the resolved config; `COMPLETE`: written last.
-It is written to `checkpoints/.tmp-step-N/` and renamed into place after `COMPLETE` is on disk, so
-a crash mid-write never leaves a directory named `step-N`, and a directory without `COMPLETE`
-is never loaded. Nothing is unpickled when loading.
+It is written to `checkpoints/.tmp-step-N/`, fsynced and renamed into place after `COMPLETE` is
+written (`alignkit.atomic.move_into_place`), so a crash mid-write never leaves a directory named
+`step-N`, and a directory without `COMPLETE` is never loaded. Nothing is unpickled when loading.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -24,17 +23,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from alignkit.atomic import move_into_place
 from alignkit.errors import AlignkitError
 
 MARKER = "COMPLETE"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -122,15 +114,8 @@ def save_checkpoint(
         state = {"step": step, "scheduler": scheduler.state_dict(), "stage": stage_state or {}}
         (tmp / "trainer_state.json").write_text(json.dumps(state))
         (tmp / "config.yaml").write_text(config_yaml)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
         (tmp / MARKER).write_text(str(step))
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
+        move_into_place(tmp, final)  # fsyncs every file and the directories, then renames
     if barrier:
         barrier()
     return final
@@ -149,7 +134,8 @@ def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
     done = list_checkpoints(ckpt_root)
     for old in done[: max(0, len(done) - keep_last)]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in ckpt_root.glob(".tmp-step-*"):
+    # `.tmp-step-N`: a write that did not finish; `.step-N.old-*`: a replaced one a crash left behind.
+    for stale in [*ckpt_root.glob(".tmp-step-*"), *ckpt_root.glob(".step-*.old-*")]:
         shutil.rmtree(stale, ignore_errors=True)
 
 

@@ -31,15 +31,20 @@ from typing import Any, Literal
 
 import torch
 
-from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
+from alignkit.accel import Backend
+from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig, require_world
 from alignkit.data.collate import to_device
+from alignkit.data.formats import detect_format, validate_records
+from alignkit.data.load import load_records, split_records
+from alignkit.data.preference_groups import collate_preference_groups, tokenize_preference_groups
 from alignkit.errors import AlignkitError
 from alignkit.losses.preference import PREFERENCE_LOSSES
-from alignkit.ops.packing import accepts_packed_masks
-from alignkit.ops.prefix import model_allows_sharing
-from alignkit.trainers.dpo_data import collate_groups, online_inputs, sample_round, tokenize_groups
+from alignkit.models.load import load_causal_lm, load_tokenizer
+from alignkit.rollout.evaluate import evaluate_policy
+from alignkit.rollout.score import load_scorer
 from alignkit.trainers.dpo_forward import Reference, response_logps
 from alignkit.trainers.loop import TrainLoop
+from alignkit.trainers.online_dpo import online_inputs, sample_round
 
 REFERENCE_FREE = ("simpo", "orpo")
 """Losses that never read the reference log-probs (so no reference forward pass is run)."""
@@ -55,11 +60,6 @@ class DPOConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6, warmup_steps=10))
     loss: Literal["sigmoid", "ipo", "cdpo", "simpo", "orpo", "kto", "plackett_luce"] = "sigmoid"
     """The loss: sigmoid (DPO), ipo, cdpo, simpo, orpo, kto (unpaired data) or plackett_luce (rankings)."""
-    share_prefixes: bool = True
-    """Run each prompt once (`alignkit.ops.prefix`): the same log-probs and gradients from fewer tokens.
-    Llama-family models (sdpa or eager attention) get one packed row per prompt, [prompt, response 1, ...],
-    in one forward call (DDP too); others, in single-process runs, the responses against the prompt's
-    keys/values. Each only when it pays. False: one full pass per response."""
     beta: float = 0.1
     """KL strength beta of the implicit reward beta * log(pi / pi_ref) (IPO's tau; SimPO's beta; ORPO's lambda)."""
     label_smoothing: float = 0.0
@@ -146,12 +146,13 @@ LOSS_INPUTS: dict[str, Callable[[GroupLogps, DPOConfig], dict]] = {
 """Loss name -> the keyword arguments of `PREFERENCE_LOSSES[name]` from a batch's log-probs."""
 
 
-def make_loss_fn(cfg: DPOConfig, reference: Reference | None) -> Callable[[Any, dict], tuple[torch.Tensor, dict]]:
+def make_loss_fn(cfg: DPOConfig, reference: Reference | None,
+                 backend: Backend) -> Callable[[Any, dict], tuple[torch.Tensor, dict]]:
     """`loss_fn(model, batch) -> (loss * B, metrics)` for `TrainLoop.update` (n_terms = B groups)."""
     loss = PREFERENCE_LOSSES[cfg.loss]
 
     def loss_fn(model: Any, batch: dict) -> tuple[torch.Tensor, dict]:
-        policy, n_tokens = response_logps(model, batch)
+        policy, n_tokens = response_logps(model, batch, backend)
         ref = None
         if cfg.loss not in REFERENCE_FREE:
             ref = batch["ref_logps"].to(policy) if "ref_logps" in batch else reference.logps(batch)
@@ -169,22 +170,19 @@ def make_loss_fn(cfg: DPOConfig, reference: Reference | None) -> Callable[[Any, 
 
 def _read(path: str, cfg: DPOConfig, tokenizer: Any) -> tuple[list[dict], int]:
     """Validated, tokenized groups of a file and the number of bad rows skipped."""
-    from alignkit.data.formats import detect_format, validate_records
-    from alignkit.data.load import load_records
 
     records = load_records(path)[: cfg.data.limit]
     kind = detect_format(records[0]) if isinstance(records[0], dict) else "preference"
     report = validate_records(records, kind, path, cfg.data.on_bad_rows)
     bad = {row for row, _, _ in report.skipped}
     rows = [r for r in range(1, len(records) + 1) if r not in bad]
-    out = tokenize_groups(report.records, kind, cfg.loss, tokenizer, max_length=cfg.data.max_length,
+    out = tokenize_preference_groups(report.records, kind, cfg.loss, tokenizer, max_length=cfg.data.max_length,
                           truncation=cfg.truncation, source=path, rows=rows, on_bad_rows=cfg.data.on_bad_rows)
     return out.groups, report.n_skipped + len(out.skipped) + out.dropped
 
 
 def load_preference_data(cfg: DPOConfig, tokenizer: Any) -> dict[str, Any]:
     """Training and held-out groups (`train`, `eval`) and `skipped` rows, from `data.path` / `data.eval_path`."""
-    from alignkit.data.load import split_records
 
     if not cfg.data.path:
         raise AlignkitError("option `data.path` is required (offline DPO): a file of {prompt, chosen, rejected}, "
@@ -208,7 +206,7 @@ def precompute_reference(reference: Reference, groups: list[dict], pad_id: int, 
     """Store each group's reference log-probs in `group["ref_logps"]` (one pass over the data)."""
     for start in range(0, len(groups), batch_size):
         chunk = groups[start : start + batch_size]
-        batch = to_device(collate_groups(chunk, pad_id), device)
+        batch = to_device(collate_preference_groups(chunk, pad_id), device)
         logps = reference.logps(batch).cpu()
         for g, row in zip(chunk, logps, strict=True):
             g["ref_logps"] = row[: len(g["responses"])].tolist()
@@ -227,12 +225,13 @@ def _round_groups(loop: TrainLoop, cfg: DPOConfig, tokenizer: Any, labeler: Any,
         records = [json.loads(line) for line in path.read_text().splitlines() if line]
     else:
         policy = loop.accelerator.unwrap_model(loop.model)
-        records = sample_round(policy, cfg, tokenizer, labeler, prompts, round_index, loop.accelerator.device)
+        records = sample_round(policy, cfg, tokenizer, labeler, prompts, round_index, loop.accelerator.device,
+                               loop.backend)
         if loop.accelerator.is_main_process:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     kind = "ranking" if cfg.loss == "plackett_luce" else "preference"
-    out = tokenize_groups(records, kind, cfg.loss, tokenizer, max_length=cfg.data.max_length,
+    out = tokenize_preference_groups(records, kind, cfg.loss, tokenizer, max_length=cfg.data.max_length,
                           truncation=cfg.truncation, source=str(path), on_bad_rows="skip")
     if not out.groups:
         raise AlignkitError(f"online round {round_index}: no distinct, labelled samples to train on")
@@ -260,29 +259,25 @@ def preference_eval(loop: TrainLoop, batches: list[dict], loss_fn: Callable) -> 
 
 
 def make_evaluator(loop: TrainLoop, cfg: DPOConfig, tokenizer: Any, reference: Reference,
-                   eval_groups: list[dict], loss_fn: Callable) -> Callable[[], dict[str, float]]:
+                   eval_groups: list[dict], loss_fn: Callable, world: Any) -> Callable[[], dict[str, float]]:
     """`evaluate()`: held-out preference metrics, plus gold reward and KL on the world's held-out prompts."""
     device, pad = loop.accelerator.device, tokenizer.pad_token_id
     size = cfg.optim.per_device_batch_size
-    batches = [to_device(collate_groups(eval_groups[i : i + size], pad), device)
+    batches = [to_device(collate_preference_groups(eval_groups[i : i + size], pad), device)
                for i in range(0, len(eval_groups), size)]
     prompts, gold = [], None
     if _policy_eval_on(cfg):
-        from alignkit.rollout.score import load_scorer
-        from alignkit.worlds.base import get_world
-
-        prompts = get_world(cfg.world).prompts("heldout")[: cfg.eval_prompts]
-        gold = load_scorer(f"gold:{cfg.world}")
+        prompts = world.prompts("heldout")[: cfg.eval_prompts]
+        gold = load_scorer(f"gold:{cfg.world}", world=world)
 
     def evaluate() -> dict[str, float]:
         metrics = preference_eval(loop, batches, loss_fn) if batches else {}
         if prompts and loop.accelerator.is_main_process:
-            from alignkit.rollout.evaluate import evaluate_policy
 
             policy = loop.accelerator.unwrap_model(loop.model)
             sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature}
             found, samples = evaluate_policy(policy, reference, tokenizer, prompts, gold=gold, sampling=sampling,
-                                             seed=cfg.run.seed)
+                                             seed=cfg.run.seed, backend=loop.backend)
             metrics.update(found)
             path = loop.out_dir / "samples" / f"step-{loop.step}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -309,18 +304,16 @@ def _check(cfg: DPOConfig) -> None:
         raise AlignkitError("option `precompute_ref` is for offline data; online rounds compute the reference on the fly")
 
 
-def load_reference(cfg: DPOConfig, policy: Any, tokenizer: Any, device: torch.device) -> Reference | None:
-    """The reference: None (reference-free loss), the LoRA base, or a frozen model on `device`."""
+def load_reference(cfg: DPOConfig, policy: Any, tokenizer: Any, device: torch.device,
+                   backend: Backend) -> Reference | None:
+    """The reference: None (reference-free loss), the LoRA base, or a model on `device`, frozen by the backend."""
     if cfg.loss in REFERENCE_FREE and not _policy_eval_on(cfg):
         return None
     if cfg.model.lora_r > 0 and not cfg.ref_model:
-        return Reference(None, policy)
-    from alignkit.models.load import load_causal_lm
-    from alignkit.ops.packed_linear import frozen
-
+        return Reference(None, policy, backend)
     ref_cfg = ModelConfig(**{**vars(cfg.model), "lora_r": 0, "name_or_path": cfg.ref_model or cfg.model.name_or_path})
-    ref = frozen(load_causal_lm(ref_cfg, tokenizer).to(device))
-    return Reference(ref, policy)
+    ref = backend.freeze(load_causal_lm(ref_cfg, tokenizer).to(device))
+    return Reference(ref, policy, backend)
 
 
 def _policy_eval_on(cfg: DPOConfig) -> bool:
@@ -348,7 +341,6 @@ def _plan(cfg: DPOConfig, train: list[dict], loop: TrainLoop, eval_groups: list[
 
 
 def _setup(cfg: DPOConfig) -> tuple[Any, Any, dict]:
-    from alignkit.models.load import load_causal_lm, load_tokenizer
 
     _check(cfg)
     tokenizer = load_tokenizer(cfg.model)
@@ -358,8 +350,12 @@ def _setup(cfg: DPOConfig) -> tuple[Any, Any, dict]:
     return tokenizer, model, data
 
 
-def run(cfg: DPOConfig) -> dict[str, Any]:
-    """Train with the chosen preference loss, evaluate, save `final/`; return the summary."""
+def run(cfg: DPOConfig, world: Any = None) -> dict[str, Any]:
+    """Train with the chosen preference loss, evaluate, save `final/`; return the summary.
+
+    `world`: the loaded world of option `world` (its held-out prompts, gold scorer, online prompts).
+    """
+    world = require_world(cfg, world)
     tokenizer, model, data = _setup(cfg)
     train, pad = data["train"], tokenizer.pad_token_id
     total = None
@@ -368,30 +364,25 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
         total = cfg.rounds * _steps_per_round(cfg, o.per_device_batch_size * o.grad_accum_steps * world)
     loop = TrainLoop("dpo", cfg, model, n_examples=len(train), total_steps=total)
     device = loop.accelerator.device
-    reference = load_reference(cfg, loop.accelerator.unwrap_model(loop.model), tokenizer, device)
+    reference = load_reference(cfg, loop.accelerator.unwrap_model(loop.model), tokenizer, device, loop.backend)
     if cfg.precompute_ref and reference is not None:
         precompute_reference(reference, train + data["eval"], pad, cfg.optim.per_device_batch_size, device)
         if not _policy_eval_on(cfg):
             reference = None  # no longer needed: frees the reference model
-    loss_fn = make_loss_fn(cfg, reference)
+    loss_fn = make_loss_fn(cfg, reference, loop.backend)
     loop.print_plan(n_examples=len(train) or cfg.prompts_per_round,
                     extra=_plan(cfg, train, loop, data["eval"], data["skipped"]))
-    evaluate = make_evaluator(loop, cfg, tokenizer, reference, data["eval"], loss_fn)
+    evaluate = make_evaluator(loop, cfg, tokenizer, reference, data["eval"], loss_fn, world)
     start = loop.resume()
     if start == 0:
         loop.stage_state["first_eval"] = evaluate()
         loop.log(loop.stage_state["first_eval"])
-    labeler, prompts = online_inputs(cfg) if cfg.rounds else (None, [])
+    labeler, prompts = online_inputs(cfg, world) if cfg.rounds else (None, [])
     per_round = _steps_per_round(cfg, loop.global_batch) if cfg.rounds else loop.total_steps
-    # KV-cache sharing takes two forward calls per step (one process only), packing one: alignkit.ops.prefix
-    config = loop.accelerator.unwrap_model(loop.model).config
-    share = cfg.share_prefixes and loop.world == 1 and model_allows_sharing(config)
-    pack_config = config if cfg.share_prefixes and accepts_packed_masks(config) else None  # one call: DDP too
     for _ in range(start, loop.total_steps):
         if cfg.rounds and (not train or loop.step % per_round == 0):
             train = _round_groups(loop, cfg, tokenizer, labeler, prompts, loop.step // per_round)
-        micro = [to_device(collate_groups([train[i] for i in idx], pad, share_prefixes=share, pack_config=pack_config),
-                           device)
+        micro = [to_device(collate_preference_groups([train[i] for i in idx], pad), device)
                  for idx in loop.micro_batch_indices(len(train), loop.step)]
         metrics = loop.update(micro, loss_fn)
         if cfg.run.eval_every and loop.step % cfg.run.eval_every == 0 and loop.step < loop.total_steps:

@@ -35,9 +35,9 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
+from alignkit.accel import resolve
 from alignkit.errors import AlignkitError
 from alignkit.trainers import checkpoint as ckpt
-from alignkit.trainers.allocator import keep_freed_memory
 from alignkit.trainers.rundir import (
     MetricsLogger,
     config_yaml,
@@ -122,15 +122,18 @@ class TrainLoop:
     def __init__(self, stage: str, cfg: Any, model: torch.nn.Module, *, n_examples: int = 0,
                  total_steps: int | None = None):
         self.stage, self.cfg = stage, cfg
-        keep_freed_memory()  # no page faults for the memory each step frees and asks for again
+        self.out_dir: Path = resolve_output_dir(stage, cfg.run.output_dir)
         # Without a GPU, cpu=True makes `accelerate launch --multi_gpu --num_processes N` (or torchrun)
         # run N CPU processes with the gloo backend instead of N independent single-process runs.
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        # Experiment trackers (`run.report_to`) keep their local files in the run dir; the logger starts them.
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), project_dir=str(self.out_dir),
+                                       log_with=MetricsLogger.trackers(cfg.run.report_to) or None)
         acc = self.accelerator
+        self.backend = resolve(cfg.run.accel, acc.device.type)  # how fast: alignkit.accel
+        self.backend.prepare_process()
         if total_steps is None:  # optim.max_steps, else optim.epochs over the global batch
             total_steps = cfg.optim.max_steps or max(1, math.ceil(cfg.optim.epochs * n_examples / self.global_batch))
         self.total_steps = total_steps
-        self.out_dir: Path = resolve_output_dir(stage, cfg.run.output_dir)
         if acc.is_main_process:
             prepare_run_dir(self.out_dir, cfg, resume=cfg.run.resume)
         acc.wait_for_everyone()
@@ -175,6 +178,7 @@ class TrainLoop:
             f"{self.total_steps * self.global_batch / max(1, n_examples):.2f} epochs",
         ]
         lines += [f"  {k}: {v}" for k, v in (extra or {}).items()]
+        lines.append(f"  accel: {self.backend.describe()} (option run.accel={self.cfg.run.accel})")
         self.accelerator.print("\n".join(lines))
 
     # -- resume / checkpoint -------------------------------------------------------------------
@@ -194,8 +198,8 @@ class TrainLoop:
                 self.accelerator.print(f"[{self.stage}] --resume: no checkpoint in {self.out_dir}, starting fresh")
         self.step = start
         self.logger = MetricsLogger(
-            self.out_dir, enabled=self.accelerator.is_main_process, tensorboard=self.cfg.run.tensorboard,
-            wandb=self.cfg.run.wandb, resume_step=start,
+            self.out_dir, enabled=self.accelerator.is_main_process, accelerator=self.accelerator,
+            report_to=self.cfg.run.report_to, config=self.cfg, resume_step=start,
         )
         if self.cfg.run.progress and self.accelerator.is_local_main_process:
             self._bar = tqdm(total=self.total_steps, initial=start, desc=self.stage, dynamic_ncols=True)
@@ -215,6 +219,10 @@ class TrainLoop:
     # -- the optimizer step --------------------------------------------------------------------
     def update(self, micro_batches: list[dict], loss_fn: Any, *, advance: bool = True) -> dict[str, float]:
         """Forward/backward every micro-batch, then one optimizer step; returns logged metrics.
+
+        Metrics: `loss/total` (the token/term mean of the summed loss over all micro-batches and
+        processes), `optim/grad_norm` (before clipping), `optim/lr`, `optim/skipped` (1.0 on a skipped
+        non-finite step), and the loss function's own metrics (micro-batch means).
 
         With `advance=False` the step is one of several optimizer steps of a single training step
         (e.g. PPO's epochs x minibatches over one rollout batch): neither the step counter nor the
@@ -239,13 +247,14 @@ class TrainLoop:
         loss = acc.reduce(loss_total, "sum").item() / max(total_terms, 1.0)
         bad = acc.reduce(torch.tensor(float(not (math.isfinite(loss) and torch.isfinite(grad_norm))),
                                       device=acc.device), "sum").item()
-        out = {"loss": loss, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0]}
+        out = {"loss/total": loss, "optim/grad_norm": float(grad_norm),
+               "optim/lr": self.scheduler.get_last_lr()[0]}
         if advance:
             self.step += 1
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
             self._on_nonfinite(loss, float(grad_norm))
-            out["skipped"] = 1.0
+            out["optim/skipped"] = 1.0
         else:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -277,7 +286,7 @@ class TrainLoop:
             self.save_checkpoint()
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", refresh=False)
+            self._bar.set_postfix(loss=f"{metrics.get('loss/total', float('nan')):.4f}", refresh=False)
 
     def log(self, metrics: dict[str, Any]) -> None:
         """Log extra metrics (e.g. eval) at the current step."""
@@ -305,7 +314,7 @@ class TrainLoop:
         acc.wait_for_everyone()
         summary = {"stage": self.stage, "steps": self.step, "output_dir": str(self.out_dir),
                    "final_dir": str(self.out_dir / "final"),
-                   "wall_time_s": time.perf_counter() - self._t0, **summary}
+                   "wall_time_s": time.perf_counter() - self._t0, "accel": self.backend.describe(), **summary}
         if acc.is_main_process:
             save_pretrained_atomic(model if model is not None else acc.unwrap_model(self.model), tokenizer,
                                    self.out_dir / "final",

@@ -34,12 +34,18 @@ from typing import Any, Literal
 
 import torch
 
+from alignkit.accel import Backend, resolve
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
-from alignkit.data.collate import to_device
+from alignkit.data.collate import right_pad, to_device
+from alignkit.data.reward_groups import (
+    collate_reward_groups,
+    load_reward_data,
+    record_groups,
+    tokenize_reward_groups,
+)
 from alignkit.errors import AlignkitError
 from alignkit.losses.reward import REWARD_LOSSES
 from alignkit.trainers.loop import TrainLoop
-from alignkit.trainers.reward_data import collate_groups, load_reward_data, record_groups, tokenize_groups
 from alignkit.trainers.reward_eval import group_metrics, spearman
 
 
@@ -64,10 +70,6 @@ class RewardConfig:
     or `chunks:N`. With a segmentation, a response's reward is the sum of its in-context segment rewards
     (Eq. 10.68) in the held-out gold check, and it is saved in config.json (`reward_segments`) so scorers
     loading the model (PPO, best-of-N, labelling) sum segments too."""
-    share_prefixes: bool = True
-    """Run each group's common prompt once and its items' responses against its keys/values (decoder
-    reward models, single-process runs; same rewards and gradients, fewer tokens). False: one full pass
-    per sequence."""
     normalize: bool = True
     """Make the final reward mean 0 / std 1 on reference-policy samples (gain and bias saved with the model)."""
     normalize_path: str = ""
@@ -96,7 +98,7 @@ class RewardConfig:
 
 
 def _grouped(scores: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    index = batch["index"]
+    index = batch["group_index"]
     return scores[index.clamp(min=0)], index >= 0  # G×K scores and presence mask
 
 
@@ -125,19 +127,12 @@ LOSS_ADAPTERS = {
 }
 
 
-def make_loss_fn(cfg: RewardConfig):
+def make_loss_fn(cfg: RewardConfig, backend: Backend):
     """`loss_fn(model, batch) -> (loss x n_terms, metrics)` for `TrainLoop.update` (a sum, so accumulation is exact)."""
-    from alignkit.models.reward_model import packed_scores, reward_scores, shared_prefix_scores
-
     adapter = LOSS_ADAPTERS[cfg.loss]
 
     def loss_fn(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        if "packed_input_ids" in batch:  # one row per prompt: [prompt, item 1, ..., item K]
-            scores = packed_scores(model, batch)  # N
-        elif "prefix_ids" in batch:  # groups' common prompt run once (decoder reward models)
-            scores = shared_prefix_scores(model, batch)  # N
-        else:
-            scores = reward_scores(model, batch["input_ids"], batch["attention_mask"])  # N
+        scores = backend.group_scores(model, batch["input_ids"], batch["attention_mask"], batch["group_index"])  # N
         loss, metrics = adapter(scores, batch, cfg)
         return loss * batch["n_terms"], metrics
 
@@ -150,28 +145,28 @@ def make_loss_fn(cfg: RewardConfig):
 
 
 @torch.no_grad()
-def score_items(model: torch.nn.Module, rows: list[list[int]], pad_id: int, batch_size: int) -> torch.Tensor:
+def score_items(model: torch.nn.Module, rows: list[list[int]], pad_id: int, batch_size: int,
+                backend: Backend) -> torch.Tensor:
     """Rewards of token id rows, in eval mode. Shapes: returns N."""
-    from alignkit.models.reward_model import reward_scores
-    from alignkit.rollout.score import right_pad
-
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = [reward_scores(model, *(t.to(device) for t in right_pad(rows[i : i + batch_size], pad_id))).cpu()
-           for i in range(0, len(rows), batch_size)]
+    out = []
+    for i in range(0, len(rows), batch_size):
+        ids, mask = (t.to(device) for t in right_pad(rows[i : i + batch_size], pad_id))
+        out.append(backend.group_scores(model, ids, mask, None).cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
 
 
 def evaluate_reward(model: torch.nn.Module, groups: list[dict], cfg: RewardConfig, tokenizer: Any,
-                    gold: list[dict]) -> dict[str, float]:
+                    gold: list[dict], backend: Backend) -> dict[str, float]:
     """Held-out loss and metrics (`reward_eval.group_metrics`); Spearman with gold scores if given."""
     out: dict[str, float] = {}
     bs = cfg.optim.per_device_batch_size
     if groups:
-        batch = collate_groups(groups, tokenizer.pad_token_id)
-        scores = score_items(model, [ids for g in groups for ids in g["items"]], tokenizer.pad_token_id, bs)
+        batch = collate_reward_groups(groups, tokenizer.pad_token_id)
+        scores = score_items(model, [ids for g in groups for ids in g["items"]], tokenizer.pad_token_id, bs, backend)
         loss, _ = LOSS_ADAPTERS[cfg.loss](scores, batch, cfg)
         out["eval/loss"] = loss.item()
         if "targets" not in groups[0]:
@@ -184,14 +179,14 @@ def evaluate_reward(model: torch.nn.Module, groups: list[dict], cfg: RewardConfi
 
         was_training = model.training
         scorer = RewardModelScorer(model, tokenizer, batch_size=bs, max_length=cfg.data.max_length,
-                                   segments=cfg.segments)
+                                   segments=cfg.segments, backend=backend)
         scores = scorer([r["prompt"] for r in gold], [r["response"] for r in gold])
         model.train(was_training)
         out["eval/spearman_gold"] = spearman(scores, torch.tensor([float(r["score"]) for r in gold]))
     elif gold:
-        rows = tokenize_groups([{"prompt": r["prompt"], "responses": [r["response"]]} for r in gold],
-                               tokenizer, cfg.data.max_length)
-        scores = score_items(model, [g["items"][0] for g in rows], tokenizer.pad_token_id, bs)
+        rows = tokenize_reward_groups([{"prompt": r["prompt"], "responses": [r["response"]]} for r in gold],
+                                      tokenizer, cfg.data.max_length)
+        scores = score_items(model, [g["items"][0] for g in rows], tokenizer.pad_token_id, bs, backend)
         out["eval/spearman_gold"] = spearman(scores, torch.tensor([float(r["score"]) for r in gold]))
     return out
 
@@ -214,7 +209,7 @@ def normalization_rows(cfg: RewardConfig, records: list[dict], tokenizer: Any) -
     if len(groups) < 2:
         raise AlignkitError(f"{cfg.normalize_path or cfg.data.path}: fewer than 2 normalisation samples "
                             "(records with `prompt` and `response`/`completion`); set --normalize false")
-    return [g["items"][0] for g in tokenize_groups(groups, tokenizer, cfg.data.max_length)]
+    return [g["items"][0] for g in tokenize_reward_groups(groups, tokenizer, cfg.data.max_length)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,26 +245,23 @@ def train_one(cfg: RewardConfig, tokenizer: Any, train: list[dict], data: dict, 
     loop.print_plan(n_examples=len(train), extra={
         "data": f"{len(train)} training groups ({n_items} sequences, loss `{cfg.loss}`), {len(data['eval'])} "
                 f"held-out groups, {len(gold)} gold-scored samples, {len(norm_rows)} normalisation samples"})
-    loss_fn, pad = make_loss_fn(cfg), tokenizer.pad_token_id
-    from alignkit.models.reward_model import hf_model, shares_prefixes, supports_packing
-
-    share = cfg.share_prefixes and shares_prefixes(loop.model) and loop.world == 1  # see alignkit.ops.prefix
-    pack_config = hf_model(loop.model).config if share and supports_packing(loop.model) else None
+    backend = loop.backend
+    loss_fn, pad = make_loss_fn(cfg, backend), tokenizer.pad_token_id
     start = loop.resume()
     for _ in range(start, loop.total_steps):
         t0 = time.perf_counter()
-        micro = [collate_groups([train[i] for i in idx], pad, share_prefixes=share, pack_config=pack_config)
+        micro = [collate_reward_groups([train[i] for i in idx], pad)
                  for idx in loop.micro_batch_indices(len(train), loop.step)]
         metrics = loop.update([to_device(mb, loop.accelerator.device) for mb in micro], loss_fn)
         metrics["perf/sequences_per_s"] = sum(len(mb["input_ids"]) for mb in micro) / (time.perf_counter() - t0)
         if cfg.run.eval_every and loop.step % cfg.run.eval_every == 0 and loop.step < loop.total_steps:
-            metrics.update(evaluate_reward(loop.model, data["eval"], cfg, tokenizer, gold))
+            metrics.update(evaluate_reward(loop.model, data["eval"], cfg, tokenizer, gold, backend))
         loop.end_step(metrics)
     unwrapped = loop.accelerator.unwrap_model(loop.model)
-    final = evaluate_reward(unwrapped, data["eval"], cfg, tokenizer, gold)
+    final = evaluate_reward(unwrapped, data["eval"], cfg, tokenizer, gold, backend)
     summary: dict[str, Any] = {"groups": len(train), "eval_groups": len(data["eval"]), **final}
     if cfg.normalize:
-        gain, bias = normalization(score_items(unwrapped, norm_rows, pad, cfg.optim.per_device_batch_size))
+        gain, bias = normalization(score_items(unwrapped, norm_rows, pad, cfg.optim.per_device_batch_size, backend))
         summary["normalization"] = {"gain": gain, "bias": bias, "samples": len(norm_rows),
                                     "bias_folded_into_head": apply_normalization(unwrapped, gain, bias)}
     if cfg.segments != "none":
@@ -301,8 +293,8 @@ def _budget_curve(cfg: RewardConfig, tokenizer: Any, data: dict, gold: list, nor
             result = full
         else:
             records = data["records"][:budget]
-            train = tokenize_groups([g for r in records for g in record_groups(r, data["kind"], cfg.loss)], tokenizer,
-                                    cfg.data.max_length)
+            train = tokenize_reward_groups([g for r in records for g in record_groups(r, data["kind"], cfg.loss)],
+                                           tokenizer, cfg.data.max_length)
             result = train_one(_member_cfg(cfg, out_dir / f"budget-{budget}", cfg.run.seed), tokenizer, train, data,
                                gold, norm_rows)
         curve.append({"budget": min(budget, len(data["records"])), "wall_time_s": result["wall_time_s"],
@@ -313,8 +305,8 @@ def _budget_curve(cfg: RewardConfig, tokenizer: Any, data: dict, gold: list, nor
 def run(cfg: RewardConfig) -> dict[str, Any]:
     """Train the reward model (or ensemble), normalise it, save `final/`; return the summary."""
     from alignkit.data.load import load_records
+    from alignkit.data.segments import parse_segmentation
     from alignkit.models.load import load_tokenizer
-    from alignkit.models.segments import parse_segmentation
     from alignkit.trainers.rundir import resolve_output_dir, write_json_atomic
 
     parse_segmentation(cfg.segments)  # a bad `segments` fails before training
@@ -348,7 +340,8 @@ def run(cfg: RewardConfig) -> dict[str, Any]:
 
 def _assemble_ensemble(cfg: RewardConfig, out_dir: Path, members: list[dict], gold: list) -> dict[str, Any]:
     """Copy the members into `final/` with `ensemble.json`; evaluate the combined scorer on the gold samples."""
-    from alignkit.models.ensemble import EnsembleScorer, save_ensemble
+    from alignkit.models.ensemble import save_ensemble
+    from alignkit.rollout.score import load_ensemble
 
     final = save_ensemble(out_dir / "final", [m["final_dir"] for m in members], combine=cfg.combine, k=cfg.combine_k)
     summary: dict[str, Any] = {"stage": "reward", "output_dir": str(out_dir), "final_dir": str(final),
@@ -359,7 +352,7 @@ def _assemble_ensemble(cfg: RewardConfig, out_dir: Path, members: list[dict], go
         if values:
             summary[f"{key}_member_mean"] = sum(values) / len(values)
     if gold:
-        scorer = EnsembleScorer.from_path(final, max_length=cfg.data.max_length)
+        scorer = load_ensemble(final, max_length=cfg.data.max_length, backend=resolve(cfg.run.accel))
         rewards = scorer([r["prompt"] for r in gold], [r["response"] for r in gold])
         summary["eval/spearman_gold"] = spearman(rewards, torch.tensor([float(r["score"]) for r in gold]))
         summary["eval/member_disagreement"] = scorer.last_metrics["reward/disagreement"]

@@ -40,18 +40,25 @@ from typing import Any
 
 import torch
 
+from alignkit.accel import Backend, resolve
+from alignkit.config import require_world
+from alignkit.data.load import load_records, split_records
 from alignkit.errors import AlignkitError
 from alignkit.losses.kl import AdaptiveKLController, FixedKLController, kl_k3, kl_penalized_rewards
 from alignkit.losses.rl_algorithms import ALGORITHMS, Algorithm
+from alignkit.models.load import load_causal_lm, load_tokenizer
+from alignkit.models.value_head import AdapterDisabledReference, load_value_model
 from alignkit.ops.masking import masked_mean, masked_var
 from alignkit.rollout.evaluate import evaluate_policy
 from alignkit.rollout.generate import sample, tokenize_prompts
-from alignkit.rollout.logprobs import sequence_logprobs
+from alignkit.rollout.logprobs import response_values, sequence_logprobs
 from alignkit.rollout.rewards import ScoreNormalizer, score_index, shape_scores
+from alignkit.rollout.score import load_scorer
 from alignkit.rollout.types import Rollout
 from alignkit.trainers.loop import TrainLoop, global_batch_indices
 from alignkit.trainers.rl_config import (  # noqa: F401 - the stage configs, importable from here too
     A2CConfig,
+    ActorCriticConfig,
     GRPOConfig,
     PPOConfig,
     ReinforceConfig,
@@ -68,9 +75,10 @@ class ActorCritic(torch.nn.Module):
     """The trained models as one module (one optimizer, one checkpoint): policy and value model (or None)."""
 
     def __init__(self, policy: torch.nn.Module, value: torch.nn.Module | None,
-                 value_lr: float | None = None) -> None:
+                 value_lr: float | None = None, backend: Backend | None = None) -> None:
         super().__init__()
         self.policy, self.value, self.value_lr = policy, value, value_lr
+        self.backend = backend or resolve()  # computes the policy's log-probs (alignkit.accel)
 
     def optimizer_groups(self, lr: float) -> list[dict[str, Any]]:
         """AdamW groups: the policy at `lr`, the value model at `value_lr` (default `lr`)."""
@@ -81,14 +89,13 @@ class ActorCritic(torch.nn.Module):
 
     def forward(self, rollout: Rollout, temperature: float, with_entropy: bool = False) -> tuple:
         """(logprobs B×R, entropy B×R or None, values B×R or None) of the rollout's response tokens."""
-        out = sequence_logprobs(self.policy, rollout, temperature=temperature, with_entropy=with_entropy)
+        out = sequence_logprobs(self.policy, rollout, temperature=temperature, with_entropy=with_entropy,
+                                backend=self.backend)
         logprobs, entropy = out if with_entropy else (out, None)
         return logprobs, entropy, self.values(rollout)
 
     def values(self, rollout: Rollout) -> torch.Tensor | None:
         """V B×R of the rollout's response tokens (None without a value model)."""
-        from alignkit.models.value_head import response_values
-
         return response_values(self.value, rollout) if self.value is not None else None
 
 
@@ -137,6 +144,9 @@ def step_seed(seed: int, step: int, rank: int, purpose: str) -> int:
 def _check(cfg: RLConfig) -> Algorithm:
     """The algorithm of `cfg`, after checking the options that depend on each other."""
     algo = ALGORITHMS[cfg.algorithm]
+    if algo.critic != isinstance(cfg, ActorCriticConfig):  # the value model's options are on its config
+        raise AlignkitError(f"algorithm {cfg.algorithm} needs its own stage config (`alignkit {cfg.algorithm}`), "
+                            f"not {type(cfg).__name__}")
     if (cfg.reward.model is None) == (cfg.reward.gold_world is None):
         raise AlignkitError("set exactly one of `reward.model` (a reward model directory) and "
                             "`reward.gold_world` (a built world whose gold scorer is the reward)")
@@ -152,17 +162,13 @@ def _check(cfg: RLConfig) -> Algorithm:
     return algo
 
 
-def _load_prompts(cfg: RLConfig) -> tuple[list[str], list[str]]:
+def _load_prompts(cfg: RLConfig, world: Any) -> tuple[list[str], list[str]]:
     """Training and held-out prompts, from `world` or `data.path` / `data.eval_path` ({prompt} records)."""
-    if cfg.world:
-        from alignkit.worlds.base import get_world
-
-        world = get_world(cfg.world)
+    if world is not None:
         return world.prompts("train")[: cfg.data.limit], world.prompts("heldout")
     if not cfg.data.path:
         raise AlignkitError("give prompts: `world` (e.g. sentiment) or `data.path` (records with a `prompt` "
                             "string)")
-    from alignkit.data.load import load_records, split_records
 
     def texts(records: list[dict], source: str) -> list[str]:
         for row, rec in enumerate(records, start=1):
@@ -177,30 +183,27 @@ def _load_prompts(cfg: RLConfig) -> tuple[list[str], list[str]]:
     return texts(train, cfg.data.path), texts(held, cfg.data.path)
 
 
-def _load_scorers(cfg: RLConfig) -> tuple[Any, Any]:
+def _load_scorers(cfg: RLConfig, backend: Backend, world: Any) -> tuple[Any, Any]:
     """(reward scorer, gold scorer or None). The gold scorer is the reward when `reward.gold_world` is set."""
-    from alignkit.rollout.score import load_scorer
-
     gold_world = cfg.reward.gold_world or cfg.world
-    gold = load_scorer(f"gold:{gold_world}") if gold_world else None
+    gold = load_scorer(f"gold:{gold_world}", world=world) if gold_world else None
     if cfg.reward.gold_world:
         return gold, gold
-    return load_scorer(cfg.reward.model, batch_size=cfg.reward.batch_size), gold
+    return load_scorer(cfg.reward.model, batch_size=cfg.reward.batch_size, backend=backend), gold
 
 
-def _load_models(cfg: RLConfig, algo: Algorithm, tokenizer: Any) -> tuple[torch.nn.Module, Any, Any]:
-    """(policy, reference, value model or None), all with dropout off; the reference frozen."""
-    from alignkit.models.load import load_causal_lm
-    from alignkit.models.value_head import AdapterDisabledReference, load_value_model
-    from alignkit.ops.packed_linear import frozen
+def _load_models(cfg: RLConfig, tokenizer: Any, backend: Backend) -> tuple[torch.nn.Module, Any, Any]:
+    """(policy, reference, value model or None), all with dropout off; the reference frozen by the backend.
 
+    Only the algorithms with a critic (`ActorCriticConfig`: PPO, A2C, REINFORCE) get a value model.
+    """
     policy = load_causal_lm(cfg.model, tokenizer).eval()
     if cfg.model.lora_r > 0:
         ref = AdapterDisabledReference(policy)  # no second copy of the base weights
     else:
-        ref = frozen(load_causal_lm(dataclasses.replace(cfg.model, lora_r=0), tokenizer))
+        ref = backend.freeze(load_causal_lm(dataclasses.replace(cfg.model, lora_r=0), tokenizer))
     value = None
-    if algo.critic:
+    if isinstance(cfg, ActorCriticConfig):
         init = cfg.value_model if cfg.value_model != "auto" else ("reward" if cfg.reward.model else "policy")
         if init == "reward" and not cfg.reward.model:
             raise AlignkitError("`value_model reward` needs `reward.model`; use --value_model policy")
@@ -209,18 +212,18 @@ def _load_models(cfg: RLConfig, algo: Algorithm, tokenizer: Any) -> tuple[torch.
     return policy, ref, value
 
 
-def setup(cfg: RLConfig) -> RLContext:
+def setup(cfg: RLConfig, world: Any = None) -> RLContext:
     """Load prompts, scorers and models; build the loop, the KL controller and the normaliser."""
-    from alignkit.models.load import load_tokenizer
-
     algo = _check(cfg)
     tokenizer = load_tokenizer(cfg.model, padding_side="left")
-    prompts, eval_prompts = _load_prompts(cfg)
+    world = require_world(cfg, world)
+    prompts, eval_prompts = _load_prompts(cfg, world if cfg.world else None)
     if not prompts:
         raise AlignkitError("no training prompts")
-    scorer, gold = _load_scorers(cfg)
-    policy, ref, value = _load_models(cfg, algo, tokenizer)
-    model = ActorCritic(policy, value, cfg.value_lr)
+    backend = resolve(cfg.run.accel)  # the loop's too (same device choice as its accelerator)
+    scorer, gold = _load_scorers(cfg, backend, world)
+    policy, ref, value = _load_models(cfg, tokenizer, backend)
+    model = ActorCritic(policy, value, cfg.value_lr if isinstance(cfg, ActorCriticConfig) else None, backend)
     loop = TrainLoop(cfg.algorithm, cfg, model, total_steps=cfg.optim.max_steps)
     k = cfg.kl
     kl_ctl = (AdaptiveKLController(k.coef, target=k.target, horizon=k.horizon) if k.adaptive
@@ -274,7 +277,7 @@ def generate_rollout(ctx: RLContext, step: int) -> tuple[Rollout, list[str], lis
     rollout = sample(ctx.policy, prompt_ids.repeat_interleave(k, 0).to(acc.device),
                      prompt_mask.repeat_interleave(k, 0).to(acc.device), generator=generator,
                      eos_token_id=ctx.tokenizer.eos_token_id, pad_token_id=ctx.tokenizer.pad_token_id,
-                     **ctx.sampling())
+                     backend=ctx.loop.backend, **ctx.sampling())
     return rollout, [p for p in mine for _ in range(k)], rollout.texts(ctx.tokenizer)
 
 
@@ -318,7 +321,8 @@ def forward_passes(ctx: RLContext, rollout: Rollout) -> dict[str, torch.Tensor]:
         parts["old_logprobs"].append(logprobs)
         parts["entropy"].append(entropy)
         parts["old_values"].append(values if values is not None else torch.zeros_like(logprobs))
-        parts["ref_logprobs"].append(sequence_logprobs(ctx.ref, chunk, temperature=ctx.cfg.temperature))
+        parts["ref_logprobs"].append(sequence_logprobs(ctx.ref, chunk, temperature=ctx.cfg.temperature,
+                                                       backend=ctx.loop.backend))
     return {name: torch.cat(tensors) for name, tensors in parts.items()}
 
 
@@ -335,8 +339,7 @@ def rl_step(ctx: RLContext) -> dict[str, Any]:
         scores, exp["old_logprobs"], exp["ref_logprobs"], mask,
         kl_coef=beta if ctx.algo.kl_in_reward else 0.0, last_index=score_index(rollout.response_ids, mask))
     exp["advantages"], exp["returns"] = ctx.algo.targets(  # 5. advantages and value targets
-        rewards, exp["old_values"], scores, mask, gamma=c.gamma, lam=c.lam, k=c.samples_per_prompt,
-        whiten=c.whiten_advantages)
+        rewards, exp["old_values"], scores, mask, **c.targets_options())
     exp["response_mask"], exp["scores"] = mask, scores
     update_metrics = update_epochs(ctx, rollout, exp, step, beta)  # 6. epochs of minibatch updates
     kl_metrics["objective/kl"] = update_kl_coef(ctx, kl_metrics["objective/kl"], rollout.batch_size)  # 7. beta
@@ -403,8 +406,7 @@ def rl_loss(model: torch.nn.Module, batch: dict[str, Any], *, algo: Algorithm, c
     if parity_out is not None:
         rollout = batch["rollout"]
         parity_out.append(torch.where(rollout.response_mask, (logprobs.detach() - rollout.logprobs).abs(), 0.0).max())
-    loss, metrics = algo.loss(logprobs, values, batch, cliprange=cfg.cliprange,
-                              cliprange_value=cfg.cliprange_value, value_coef=cfg.value_coef, kl_coef=kl_coef)
+    loss, metrics = algo.loss(logprobs, values, batch, kl_coef=kl_coef, **cfg.loss_options())
     return loss * batch["n_terms"], metrics
 
 
@@ -417,6 +419,7 @@ def update_epochs(ctx: RLContext, rollout: Rollout, exp: dict[str, torch.Tensor]
     size = math.ceil(rollout.batch_size / c.minibatches)
     micro = c.optim.per_device_batch_size
     loss_fn = partial(rl_loss, algo=ctx.algo, cfg=c, kl_coef=kl_coef)
+    approx_kl_limit = c.approx_kl_limit()
     history: list[dict[str, float]] = []
     epochs_run = 0
     parity: list[torch.Tensor] = []
@@ -432,7 +435,7 @@ def update_epochs(ctx: RLContext, rollout: Rollout, exp: dict[str, torch.Tensor]
         history += epoch
         epochs_run += 1
         approx_kl = sum(m.get("policy/approx_kl", 0.0) for m in epoch) / len(epoch)
-        if c.target_approx_kl is not None and approx_kl > c.target_approx_kl:
+        if approx_kl_limit is not None and approx_kl > approx_kl_limit:
             break
     loop.advance()
     keys = {k for m in history for k in m if isinstance(m[k], int | float)}
@@ -440,8 +443,6 @@ def update_epochs(ctx: RLContext, rollout: Rollout, exp: dict[str, torch.Tensor]
     out["policy/epochs"] = epochs_run
     out["rollout/logprob_parity_max_abs"] = float(torch.stack(parity).max())
     out.pop("value/mean", None)
-    if "objective/kl" in out:  # GRPO's in-loss token-mean k3: not the sequence KL logged under that name
-        out["policy/kl_k3_token_mean"] = out.pop("objective/kl")
     return out
 
 
@@ -458,16 +459,19 @@ def evaluate(ctx: RLContext) -> dict[str, float]:
     metrics, samples = evaluate_policy(
         ctx.policy, ctx.ref, ctx.tokenizer, ctx.eval_prompts, scorer=scorer, gold=ctx.gold,
         sampling=ctx.sampling(), seed=ctx.cfg.run.seed, batch_size=ctx.cfg.eval_batch_size,
-        n_keep=ctx.cfg.n_samples)
+        n_keep=ctx.cfg.n_samples, backend=ctx.loop.backend)
     path = ctx.loop.out_dir / "samples" / f"step-{ctx.loop.step}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in samples))
     return metrics
 
 
-def run(cfg: RLConfig) -> dict[str, Any]:
-    """Train the policy with `cfg.algorithm`, evaluate before and after, save `final/`; return the summary."""
-    ctx = setup(cfg)
+def run(cfg: RLConfig, world: Any = None) -> dict[str, Any]:
+    """Train the policy with `cfg.algorithm`, evaluate before and after, save `final/`; return the summary.
+
+    `world`: the loaded world named by `world` / `reward.gold_world` (`alignkit.worlds.get_world`).
+    """
+    ctx = setup(cfg, world)
     loop = ctx.loop
     print_plan(ctx)
     start = loop.resume()

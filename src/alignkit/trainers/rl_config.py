@@ -1,18 +1,35 @@
-"""Configs of the RL stages (`alignkit ppo | a2c | reinforce | rloo | grpo`, see `alignkit.trainers.rl`)."""
+"""Configs of the RL stages (`alignkit ppo | a2c | reinforce | rloo | grpo`, see `alignkit.trainers.rl`).
+
+`RLConfig` holds what every algorithm reads (rollout, reward, KL, update schedule, evaluation). Each
+stage's config adds only what its algorithm reads, so its `--help` lists nothing it ignores:
+
+    stage      value_model, value_lr, value_coef  gamma  whiten_advantages  lam  cliprange_value  cliprange
+    ppo        yes                                yes    yes                yes  yes              yes
+    a2c        yes                                yes    yes                -    -                -
+    reinforce  yes                                yes    yes                -    -                -
+    rloo       -                                  -      yes                -    -                yes
+    grpo       -                                  -      -                  -    -                yes
+
+`target_approx_kl` goes with `cliprange`. A2C (TD error: GAE with lam = 0) and REINFORCE (reward-to-go:
+lam = 1) fix lambda; their losses have no ratio to pi_old, hence no clip and no approximate KL to stop
+on, and their value loss is unclipped. RLOO sums the KL-shaped rewards undiscounted; GRPO's
+group-normalised advantages are not whitened again. The trainer reads the algorithm's options through
+`targets_options`, `loss_options` and `approx_kl_limit`, and the value model's only from an
+`ActorCriticConfig`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 
 Algo = Literal["ppo", "a2c", "reinforce", "rloo", "grpo"]
 
 
-
 @dataclass
-class RewardConfig:
+class RewardSourceConfig:
     """Where the reward comes from and how its raw scores are shaped."""
 
     model: str | None = None
@@ -45,17 +62,20 @@ class KLConfig:
 
 @dataclass
 class RLConfig:
-    """RL from a reward with a KL penalty: PPO, A2C, REINFORCE, RLOO or GRPO in one loop."""
+    """RL from a reward with a KL penalty: what PPO, A2C, REINFORCE, RLOO and GRPO all read (one loop).
+
+    Not a stage config itself: each stage's (`PPOConfig`, ...) fixes `algorithm` and adds its options.
+    """
 
     run: RunConfig = field(default_factory=lambda: RunConfig(log_every=1))
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         lr=3e-5, scheduler="constant", max_steps=100, per_device_batch_size=64, max_grad_norm=1.0))
-    reward: RewardConfig = field(default_factory=RewardConfig)
+    reward: RewardSourceConfig = field(default_factory=RewardSourceConfig)
     kl: KLConfig = field(default_factory=KLConfig)
-    algorithm: Algo = "ppo"
-    """Policy-gradient algorithm (see `alignkit.losses.rl_algorithms`)."""
+    algorithm: Algo = field(kw_only=True)
+    """Policy-gradient algorithm (see `alignkit.losses.rl_algorithms`); each stage fixes its own."""
     world: str | None = None
     """Take train/held-out prompts from this built world (e.g. `sentiment`) instead of `data.path`; its
     gold scorer is logged as `reward/gold`."""
@@ -84,24 +104,6 @@ class RLConfig:
     """Passes over each rollout batch (K of PPO)."""
     minibatches: int = 4
     """Minibatches (optimizer steps) per pass; micro-batches of `optim.per_device_batch_size` within."""
-    cliprange: float = 0.2
-    """PPO/GRPO/RLOO ratio clip epsilon."""
-    cliprange_value: float | None = 0.2
-    """Value clip around the old values (None: unclipped MSE)."""
-    value_coef: float = 0.5
-    """Weight of the value loss."""
-    value_lr: float | None = None
-    """Learning rate of the value model (default: `optim.lr`); a value head that starts at 0 needs more."""
-    gamma: float = 1.0
-    """Discount."""
-    lam: float = 0.95
-    """GAE lambda (PPO)."""
-    whiten_advantages: bool = True
-    """Normalise advantages to mean 0, variance 1 over each rollout batch (not GRPO's: already normalised)."""
-    target_approx_kl: float | None = None
-    """Stop the epochs of a step early when an epoch's mean approx KL(pi_old || pi) exceeds this."""
-    value_model: Literal["auto", "reward", "policy"] = "auto"
-    """Initialise the value model from the reward model or the policy (auto: the reward model if any)."""
     eval_prompts: int = 256
     """Held-out prompts per evaluation (0: no evaluation)."""
     eval_batch_size: int = 64
@@ -109,46 +111,150 @@ class RLConfig:
     n_samples: int = 16
     """Evaluation samples written to `samples/step-N.jsonl`."""
 
+    def targets_options(self) -> dict[str, Any]:
+        """Keyword arguments of the algorithm's advantage estimator (`Algorithm.targets`)."""
+        raise NotImplementedError(f"{type(self).__name__} is not a stage config")
+
+    def loss_options(self) -> dict[str, Any]:
+        """Keyword arguments of the algorithm's loss (`Algorithm.loss`), besides the current beta."""
+        raise NotImplementedError(f"{type(self).__name__} is not a stage config")
+
+    def approx_kl_limit(self) -> float | None:
+        """Stop a step's epochs when an epoch's mean approx KL to pi_old exceeds this (None: never)."""
+        raise NotImplementedError(f"{type(self).__name__} is not a stage config")
+
 
 @dataclass
-class PPOConfig(RLConfig):
+class ActorCriticConfig(RLConfig):
+    """The options of the algorithms with a value model (critic): PPO, A2C and REINFORCE with a baseline."""
+
+    value_model: Literal["auto", "reward", "policy"] = "auto"
+    """Initialise the value model from the reward model or the policy (auto: the reward model if any)."""
+    value_lr: float | None = None
+    """Learning rate of the value model (default: `optim.lr`); a value head that starts at 0 needs more."""
+    value_coef: float = 0.5
+    """Weight of the value loss."""
+    gamma: float = 1.0
+    """Discount of the per-token rewards."""
+    whiten_advantages: bool = True
+    """Normalise advantages to mean 0, variance 1 over each rollout batch."""
+
+
+@dataclass
+class PPOConfig(ActorCriticConfig):
     """PPO (clipped surrogate, GAE, value model, K epochs of minibatch updates)."""
 
-    algorithm: Algo = "ppo"
-    """Policy-gradient algorithm (see `alignkit.losses.rl_algorithms`)."""
+    algorithm: Literal["ppo"] = "ppo"
+    """The policy-gradient algorithm of this stage (see `alignkit.losses.rl_algorithms`)."""
+    lam: float = 0.95
+    """GAE lambda."""
+    cliprange: float = 0.2
+    """Ratio clip epsilon of the surrogate."""
+    cliprange_value: float | None = 0.2
+    """Value clip around the old values (None: unclipped MSE)."""
+    target_approx_kl: float | None = None
+    """Stop the epochs of a step early when an epoch's mean approx KL(pi_old || pi) exceeds this."""
+
+    def targets_options(self) -> dict[str, Any]:
+        return {"gamma": self.gamma, "lam": self.lam, "whiten": self.whiten_advantages}
+
+    def loss_options(self) -> dict[str, Any]:
+        return {"cliprange": self.cliprange, "cliprange_value": self.cliprange_value,
+                "value_coef": self.value_coef}
+
+    def approx_kl_limit(self) -> float | None:
+        return self.target_approx_kl
 
 
 @dataclass
-class A2CConfig(RLConfig):
+class A2CConfig(ActorCriticConfig):
     """Advantage actor-critic (TD advantages), one update per rollout batch."""
 
-    algorithm: Algo = "a2c"
-    """Policy-gradient algorithm (see `alignkit.losses.rl_algorithms`)."""
+    algorithm: Literal["a2c"] = "a2c"
+    """The policy-gradient algorithm of this stage (see `alignkit.losses.rl_algorithms`)."""
     epochs: int = 1
     """Passes over each rollout batch."""
     minibatches: int = 1
     """Minibatches (optimizer steps) per pass."""
 
+    def targets_options(self) -> dict[str, Any]:
+        return {"gamma": self.gamma, "whiten": self.whiten_advantages}  # TD error: lambda is 0
+
+    def loss_options(self) -> dict[str, Any]:
+        return {"value_coef": self.value_coef}
+
+    def approx_kl_limit(self) -> float | None:
+        return None  # no ratio to pi_old in the loss: no approx KL is measured
+
 
 @dataclass
-class ReinforceConfig(A2CConfig):
+class ReinforceConfig(ActorCriticConfig):
     """REINFORCE with a learned baseline, one update per rollout batch."""
 
-    algorithm: Algo = "reinforce"
-    """Policy-gradient algorithm (see `alignkit.losses.rl_algorithms`)."""
+    algorithm: Literal["reinforce"] = "reinforce"
+    """The policy-gradient algorithm of this stage (see `alignkit.losses.rl_algorithms`)."""
+    epochs: int = 1
+    """Passes over each rollout batch."""
+    minibatches: int = 1
+    """Minibatches (optimizer steps) per pass."""
+
+    def targets_options(self) -> dict[str, Any]:
+        return {"gamma": self.gamma, "whiten": self.whiten_advantages}  # reward-to-go: lambda is 1
+
+    def loss_options(self) -> dict[str, Any]:
+        return {"value_coef": self.value_coef}
+
+    def approx_kl_limit(self) -> float | None:
+        return None  # no ratio to pi_old in the loss: no approx KL is measured
 
 
 @dataclass
-class RLOOConfig(A2CConfig):
+class RLOOConfig(RLConfig):
     """REINFORCE leave-one-out (k samples per prompt, no critic), one update per rollout batch."""
 
-    algorithm: Algo = "rloo"
-    """Policy-gradient algorithm (see `alignkit.losses.rl_algorithms`)."""
+    algorithm: Literal["rloo"] = "rloo"
+    """The policy-gradient algorithm of this stage (see `alignkit.losses.rl_algorithms`)."""
+    epochs: int = 1
+    """Passes over each rollout batch."""
+    minibatches: int = 1
+    """Minibatches (optimizer steps) per pass."""
+    cliprange: float = 0.2
+    """Ratio clip epsilon of the surrogate (acts only when a batch is reused for several updates)."""
+    target_approx_kl: float | None = None
+    """Stop the epochs of a step early when an epoch's mean approx KL(pi_old || pi) exceeds this."""
+    whiten_advantages: bool = True
+    """Normalise the leave-one-out advantages to mean 0, variance 1 over each rollout batch."""
+
+    def targets_options(self) -> dict[str, Any]:
+        return {"k": self.samples_per_prompt, "whiten": self.whiten_advantages}
+
+    def loss_options(self) -> dict[str, Any]:
+        return {"cliprange": self.cliprange}
+
+    def approx_kl_limit(self) -> float | None:
+        return self.target_approx_kl
 
 
 @dataclass
-class GRPOConfig(A2CConfig):
+class GRPOConfig(RLConfig):
     """GRPO (group-normalised advantages, clip, k3 KL in the loss, no critic)."""
 
-    algorithm: Algo = "grpo"
-    """Policy-gradient algorithm (see `alignkit.losses.rl_algorithms`)."""
+    algorithm: Literal["grpo"] = "grpo"
+    """The policy-gradient algorithm of this stage (see `alignkit.losses.rl_algorithms`)."""
+    epochs: int = 1
+    """Passes over each rollout batch."""
+    minibatches: int = 1
+    """Minibatches (optimizer steps) per pass."""
+    cliprange: float = 0.2
+    """Ratio clip epsilon of the surrogate."""
+    target_approx_kl: float | None = None
+    """Stop the epochs of a step early when an epoch's mean approx KL(pi_old || pi) exceeds this."""
+
+    def targets_options(self) -> dict[str, Any]:
+        return {"k": self.samples_per_prompt}  # already normalised per group: not whitened again
+
+    def loss_options(self) -> dict[str, Any]:
+        return {"cliprange": self.cliprange}
+
+    def approx_kl_limit(self) -> float | None:
+        return self.target_approx_kl

@@ -27,8 +27,9 @@ from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from alignkit.data.collate import collate_packed, collate_padded, left_pad, to_device
 from alignkit.data.tokenize import encode_prompt, tokenize_sft
 from alignkit.errors import AlignkitError
-from alignkit.losses.sft import IGNORE_INDEX, token_nll_sum
-from alignkit.ops.logits import labelled_logits
+from alignkit.losses.sft import token_nll_sum
+from alignkit.models.logits import labelled_logits
+from alignkit.ops.logprobs import IGNORE_INDEX
 from alignkit.trainers.loop import TrainLoop, evaluate
 
 

@@ -9,17 +9,15 @@ Worlds live in `$ALIGNKIT_CACHE/worlds/<name>` (`ALIGNKIT_CACHE` defaults to `~/
 
 from __future__ import annotations
 
-import contextlib
-import difflib
 import json
 import os
 import shutil
-import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from alignkit.atomic import atomic_path  # the world builders import it from here too
 from alignkit.errors import AlignkitError
 
 GoldFn = Callable[[list[str]], Any]
@@ -50,27 +48,6 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
-
-
-@contextlib.contextmanager
-def atomic_path(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling path to write a file or directory to; rename it to `final` on success.
-
-    On an exception the temporary path is deleted and `final` is left as it was. An existing
-    `final` is replaced.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        yield tmp
-        if not tmp.exists():
-            raise RuntimeError(f"nothing was written to the temporary path of {final}")
-        if final.is_dir():
-            remove_path(final)  # os.replace cannot replace a non-empty directory
-        os.replace(tmp, final)
-    finally:
-        remove_path(tmp)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -153,51 +130,3 @@ class World:
     def summary(self) -> dict[str, Any]:
         """The build summary (`summary.json`): sizes, gold accuracy, perplexity, build times."""
         return read_json(self.root / SUMMARY_FILE)
-
-
-def _load_sentiment(root: Path) -> World:
-    from alignkit.worlds.sentiment import load_world
-
-    return load_world(root)
-
-
-def _sentiment_builder() -> tuple[type, Callable[[Any], dict[str, Any]]]:
-    from alignkit.worlds.sentiment import SentimentBuildConfig, build
-
-    return SentimentBuildConfig, build
-
-
-WORLDS: dict[str, Callable[[Path], World]] = {"sentiment": _load_sentiment}
-"""World name -> loader of a built world from its root directory."""
-
-WORLD_BUILDERS: dict[str, Callable[[], tuple[type, Callable[[Any], dict[str, Any]]]]] = {
-    "sentiment": _sentiment_builder,
-}
-"""World name -> () -> (build config dataclass, build function); for `alignkit world <name> build`."""
-
-
-def _check_name(name: str) -> None:
-    if name not in WORLDS:
-        hints = difflib.get_close_matches(name, list(WORLDS), n=1)
-        extra = f"; did you mean {hints[0]!r}?" if hints else ""
-        raise AlignkitError(f"unknown world {name!r}: known worlds are {sorted(WORLDS)}{extra}")
-
-
-def get_world(name: str, cache_dir: str | Path | None = None) -> World:
-    """Load a built world.
-
-    Args:
-        name: World name (a key of `WORLDS`).
-        cache_dir: alignkit cache directory; default `$ALIGNKIT_CACHE` or `~/.cache/alignkit`.
-
-    Raises:
-        AlignkitError: the name is unknown or the world is not built yet.
-    """
-    _check_name(name)
-    root = world_root(name, cache_dir)
-    if not (root / SUMMARY_FILE).is_file():
-        hint = f" --cache_dir {cache_dir}" if cache_dir else ""
-        raise AlignkitError(
-            f"world {name!r} is not built (no {root / SUMMARY_FILE}): run `alignkit world {name} build{hint}`"
-        )
-    return WORLDS[name](root)

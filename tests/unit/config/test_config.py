@@ -13,9 +13,9 @@ from alignkit.config import (
     format_help,
     parse_overrides,
     resolve_config,
-    save_config,
 )
 from alignkit.errors import AlignkitError
+from alignkit.trainers.rundir import config_yaml
 
 
 @dataclass
@@ -112,5 +112,5 @@ def test_a_stage_s_part_defaults_survive_partial_settings(tmp_path):
 
 def test_saved_config_round_trips(tmp_path):
     cfg = resolve_config(StageConfig, None, ["--beta", "0.3", "--optim.lr", "2e-5"])
-    save_config(cfg, tmp_path / "config.yaml")
+    (tmp_path / "config.yaml").write_text(config_yaml(cfg))  # as run dirs save it
     assert resolve_config(StageConfig, tmp_path / "config.yaml") == cfg

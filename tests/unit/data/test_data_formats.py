@@ -7,9 +7,7 @@ import pytest
 from alignkit.data.formats import (
     KINDS,
     ValidationReport,
-    as_messages,
     detect_format,
-    is_conversational,
     validate_records,
 )
 from alignkit.errors import AlignkitError
@@ -294,18 +292,3 @@ def test_detect_format_unknown_fields():
         AlignkitError, match=r"cannot tell the record format from its fields \['input', 'output'\]"
     ):
         detect_format({"input": "a", "output": "b"})
-
-
-def test_as_messages():
-    assert as_messages("Hi") == [user("Hi")]
-    assert as_messages("Blue", role="assistant") == [assistant("Blue")]
-    extra = [{"role": "user", "content": "Hi", "name": "bob"}]
-    assert as_messages(extra) == [user("Hi")]
-    assert as_messages(extra) is not extra
-    with pytest.raises(TypeError):
-        as_messages(3)
-
-
-def test_is_conversational():
-    assert is_conversational(VALID["sft"][1]) and is_conversational(VALID["preference"][1])
-    assert not is_conversational(VALID["preference"][0])

@@ -87,7 +87,7 @@ def test_file_labeler_joins_by_id(tmp_path):
 def test_steps_label_each_segment_with_its_change_in_score():
     from functools import partial
 
-    from alignkit.models.segments import split_text
+    from alignkit.data.segments import split_text
 
     def scorer(prompts, texts):  # s(x, y) = number of "!" in y, squared: not additive over segments
         return torch.tensor([float(t.count("!") ** 2) for t in texts])

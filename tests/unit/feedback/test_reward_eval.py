@@ -6,9 +6,9 @@ import pytest
 import torch
 from scipy import stats
 
+from alignkit.data.reward_groups import collate_reward_groups, record_groups
 from alignkit.losses.reward import REWARD_LOSSES
 from alignkit.trainers.reward import LOSS_ADAPTERS, RewardConfig
-from alignkit.trainers.reward_data import collate_groups, record_groups
 from alignkit.trainers.reward_eval import (
     best_of_k_accuracy,
     calibration_error,
@@ -62,15 +62,15 @@ def test_records_group_into_the_loss_inputs():
     assert record_groups(pref, "preference", "best_of_k")[0]["best"] == 0
     cfg = RewardConfig()
     groups = _items(record_groups(ranking, "ranking", "plackett_luce") + [{"prompt": "q", "responses": ["x", "y"]}])
-    batch = collate_groups(groups, pad_id=0)
-    assert batch["index"].tolist() == [[0, 1, 2], [3, 4, -1]] and batch["n_terms"] == 2
+    batch = collate_reward_groups(groups, pad_id=0)
+    assert batch["group_index"].tolist() == [[0, 1, 2], [3, 4, -1]] and batch["n_terms"] == 2
     scores = torch.tensor([0.5, 0.2, -1.0, 0.3, 0.9])
     loss, _ = LOSS_ADAPTERS["plackett_luce"](scores, batch, cfg)
     alone = [REWARD_LOSSES["plackett_luce"](s[None])[0] for s in (scores[:3], scores[3:])]
     torch.testing.assert_close(loss, torch.stack(alone).mean())
     pairs = _items([record_groups(pref, "preference", "pairwise")[0] for _ in range(2)])
     pairs[1]["margin"] = 0.5
-    batch = collate_groups(pairs, pad_id=0)
+    batch = collate_reward_groups(pairs, pad_id=0)
     loss, _ = LOSS_ADAPTERS["pairwise"](torch.tensor([1.0, 0.0, 2.0, 0.0]), batch, cfg)
     expected, _ = REWARD_LOSSES["pairwise"](torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0]),
                                             margin=torch.tensor([0.0, 0.5]))

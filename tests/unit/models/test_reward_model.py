@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
+from alignkit.accel.cpu import CpuBackend, packing
+from alignkit.accel.plain import PlainBackend
 from alignkit.config import ModelConfig
+from alignkit.data.collate import right_pad
+from alignkit.data.reward_groups import encode_scored
+from alignkit.data.segments import segment_prefixes, split_sentences
 from alignkit.errors import AlignkitError
 from alignkit.models.ensemble import EnsembleScorer, combine_rewards, save_ensemble
 from alignkit.models.load import load_sequence_classifier, load_tokenizer
@@ -21,15 +26,7 @@ from alignkit.models.reward_model import (
 )
 from alignkit.models.reward_normalization import apply_normalization, normalization
 from alignkit.models.save import save_pretrained_atomic
-from alignkit.models.segments import segment_prefixes, split_sentences
-from alignkit.rollout.score import (
-    GoldScorer,
-    RewardModelScorer,
-    Scorer,
-    encode_scored,
-    load_scorer,
-    right_pad,
-)
+from alignkit.rollout.score import GoldScorer, RewardModelScorer, Scorer, load_scorer
 
 PROMPTS = ["I loved this", "Terrible film.", "The plot"]
 RESPONSES = [" movie, it was great!", " I hated it.", " was fine but the ending felt rushed."]
@@ -199,7 +196,7 @@ def test_token_chunks_join_back_to_the_text_with_a_metaspace_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from alignkit.models.segments import split_text
+    from alignkit.data.segments import split_text
 
     words = ["▁I", "▁loved", "▁this", "▁movie", "!", "▁It", "▁was", "▁great", "."]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", *words])}, unk_token="<unk>"))
@@ -214,23 +211,16 @@ def test_token_chunks_join_back_to_the_text_with_a_metaspace_tokenizer():
 
 
 def test_scorer_packs_the_responses_to_one_prompt_into_one_row(rm, monkeypatch):
-    """k responses per prompt (as RL scores them): one packed row per prompt, the same rewards."""
-    from alignkit.ops import packing
-
+    """k responses per prompt (as RL scores them): the CPU backend packs one row per prompt and gives
+    the plain backend's rewards."""
     model, tokenizer = rm
     prompts = ["The film", "The film", "I think", "The film", "I think"]
     responses = [" was great.", " bored me to tears.", " it works", " was fine", " not"]
-    monkeypatch.setattr(packing, "PACKING_MARGIN", 0.0)
-    expected = RewardModelScorer(model, tokenizer)(prompts, responses)
+    expected = RewardModelScorer(model, tokenizer, backend=PlainBackend())(prompts, responses)
     monkeypatch.setattr(packing, "PACKING_MARGIN", float("inf"))  # pack these tiny rows
-    calls: list = []
-    handle = model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True)
-    try:
-        packed = RewardModelScorer(model, tokenizer)(prompts, responses)
-    finally:
-        handle.remove()
-    assert len(calls) == 1 and calls[0][0] == 2  # two distinct prompts, one row each
+    packed = RewardModelScorer(model, tokenizer, backend=CpuBackend())(prompts, responses)
     torch.testing.assert_close(packed, expected, atol=1e-5, rtol=0)
+    assert len(set(expected.tolist())) == len(prompts)
 
 
 def test_scorer_works_out_the_special_prefix_once_per_call(rm, monkeypatch):

@@ -160,7 +160,7 @@ def test_failure_midway_keeps_old_directory(tiny_llama_dir, tmp_path, monkeypatc
 
 
 def test_failed_swap_restores_old_directory(tiny_llama_dir, tmp_path, monkeypatch):
-    import alignkit.models.save as save_mod
+    import alignkit.atomic as atomic_mod
 
     cfg = ModelConfig(name_or_path=str(tiny_llama_dir))
     tokenizer = load_tokenizer(cfg)
@@ -168,14 +168,14 @@ def test_failed_swap_restores_old_directory(tiny_llama_dir, tmp_path, monkeypatc
     out = tmp_path / "final"
     save_pretrained_atomic(model, tokenizer, out)
     old_files = {p.name: p.read_bytes() for p in out.iterdir()}
-    real_replace = save_mod.os.replace
+    real_replace = atomic_mod.os.replace
 
     def replace(src, dst):
         if ".tmp-" in str(src):
             raise OSError("rename failed")
         real_replace(src, dst)
 
-    monkeypatch.setattr(save_mod.os, "replace", replace)
+    monkeypatch.setattr(atomic_mod.os, "replace", replace)
     with pytest.raises(OSError, match="rename failed"):
         save_pretrained_atomic(model, tokenizer, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old_files

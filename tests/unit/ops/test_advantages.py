@@ -1,10 +1,10 @@
-"""GAE, discounted returns, RLOO and GRPO advantages against hand-computed values and plain loops."""
+"""GAE, RLOO and GRPO advantages against hand-computed values and plain loops."""
 
 import pytest
 import torch
 from torch.testing import assert_close
 
-from alignkit.ops.advantages import discounted_returns, gae, grpo_advantages, rloo_advantages
+from alignkit.ops.advantages import gae, grpo_advantages, rloo_advantages
 
 
 def gae_loop(rewards, values, mask, gamma, lam):
@@ -80,13 +80,6 @@ def test_gae_carries_no_gradient():
     values.requires_grad_(True)
     advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=0.95)
     assert not advantages.requires_grad and not returns.requires_grad
-
-
-def test_discounted_returns_by_hand():
-    # r = (1, 2, 3), gamma = 0.5: G_3 = 3, G_2 = 2 + 0.5*3 = 3.5, G_1 = 1 + 0.5*3.5 = 2.75.
-    rewards = torch.tensor([[1.0, 2.0, 3.0, 7.0]])
-    mask = torch.tensor([[True, True, True, False]])
-    assert_close(discounted_returns(rewards, mask, gamma=0.5), torch.tensor([[2.75, 3.5, 3.0, 0.0]]))
 
 
 def test_rloo_by_hand():

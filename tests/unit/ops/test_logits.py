@@ -6,7 +6,7 @@ import torch
 from tests.conftest import build_tiny_llama
 
 from alignkit.losses.sft import IGNORE_INDEX, causal_lm_loss_sum, token_nll_sum
-from alignkit.ops.logits import labelled_columns, labelled_logits
+from alignkit.models.logits import labelled_columns, labelled_logits
 
 X = IGNORE_INDEX
 

@@ -3,7 +3,14 @@
 import torch
 from torch.testing import assert_close
 
-from alignkit.ops.masking import masked_mean, masked_sum, masked_var, masked_whiten
+from alignkit.ops.masking import (
+    last_true_index,
+    mask_positions,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+)
 
 VALUES = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 MASK = torch.tensor([[True, True, False], [True, False, False]])
@@ -76,3 +83,25 @@ def test_masked_whiten_by_hand():
     # (1 - 7/3) / 1.247219 = -1.069045, (2 - 7/3) / 1.247219 = -0.267261, (4 - 7/3) / 1.247219 = 1.336306.
     expected = torch.tensor([[-1.069045, -0.267261, 0.0], [1.336306, 0.0, 0.0]])
     assert_close(masked_whiten(VALUES, MASK, eps=0.0), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_last_true_index_by_hand():
+    # Response masks: EOS at column 2 (then pads); no EOS, cut at 4 columns; a single token; none.
+    mask = torch.tensor([
+        [True, True, True, False],
+        [True, True, True, True],
+        [True, False, False, False],
+        [False, False, False, False],
+    ])
+    assert last_true_index(mask).tolist() == [2, 3, 0, -1]  # -1 flags the row with no True
+    assert last_true_index(mask.long()).tolist() == [2, 3, 0, -1]  # 0/1 masks read as bool
+    # Left padding (an attention mask of left-padded prompts): the last real token is the last column.
+    assert last_true_index(torch.tensor([[False, True, True], [False, False, True]])).tolist() == [2, 2]
+    # Leading dims are kept: ...×T -> ...
+    assert last_true_index(mask.view(2, 2, 4)).tolist() == [[2, 3], [0, -1]]
+
+
+def test_mask_positions_by_hand():
+    # Left padding: pads at 0, real tokens 0, 1, ...; right padding: pads repeat the last position.
+    mask = torch.tensor([[False, False, True, True], [True, True, True, False]])
+    assert mask_positions(mask).tolist() == [[0, 0, 0, 1], [0, 1, 2, 2]]

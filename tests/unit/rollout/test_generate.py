@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import pytest
 import torch
+from tests.conftest import TINY_PROMPTS as PROMPTS
 from tests.conftest import build_tiny_llama, build_tiny_tokenizer
-from tests.unit.rollout.conftest import PROMPTS
 
-from alignkit.rollout.generate import filter_logits, sample, tokenize_prompts
+from alignkit.rollout.generate import sample, tokenize_prompts
 from alignkit.rollout.logprobs import sequence_logprobs
+from alignkit.rollout.sampling import filter_logits
 from alignkit.rollout.types import Rollout
 
 
@@ -237,88 +236,3 @@ def test_concat_of_different_widths_keeps_logprobs(model, tokenizer, prompts):
     recomputed = sequence_logprobs(model, both)
     assert (recomputed - both.logprobs).abs().max() < 1e-5
     assert both.texts(tokenizer)[1:] == long.texts(tokenizer)
-
-
-def _record_shape(calls: list, module, args, kwargs) -> None:
-    calls.append(kwargs["input_ids"].shape)
-
-
-@pytest.mark.parametrize("mode", ["packed", "packed-eager", "cache"])
-@pytest.mark.parametrize("groups", [[0, 0, 0, 1, 1, 1, 2, 2, 2], [0, 1, 0, 2, 0, 1]], ids=["k=3", "unequal"])
-def test_shared_prompt_forward_equals_one_pass_with_gradients(tokenizer, monkeypatch, mode, groups):
-    """Rows that repeat a prompt: prompts run once (packed rows or a shared KV cache); same log-probs,
-    entropy and gradients as one plain pass, also for groups of unequal size in any row order."""
-    from alignkit.ops import packing, prefix
-
-    monkeypatch.setattr(prefix, "MIN_SAVING", 0.0)  # the cache path shares even these short prompts
-    # Force the path under test: these tiny rows are not what `packing_pays` is tuned for.
-    monkeypatch.setattr(packing, "PACKING_MARGIN", 0.0 if mode == "cache" else float("inf"))
-    attn = "eager" if mode == "packed-eager" else "sdpa"
-    model = build_tiny_llama(len(tokenizer), num_key_value_heads=2, attn_implementation=attn).eval()
-    ids, mask = tokenize_prompts(tokenizer, PROMPTS[:3])  # left-padded to different lengths
-    # Many end ids, so that some responses end early and leave pad tokens inside the packed rows.
-    rollout = sample(model, ids[groups], mask[groups], max_new_tokens=12, temperature=0.8, pad_token_id=0,
-                     eos_token_id=list(range(2, 40)), generator=torch.Generator().manual_seed(0))
-    assert not rollout.response_mask.all()  # some responses end early: pad tokens inside the packed rows
-    results = []
-    for share in (False, True):
-        calls: list = []
-        handle = model.register_forward_pre_hook(partial(_record_shape, calls), with_kwargs=True)
-        logprobs, entropy = sequence_logprobs(model, rollout, temperature=0.8, with_entropy=True, share_prompts=share)
-        handle.remove()
-        (logprobs.sum() + entropy.sum()).backward()
-        results.append((logprobs.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()], calls))
-        model.zero_grad()
-    (lp0, en0, g0, calls0), (lp1, en1, g1, calls1) = results
-    assert calls0 == [rollout.full_ids().shape]
-    width_p, width_r, slots = rollout.prompt_length, rollout.response_ids.shape[1], max(groups.count(g) for g in groups)
-    if mode == "cache":  # 3 distinct prompts, then every response against the cache
-        assert calls1 == [(3, width_p), rollout.response_ids.shape]
-    else:  # one row per distinct prompt: [prompt, response slot 1, ..., slot k]
-        assert calls1 == [(3, width_p + slots * width_r)]
-    torch.testing.assert_close(lp1, lp0, atol=1e-5, rtol=0)
-    torch.testing.assert_close(en1, en0, atol=1e-5, rtol=0)
-    for a, b in zip(g1, g0, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    assert (lp1 - rollout.logprobs).abs().max() < 1e-5
-
-
-def test_packed_logprobs_when_the_model_ignores_logits_to_keep(tokenizer, monkeypatch):
-    """A model that returns every column (older transformers, remote code): the kept columns are picked."""
-    from alignkit.ops import packing
-
-    monkeypatch.setattr(packing, "PACKING_MARGIN", float("inf"))
-    model = build_tiny_llama(len(tokenizer)).eval()
-    ids, mask = tokenize_prompts(tokenizer, PROMPTS[:2])
-    rollout = _sample(model, tokenizer, ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0))
-    forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda *a, logits_to_keep=0, **kw: forward(*a, **kw))
-    with torch.no_grad():
-        packed = sequence_logprobs(model, rollout)
-        plain = sequence_logprobs(model, rollout, share_prompts=False)
-    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=0)
-
-
-def test_packed_layout_by_hand():
-    """Two rows of prompt [7, 8] (one with a pad), one of [9]: rows, masks, positions and read columns."""
-    from alignkit.ops.packing import packed_prompt_layout
-
-    prompt_ids = torch.tensor([[0, 9], [7, 8], [7, 8]])
-    prompt_mask = torch.tensor([[False, True], [True, True], [True, True]])
-    suffix_ids = torch.tensor([[1, 2], [3, 4], [5, 0]])
-    suffix_mask = torch.tensor([[True, True], [True, True], [True, False]])
-    out = packed_prompt_layout(prompt_ids, prompt_mask, suffix_ids, suffix_mask, pad_id=0)
-    # distinct prompts sorted: [0, 9] (group 0, one response), [7, 8] (group 1, two); 2 slots of 2
-    assert out["input_ids"].tolist() == [[0, 9, 1, 2, 0, 0], [7, 8, 3, 4, 5, 0]]
-    assert out["position_ids"].tolist() == [[0, 0, 1, 2, 1, 2], [0, 1, 2, 3, 2, 3]]
-    seen = out["attention_mask"][1, 0].int().tolist()
-    assert seen == [[1, 0, 0, 0, 0, 0],
-                    [1, 1, 0, 0, 0, 0],
-                    [1, 1, 1, 0, 0, 0],
-                    [1, 1, 1, 1, 0, 0],
-                    [1, 1, 0, 0, 1, 0],   # slot 1 sees the prompt and itself, not slot 0
-                    [1, 1, 0, 0, 1, 1]]   # its pad (never a key) sees them and itself
-    assert out["attention_mask"][0, 0, 1].int().tolist() == [0, 1, 0, 0, 0, 0]  # the left pad is never a key
-    assert out["keep"].tolist() == [1, 2, 4]  # last prompt column, then each slot's first S - 1 columns
-    assert out["group"].tolist() == [[0, 0], [1, 1], [1, 1]]
-    assert out["take"].tolist() == [[0, 1], [0, 1], [0, 2]]

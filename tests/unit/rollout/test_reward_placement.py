@@ -8,9 +8,10 @@ from tests.conftest import build_tiny_llama, build_tiny_tokenizer
 
 from alignkit.losses.kl import kl_penalized_rewards
 from alignkit.losses.rl_algorithms import ALGORITHMS, group_targets, rloo_targets
-from alignkit.models.value_head import ValueModel, response_values
+from alignkit.models.value_head import ValueModel
 from alignkit.rollout.evaluate import distinct_n, sequence_kl
 from alignkit.rollout.generate import sample, tokenize_prompts
+from alignkit.rollout.logprobs import response_values
 from alignkit.rollout.rewards import ScoreNormalizer, score_index, shape_scores
 
 PROMPTS = ["The quick brown fox", "I loved", "Terrible film. I hated every minute", "What"] * 3

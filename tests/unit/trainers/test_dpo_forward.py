@@ -9,11 +9,21 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from alignkit.accel.cpu import CpuBackend, packing
+from alignkit.accel.plain import PlainBackend
 from alignkit.config import ModelConfig
+from alignkit.data.preference_groups import (
+    collate_preference_groups,
+    encode_group,
+    fit_group,
+    tokenize_preference_groups,
+)
 from alignkit.errors import AlignkitError
 from alignkit.losses.preference import dpo_loss
-from alignkit.trainers.dpo import DPOConfig, Reference, make_loss_fn, response_logps
-from alignkit.trainers.dpo_data import collate_groups, encode_group, fit_group, tokenize_groups
+from alignkit.trainers.dpo import DPOConfig, make_loss_fn
+from alignkit.trainers.dpo_forward import Reference, response_logps
+
+BACKEND = CpuBackend()  # what a CPU run uses (the backends agree: tests/unit/accel/test_backends.py)
 
 PAIRS = [
     {"prompt": "The quick brown", "chosen": " fox jumps over the lazy dog.", "rejected": " dog."},
@@ -32,7 +42,7 @@ def tok_model(tiny_llama_dir):
 
 
 def _groups(tokenizer, records=PAIRS, kind="preference", loss="sigmoid"):
-    return tokenize_groups(records, kind, loss, tokenizer, max_length=64).groups
+    return tokenize_preference_groups(records, kind, loss, tokenizer, max_length=64).groups
 
 
 def test_prompt_is_a_strict_prefix_of_every_response(tok_model):
@@ -48,46 +58,21 @@ def test_concatenated_forward_equals_separate_forwards(tok_model):
     tokenizer, model = tok_model
     groups = _groups(tokenizer)
     with torch.no_grad():
-        joint, n_tokens = response_logps(model, collate_groups(groups, tokenizer.pad_token_id))  # B×K
+        joint, n_tokens = response_logps(model, collate_preference_groups(groups, tokenizer.pad_token_id),
+                                         BACKEND)  # B×K
         for b, group in enumerate(groups):
             for k, response in enumerate(group["responses"]):
-                alone, n_alone = response_logps(model, collate_groups([{"responses": [response]}], 0))
+                single = collate_preference_groups([{"responses": [response]}], 0)
+                alone, n_alone = response_logps(model, single, BACKEND)
                 assert_close(joint[b, k], alone[0, 0])
                 assert n_tokens[b, k] == n_alone[0, 0]
-
-
-def test_shared_prompt_forward_equals_full_forward_with_gradients(tok_model, monkeypatch):
-    """Each prompt run once (`share_prefixes`): same log-probs, token counts and gradients; a ranking too."""
-    from alignkit.ops import prefix
-
-    monkeypatch.setattr(prefix, "MIN_SAVING", 0.0)  # share even these short prompts
-    tokenizer, model = tok_model
-    ranking = [{"prompt": "Once upon", "responses": [" a time there was a fox.", " a hill.", " nothing"]}]
-    for groups in (_groups(tokenizer), _groups(tokenizer, ranking, "ranking", "plackett_luce")):
-        results = []
-        for share in (False, True):
-            batch = collate_groups(groups, tokenizer.pad_token_id, share_prefixes=share)
-            assert ("prefix_ids" in batch) == share
-            if share:
-                monkeypatch.setattr(prefix, "MIN_SAVING", 1.0)  # ... and the threshold is what decides
-                assert "prefix_ids" not in collate_groups(groups, tokenizer.pad_token_id, share_prefixes=True)
-                monkeypatch.setattr(prefix, "MIN_SAVING", 0.0)
-            logps, n_tokens = response_logps(model, batch)
-            (logps * torch.arange(1.0, logps.numel() + 1).view_as(logps)).sum().backward()
-            results.append((logps.detach(), n_tokens, [p.grad.clone() for p in model.parameters()]))
-            model.zero_grad()
-        (lp0, n0, g0), (lp1, n1, g1) = results
-        assert_close(lp1, lp0, atol=1e-5, rtol=0)
-        assert torch.equal(n1, n0)
-        for a, b in zip(g1, g0, strict=True):
-            assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_sequence_logprobs_equal_a_plain_loop_over_tokens(tok_model):
     tokenizer, model = tok_model
     groups = _groups(tokenizer)
     with torch.no_grad():
-        joint, _ = response_logps(model, collate_groups(groups, tokenizer.pad_token_id))
+        joint, _ = response_logps(model, collate_preference_groups(groups, tokenizer.pad_token_id), BACKEND)
         for b, group in enumerate(groups):
             for k, response in enumerate(group["responses"]):
                 ids = torch.tensor([response["input_ids"]])
@@ -100,8 +85,8 @@ def test_sequence_logprobs_equal_a_plain_loop_over_tokens(tok_model):
 def test_policy_equal_to_reference_gives_log_2(tok_model, loss):
     tokenizer, model = tok_model
     cfg = DPOConfig(loss=loss, beta=0.1, label_smoothing=0.1)
-    batch = collate_groups(_groups(tokenizer, loss=loss), tokenizer.pad_token_id)
-    loss_sum, metrics = make_loss_fn(cfg, Reference(copy.deepcopy(model), model))(model, batch)
+    batch = collate_preference_groups(_groups(tokenizer, loss=loss), tokenizer.pad_token_id)
+    loss_sum, metrics = make_loss_fn(cfg, Reference(copy.deepcopy(model), model, BACKEND), BACKEND)(model, batch)
     assert_close(loss_sum / batch["n_terms"], torch.tensor(math.log(2.0)))
     assert_close(metrics["rewards/margins"], torch.tensor(0.0))
 
@@ -113,10 +98,10 @@ def test_forward_loss_is_dpo_on_the_sequence_logprobs(tok_model):
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    batch = collate_groups(_groups(tokenizer), tokenizer.pad_token_id)
-    loss_sum, _ = make_loss_fn(DPOConfig(beta=0.5), Reference(model, policy))(policy, batch)
+    batch = collate_preference_groups(_groups(tokenizer), tokenizer.pad_token_id)
+    loss_sum, _ = make_loss_fn(DPOConfig(beta=0.5), Reference(model, policy, BACKEND), BACKEND)(policy, batch)
     with torch.no_grad():
-        pol, ref = response_logps(policy, batch)[0], response_logps(model, batch)[0]
+        pol, ref = response_logps(policy, batch, BACKEND)[0], response_logps(model, batch, BACKEND)[0]
     expected, _ = dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], beta=0.5)
     assert_close(loss_sum / 3, expected)
     loss_sum.backward()
@@ -134,11 +119,11 @@ def test_lora_reference_is_the_base_with_adapters_disabled(tiny_llama_dir):
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    batch = collate_groups(_groups(tokenizer), tokenizer.pad_token_id)
-    reference = Reference(None, policy)
+    batch = collate_preference_groups(_groups(tokenizer), tokenizer.pad_token_id)
+    reference = Reference(None, policy, BACKEND)
     with torch.no_grad():
-        assert_close(reference.logps(batch), response_logps(base, batch)[0])
-        assert not torch.allclose(response_logps(policy, batch)[0], response_logps(base, batch)[0])
+        assert_close(reference.logps(batch), response_logps(base, batch, BACKEND)[0])
+        assert not torch.allclose(response_logps(policy, batch, BACKEND)[0], response_logps(base, batch, BACKEND)[0])
     assert policy.training  # the reference pass restores the policy's mode
 
 
@@ -147,9 +132,10 @@ def test_ranking_groups_of_different_sizes_are_masked(tok_model):
     records = [{"prompt": "What a", "responses": [" story.", " film.", " dog."]},
                {"prompt": "The quick", "responses": [" fox.", " dog."]}]
     groups = _groups(tokenizer, records, kind="ranking", loss="plackett_luce")
-    batch = collate_groups(groups, tokenizer.pad_token_id)
+    batch = collate_preference_groups(groups, tokenizer.pad_token_id)
     assert batch["input_ids"].shape[0] == 6 and batch["group_mask"].tolist() == [[True] * 3, [True, True, False]]
-    loss_sum, _ = make_loss_fn(DPOConfig(loss="plackett_luce"), Reference(copy.deepcopy(model), model))(model, batch)
+    reference = Reference(copy.deepcopy(model), model, BACKEND)
+    loss_sum, _ = make_loss_fn(DPOConfig(loss="plackett_luce"), reference, BACKEND)(model, batch)
     # policy == reference: each list's loss is log K! (all orders equally likely): (log 6 + log 2) / 2
     assert_close(loss_sum / 2, torch.tensor((math.log(6) + math.log(2)) / 2))
 
@@ -158,9 +144,10 @@ def test_kto_from_preferences_and_unpaired_labels(tok_model):
     tokenizer, model = tok_model
     groups = _groups(tokenizer, loss="kto")
     assert [g["label"] for g in groups] == [True, False] * 3
-    batch = collate_groups(groups, tokenizer.pad_token_id)
+    batch = collate_preference_groups(groups, tokenizer.pad_token_id)
     assert batch["kto_labels"].tolist() == [True, False] * 3
-    loss_sum, _ = make_loss_fn(DPOConfig(loss="kto"), Reference(copy.deepcopy(model), model))(model, batch)
+    reference = Reference(copy.deepcopy(model), model, BACKEND)
+    loss_sum, _ = make_loss_fn(DPOConfig(loss="kto"), reference, BACKEND)(model, batch)
     assert_close(loss_sum / 6, torch.tensor(0.5))  # r = z0 = 0: 1 - Sigmoid(0) for every example
 
 
@@ -179,67 +166,56 @@ def test_wrong_record_kind_for_the_loss_is_an_error(tok_model):
     tokenizer, _ = tok_model
     unpaired = [{"prompt": "Hi", "completion": " there", "label": True}]
     with pytest.raises(AlignkitError, match="loss 'sigmoid' trains on preference or ranking"):
-        tokenize_groups(unpaired, "unpaired", "sigmoid", tokenizer, max_length=32, source="d.jsonl")
+        tokenize_preference_groups(unpaired, "unpaired", "sigmoid", tokenizer, max_length=32, source="d.jsonl")
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo", "cdpo", "simpo", "orpo", "kto", "plackett_luce"])
 def test_every_loss_runs_through_the_forward_with_gradients(tok_model, loss):
     tokenizer, model = tok_model
     policy = copy.deepcopy(model).train()
-    batch = collate_groups(_groups(tokenizer, loss=loss), tokenizer.pad_token_id)
-    reference = None if loss in ("simpo", "orpo") else Reference(model, policy)  # reference-free losses
-    loss_sum, metrics = make_loss_fn(DPOConfig(loss=loss, label_smoothing=0.1), reference)(policy, batch)
+    batch = collate_preference_groups(_groups(tokenizer, loss=loss), tokenizer.pad_token_id)
+    reference = None if loss in ("simpo", "orpo") else Reference(model, policy, BACKEND)  # reference-free losses
+    loss_sum, metrics = make_loss_fn(DPOConfig(loss=loss, label_smoothing=0.1), reference, BACKEND)(policy, batch)
     assert torch.isfinite(loss_sum) and {"rewards/chosen", "rewards/accuracy"} <= set(metrics)
     loss_sum.backward()
     assert all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
 
 
+RANKINGS = [{"prompt": "Once upon", "responses": [" a time there was a fox.", " a hill.", " nothing"]},
+            {"prompt": "The", "responses": [" end.", " start of it all"]}]  # a shorter group: an empty slot
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_forward_equals_full_forward_with_gradients(tiny_llama_dir, monkeypatch, attn):
-    """One row per prompt (`pack_config`): same log-probs, token counts and gradients, pairs and a ranking;
-    a LoRA reference (adapters disabled) reads the packed rows too, and a model that cannot take them
-    gets the plain rows."""
+    """One row per prompt (the CPU backend, packing forced): the plain pass's log-probs, token counts and
+    gradients, for pairs and for rankings of different sizes."""
     from alignkit.models.load import load_causal_lm, load_tokenizer
-    from alignkit.ops import packing, prefix
 
     monkeypatch.setattr(packing, "PACKING_MARGIN", float("inf"))  # pack these tiny rows
     cfg = ModelConfig(name_or_path=str(tiny_llama_dir))
     tokenizer = load_tokenizer(cfg)
     model = load_causal_lm(cfg, tokenizer).eval()
     model.set_attn_implementation(attn)  # eager adds its mask to the scores: it gets the additive form
-    assert model.config._attn_implementation == attn
-    ranking = [{"prompt": "Once upon", "responses": [" a time there was a fox.", " a hill.", " nothing"]},
-               {"prompt": "The", "responses": [" end.", " start of it all"]}]  # a shorter group: an empty slot
-    seen = []  # the rows each forward call embeds
-    model.model.embed_tokens.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
-    for groups in (_groups(tokenizer), _groups(tokenizer, ranking, "ranking", "plackett_luce")):
+    assert model.config._attn_implementation == attn and packing.accepts_packed_masks(model.config)
+    for groups in (_groups(tokenizer), _groups(tokenizer, RANKINGS, "ranking", "plackett_luce")):
+        batch = collate_preference_groups(groups, tokenizer.pad_token_id)
         results = []
-        for packed in (False, True):
-            batch = collate_groups(groups, tokenizer.pad_token_id, pack_config=model.config if packed else None)
-            assert ("packed_input_ids" in batch) == packed and "prefix_ids" not in batch
-            seen.clear()
-            logps, n_tokens = response_logps(model, batch)
-            rows = batch["packed_input_ids" if packed else "input_ids"]
-            assert seen == [tuple(rows.shape)]  # one call, on the packed rows when there are any
+        for backend in (PlainBackend(), CpuBackend()):
+            logps, n_tokens = response_logps(model, batch, backend)
             (logps * torch.arange(1.0, logps.numel() + 1).view_as(logps)).sum().backward()
             results.append((logps.detach(), n_tokens, [p.grad.clone() for p in model.parameters()]))
             model.zero_grad()
         (lp0, n0, g0), (lp1, n1, g1) = results
-        assert batch["packed_input_ids"].shape[0] == len(groups)  # one row per prompt
         assert_close(lp1, lp0, atol=1e-5, rtol=0)
         assert torch.equal(n1, n0)
         for a, b in zip(g1, g0, strict=True):
             assert_close(a, b, atol=1e-5, rtol=1e-4)
-    monkeypatch.setattr(packing, "PACKING_MARGIN", 0.0)  # the FLOP estimate decides ...
-    assert "packed_input_ids" not in collate_groups(groups, tokenizer.pad_token_id, pack_config=model.config)
-    monkeypatch.setattr(prefix, "MIN_SAVING", 0.0)  # ... and then the KV-cache sharing, when on and it pays
-    batch = collate_groups(groups, tokenizer.pad_token_id, share_prefixes=True, pack_config=model.config)
-    assert "prefix_ids" in batch and "packed_input_ids" not in batch
 
 
 def test_packed_rows_reach_a_lora_reference_and_not_a_model_that_cannot_take_them(tiny_llama_dir, monkeypatch):
+    """A LoRA reference (adapters disabled) and a DDP-style wrapper get the packed rows' results; a model
+    that reads 2D padding masks only (flash attention) gets the plain rows."""
     from alignkit.models.load import load_causal_lm, load_tokenizer
-    from alignkit.ops import packing
 
     monkeypatch.setattr(packing, "PACKING_MARGIN", float("inf"))
     cfg = ModelConfig(name_or_path=str(tiny_llama_dir), lora_r=4)
@@ -249,14 +225,8 @@ def test_packed_rows_reach_a_lora_reference_and_not_a_model_that_cannot_take_the
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    groups = _groups(tokenizer)
-    plain = collate_groups(groups, tokenizer.pad_token_id)
-    packed = collate_groups(groups, tokenizer.pad_token_id, pack_config=policy.config)
-    assert "packed_input_ids" in packed
-    reference = Reference(None, policy)
-    seen = []
-    policy.get_base_model().model.embed_tokens.register_forward_pre_hook(
-        lambda module, args: seen.append(args[0].shape[0]))
+    batch = collate_preference_groups(_groups(tokenizer), tokenizer.pad_token_id)
+    plain, cpu = PlainBackend(), CpuBackend()
 
     class Wrapped(torch.nn.Module):  # as DDP wraps a model: the model under `.module`
         def __init__(self, module):
@@ -266,19 +236,15 @@ def test_packed_rows_reach_a_lora_reference_and_not_a_model_that_cannot_take_the
         def forward(self, **inputs):
             return self.module(**inputs)
 
-    with torch.no_grad():
-        assert_close(reference.logps(packed), reference.logps(plain), atol=1e-5, rtol=0)
-        assert_close(response_logps(Wrapped(policy), packed)[0], response_logps(policy, plain)[0], atol=1e-5, rtol=0)
-    n_packed, n_plain = len(packed["packed_input_ids"]), len(plain["input_ids"])
-    assert seen == [n_packed, n_plain, n_packed, n_plain]  # the reference and the wrapped policy read packed rows
-    calls = []
-
-    def spy(**inputs):
-        calls.append(inputs["input_ids"].shape)
+    def flash(**inputs):  # reads 2D padding masks only
+        assert inputs["attention_mask"].dim() == 2, "a 4D mask reached a flash-attention model"
         return policy(**inputs)
 
-    spy.config = copy.deepcopy(policy.config)
-    spy.config._attn_implementation = "flash_attention_2"  # reads 2D masks only
+    flash.config = copy.deepcopy(policy.config)
+    flash.config._attn_implementation = "flash_attention_2"
     with torch.no_grad():
-        response_logps(spy, packed)
-    assert calls == [plain["input_ids"].shape]  # the plain rows, not the packed ones
+        expected = response_logps(policy, batch, plain)[0]
+        assert_close(Reference(None, policy, cpu).logps(batch), Reference(None, policy, plain).logps(batch),
+                     atol=1e-5, rtol=0)
+        assert_close(response_logps(Wrapped(policy), batch, cpu)[0], expected, atol=1e-5, rtol=0)
+        assert_close(response_logps(flash, batch, cpu)[0], expected, atol=1e-5, rtol=0)

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from alignkit.errors import AlignkitError
+from alignkit.worlds import get_world
 from alignkit.worlds import sentiment_corpus as corpus
 from alignkit.worlds import sentiment_gold as gold
 from alignkit.worlds import sentiment_lm as lm
-from alignkit.worlds.base import atomic_path, get_world, read_jsonl_field, write_json, write_jsonl
+from alignkit.worlds.base import atomic_path, read_jsonl_field, write_json, write_jsonl
 from alignkit.worlds.sentiment_gold_fit import auc, classifier_metrics, fit_logistic
 
 
@@ -152,7 +153,7 @@ def test_gold_pipeline_on_600_tweets(tweets, tmp_path):
     assert metrics["auc"] > 0.75 and metrics["accuracy"] > metrics["majority_baseline"] - 0.02
 
     gold.save_head(tmp_path / "gold", weight, bias, {"max_length": 128})
-    scorer = gold.GoldScorer(tmp_path / "gold")
+    scorer = gold.SentimentGold(tmp_path / "gold")
     texts = [t.text for t in heldout[:8]] + ["I love this, thank you so much!", ""]
     scores = scorer(texts)
     assert scores.shape == (10,) and scores.dtype == torch.float32

@@ -1,4 +1,4 @@
-"""A lean forward pass for decoding Llama-family models, used by `sample` when the model allows it.
+"""A lean forward pass for decoding Llama-family models: the CPU backend's sampler when the model allows it.
 
 Decoding a few rows is dominated on CPU by per-op cost and weight reads: the Hugging Face forward
 spends ~30 ms of a 0.19 s benchmark rollout on per-module Python overhead alone (hooks, output
@@ -6,24 +6,24 @@ capturing, cache bookkeeping, mask building). `FastDecoder` runs the same maths 
 `LlamaForCausalLM` (also Mistral and Qwen2, which share its layer) as plain tensor ops on the model's
 own parameters: fused q/k/v and gate/up projections, one rotary application for q and k together,
 a preallocated B×H×W×D key/value cache per layer and `scaled_dot_product_attention` over the columns
-written so far, in one function run by TorchScript's interpreter (`alignkit.rollout.decode_layers`).
+written so far, in one function run by TorchScript's interpreter (`alignkit.accel.cpu.decode_layers`).
 Its weights are reordered once per build into oneDNN's blocked layout where oneDNN is available and
-the model is float32 (`alignkit.ops.packed_linear`), else stored transposed for a plain `x @ W_t`.
+the model is float32 (`alignkit.accel.cpu.packed_linear`), else stored transposed for a plain `x @ W_t`.
 It is exact up to float rounding: the sampler's recorded log-probs match a trainer's forward
-(tests/unit/rollout). The README's speed section has the measurements.
+(tests/unit/accel). docs/performance.md has the measurements.
 
 Anything else (other architectures, peft wrappers or other non-Linear projections, sliding-window
 attention, non-SiLU MLPs, Gemma style norms, models on an accelerator) makes `FastDecoder.build`
-return None and `sample` uses the Hugging Face forward.
+return None and the backend decodes with the Hugging Face forward (`alignkit.accel.plain`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from alignkit.ops.packed_linear import onednn_available, reorder
-from alignkit.ops.prefix import attention_window, distinct_rows
-from alignkit.rollout.decode_layers import run_layers
+from alignkit.accel.cpu.decode_layers import run_layers
+from alignkit.accel.cpu.packed_linear import onednn_available, reorder
+from alignkit.accel.cpu.packing import attention_window, distinct_rows
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -81,7 +81,8 @@ class FastDecoder:
     Columns of the cache are absolute: prompt columns 0..P-1, response token t at column P + t.
     """
 
-    def __init__(self, model: torch.nn.Module, batch: int, width: int) -> None:
+    def __init__(self, model: torch.nn.Module, batch: int, width: int, *, pack: bool = True,
+                 script: bool = True) -> None:
         inner = model.model
         config = model.config
         attn0 = inner.layers[0].self_attn
@@ -95,7 +96,8 @@ class FastDecoder:
         def eps(norm: torch.nn.Module) -> torch.Tensor:  # 0-d, made once
             return torch.tensor(norm.variance_epsilon, dtype=torch.float32, device=device)
 
-        self.packed = pack = onednn_available(dtype)
+        self.packed = pack = pack and onednn_available(dtype)
+        self.script = script
         # cos/sin of every position the decoder can see, computed once (positions < width); rope types
         # whose frequencies depend on the longest position in the call are left to the module per call.
         self.rotary_table = None
@@ -129,11 +131,12 @@ class FastDecoder:
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in inner.layers]
 
     @classmethod
-    def build(cls, model: torch.nn.Module, batch: int, width: int) -> FastDecoder | None:
+    def build(cls, model: torch.nn.Module, batch: int, width: int, *, pack: bool = True,
+              script: bool = True) -> FastDecoder | None:
         """A decoder for `model`, or None when its architecture needs the Hugging Face forward."""
         if _unsupported_reason(model, width) is not None:
             return None
-        return cls(model, batch, width)
+        return cls(model, batch, width, pack=pack, script=script)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, start: int, attn_mask: torch.Tensor | None,
                  caches: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> torch.Tensor:
@@ -147,8 +150,9 @@ class FastDecoder:
             (cos, sin), rows = (t[0] for t in self.rotary_table), positions  # W×D tables, read at positions
         else:
             (cos, sin), rows = _signed_sin(*self.rotary(x, positions)), None  # B×T×D
-        return run_layers(x, cos, sin, rows, start, attn_mask, self.norms, self.weights, self.biases, k_caches,
-                          v_caches, [self.n_heads, self.n_kv, self.head_dim], float(self.scaling), self.packed)
+        return run_layers(self.script, x, cos, sin, rows, start, attn_mask, self.norms, self.weights, self.biases,
+                          k_caches, v_caches, [self.n_heads, self.n_kv, self.head_dim], float(self.scaling),
+                          self.packed)
 
     def prefill(self, prompt_ids: torch.Tensor, positions: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """Next-token logits B×V after left-padded prompts (B×P ids, positions, bool mask).

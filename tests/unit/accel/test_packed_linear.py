@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignkit.ops import packed_linear
-from alignkit.ops.packed_linear import frozen, onednn_available, pack_frozen_linears
+from alignkit.accel.cpu import CpuBackend, packed_linear
+from alignkit.accel.cpu.packed_linear import frozen, onednn_available, pack_frozen_linears
 
 pytestmark = pytest.mark.skipif(not onednn_available(torch.float32), reason="this torch build has no oneDNN")
 
@@ -30,7 +30,6 @@ def test_packed_forward_equals_linear_and_keeps_the_state_dict():
     with torch.no_grad():
         out = model(x)
         torch.testing.assert_close(out, _reference(model, x), atol=1e-5, rtol=1e-5)
-    assert model[0] in packed_linear._PACKED  # the packed path ran
     assert list(model.state_dict()) == keys
 
 
@@ -60,15 +59,22 @@ def test_gradients_still_flow_through_a_packed_model():
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
-def test_only_plain_float32_linears_are_packed(monkeypatch):
+def test_only_plain_float32_linears_are_packed():
     class Adapted(torch.nn.Linear):
         pass
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), Adapted(4, 4), torch.nn.Linear(4, 4).to(torch.bfloat16))
     assert pack_frozen_linears(model) == 1
+
+
+def test_the_cpu_backend_without_onednn_freezes_to_plain_linear_layers(monkeypatch):
     monkeypatch.setenv("ALIGNKIT_ONEDNN_PACK", "0")
-    assert pack_frozen_linears(_mlp()) == 0
-    assert not packed_linear.onednn_available(torch.float32)
+    assert onednn_available(torch.float32)  # the switch is the backend's, not this module's
+    model = CpuBackend.from_environment().freeze(_mlp())
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x), _reference(model, x))  # F.linear itself
 
 
 def test_storage_swaps_copies_and_pickles_are_safe():
@@ -101,6 +107,10 @@ def test_inference_tensor_weights_and_adapter_models_take_the_plain_path():
 
     adapted = get_peft_model(_mlp(), LoraConfig(r=2, target_modules=["0"]))
     assert pack_frozen_linears(adapted) == 0  # a merge writes weight.data, which nothing tracks
-    plain = frozen(_mlp())
-    packed_linear.unpack_linears(plain)
-    assert "forward" not in plain[0].__dict__
+    model = frozen(_mlp())
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        model(x)  # packed copies made
+        model[0].weight.data.mul_(-1.0)  # a write no version counter sees (as a LoRA merge writes)
+        packed_linear.unpack_linears(model)
+        assert torch.equal(model(x), _reference(model, x))  # plain F.linear on the new weights

@@ -7,7 +7,7 @@ values are needed everywhere, its query, attention output, residual and MLP only
 `last_token_scores` runs the backbone up to the last layer with the Hugging Face forward (a forward
 pre-hook takes the last layer's input and ends the pass), then that layer's k/v projections over
 all positions and the rest of the layer, the final norm and the head on one row per sequence. The
-scores equal the full forward's to float rounding, gradients included (tests/unit/models).
+scores equal the full forward's to float rounding, gradients included (tests/unit/accel).
 
 The saving is most of one layer: q, o and the MLP, about 80% of a Llama layer's FLOPs, so
 0.8 / L of the model for L layers: 20% for the benchmark's 4-layer model, 2.5% at 32 layers.
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from alignkit.ops.prefix import attention_window
+from alignkit.accel.cpu.packing import attention_window
 
 SUPPORTED_CLASSES = ("LlamaForSequenceClassification", "MistralForSequenceClassification",
                      "Qwen2ForSequenceClassification")
@@ -78,9 +78,9 @@ def last_token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention
     None when `model` needs the full forward (`supports_last_token` is False). With a 2D padding mask
     (B×T, rows = 0..B-1 by default), `last[b]` must be row b's last real token (every key the row
     attends to is at or before it), as `last_token_index(attention_mask)` gives. With a 4D mask (B×1×T×T
-    bool, True: attend; `alignkit.ops.packing.packed_prompt_layout`), several sequences share a row and
+    bool, True: attend; `alignkit.accel.cpu.packing.packed_prompt_layout`), several sequences share a row and
     each read n sees the keys of mask row `last[n]`; when `attention_mask` is the additive form an
-    eager model reads (`alignkit.ops.packing.packed_attention`), pass the bool mask as `keys_mask`.
+    eager model reads (`alignkit.accel.cpu.packing.packed_attention`), pass the bool mask as `keys_mask`.
 
     Shapes:
         input_ids, position_ids: B×T; attention_mask: B×T or B×1×T×T; last, rows: N long; returns N

@@ -4,30 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.unit.accel.conftest import classifier
 
-from alignkit.models.last_token import last_token_scores, supports_last_token
-from alignkit.models.reward_model import last_token_index, reward_scores
+from alignkit.accel.cpu import CpuBackend
+from alignkit.accel.cpu.last_token import last_token_scores, supports_last_token
+from alignkit.models.reward_model import last_token_index
 
-COMMON = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, vocab_size=50,
-              max_position_embeddings=128, pad_token_id=0, num_labels=1)
-
-
-def _classifier(kind: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if kind == "llama-gqa-bias":
-        from transformers import LlamaConfig, LlamaForSequenceClassification
-
-        return LlamaForSequenceClassification(LlamaConfig(**COMMON, num_key_value_heads=2, attention_bias=True,
-                                                          mlp_bias=True))
-    if kind == "qwen2":
-        from transformers import Qwen2Config, Qwen2ForSequenceClassification
-
-        return Qwen2ForSequenceClassification(Qwen2Config(**COMMON, num_key_value_heads=2))
-    if kind == "mistral":
-        from transformers import MistralConfig, MistralForSequenceClassification
-
-        return MistralForSequenceClassification(MistralConfig(**COMMON, num_key_value_heads=4, sliding_window=None))
-    raise ValueError(kind)
+KINDS = ("llama", "qwen2", "mistral")  # llama: grouped-query attention, attention and MLP biases
+VOCAB = 50
 
 
 def _batch(left: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,10 +31,9 @@ def _full_scores(model, ids, mask):
 
 
 @pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
-@pytest.mark.parametrize("kind", ["llama-gqa-bias", "qwen2", "mistral"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_last_token_scores_and_gradients_equal_the_full_forward(kind, left):
-    model = _classifier(kind)
-    model.score.weight.data.normal_()  # a random head, not near zero
+    model = classifier(kind, VOCAB)
     assert supports_last_token(model)
     ids, mask = _batch(left)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
@@ -64,23 +47,15 @@ def test_last_token_scores_and_gradients_equal_the_full_forward(kind, left):
             assert g_fast is None or g_fast.abs().max() == 0, name
         else:
             torch.testing.assert_close(g_fast, g_full, atol=1e-5, rtol=1e-4, msg=name)
-    # reward_scores takes this path and the forward afterwards is unaffected (the hook is gone)
-    torch.testing.assert_close(reward_scores(model, ids, mask), full.float(), atol=1e-5, rtol=1e-5)
+    # the CPU backend's scores take this path; the forward afterwards is unaffected (the hook is gone)
+    torch.testing.assert_close(CpuBackend().group_scores(model, ids, mask, None), full.float(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(_full_scores(model, ids, mask), full)
 
 
 def test_other_models_take_the_full_forward():
-    from transformers import (
-        GPT2Config,
-        GPT2ForSequenceClassification,
-        MistralConfig,
-        MistralForSequenceClassification,
-    )
-
-    gpt2 = GPT2ForSequenceClassification(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, num_labels=1))
-    assert not supports_last_token(gpt2)
-    windowed = MistralForSequenceClassification(MistralConfig(**COMMON, num_key_value_heads=4, sliding_window=4))
-    assert not supports_last_token(windowed)
+    assert not supports_last_token(classifier("gpt2", VOCAB))
+    assert not supports_last_token(classifier("qwen3", VOCAB))
+    assert not supports_last_token(classifier("mistral", VOCAB, sliding_window=4))
     assert not supports_last_token(torch.nn.parallel.DistributedDataParallel.__new__(
         torch.nn.parallel.DistributedDataParallel))
 
@@ -88,7 +63,7 @@ def test_other_models_take_the_full_forward():
 def test_peft_wrapped_classifier_uses_its_adapters():
     from peft import LoraConfig, get_peft_model
 
-    model = _classifier("llama-gqa-bias")
+    model = classifier("llama", VOCAB)
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
                                                   task_type="SEQ_CLS", init_lora_weights=False))
     assert supports_last_token(peft_model)
@@ -98,22 +73,10 @@ def test_peft_wrapped_classifier_uses_its_adapters():
     torch.testing.assert_close(fast, _full_scores(peft_model, ids, mask), atol=1e-5, rtol=1e-5)
 
 
-def test_reward_scores_takes_the_one_token_path_unless_accelerate_wraps_the_forward(monkeypatch):
-    import alignkit.models.reward_model as reward_model
-
-    taken = []  # whether each reward_scores call got its scores from the one-token path
-
-    def spy(*args):
-        scores = last_token_scores(*args)
-        taken.append(scores is not None)
-        return scores
-
-    monkeypatch.setattr(reward_model, "last_token_scores", spy)
-    model = _classifier("llama-gqa-bias")
+def test_a_forward_wrapped_by_accelerate_takes_the_full_forward():
+    model = classifier("llama", VOCAB)
     ids, mask = _batch(True)
-    reward_scores(model, ids, mask)
-    assert taken == [True]
+    expected = _full_scores(model, ids, mask)
     model._original_forward = model.forward  # what accelerate's mixed-precision wrapper leaves
     assert not supports_last_token(model)
-    reward_scores(model, ids, mask)
-    assert taken == [True, False]
+    torch.testing.assert_close(CpuBackend().group_scores(model, ids, mask, None), expected, atol=1e-5, rtol=1e-5)

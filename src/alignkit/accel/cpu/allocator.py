@@ -16,7 +16,8 @@ Freed memory then stays in the heap for the next step; the resident size does no
 peak. Blocks above 32 MiB are mapped and unmapped as glibc does by default (a higher threshold let
 the heap grow by a whole block at each of several rounds of 40 MiB aligned allocations).
 
-It does nothing when `ALIGNKIT_MALLOC_KEEP=0`, when the C library is not glibc, when the user tuned
+The CPU backend calls it unless `malloc_keep=False` (`ALIGNKIT_MALLOC_KEEP=0`). It does nothing
+when the C library is not glibc, when the user tuned
 glibc's malloc already (a `MALLOC_*` variable, or `glibc.malloc.*` in `GLIBC_TUNABLES`: a later
 `mallopt` would override them), or when another allocator is preloaded (jemalloc, tcmalloc,
 mimalloc in `LD_PRELOAD`, where glibc's settings would do nothing). The settings are process-wide
@@ -59,7 +60,7 @@ def keep_freed_memory() -> bool:
     if _done is not None:
         return _done
     _done = False
-    if os.environ.get("ALIGNKIT_MALLOC_KEEP", "1") == "0" or _tuned_elsewhere(os.environ):
+    if _tuned_elsewhere(os.environ):
         return False
     libc = _glibc()
     if libc is None:

@@ -28,16 +28,24 @@ from typing import Any
 
 import torch
 
-from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
+from alignkit.accel import resolve
+from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig, require_world
 from alignkit.errors import AlignkitError
-from alignkit.ops.packed_linear import frozen
+from alignkit.models.load import load_causal_lm, load_tokenizer
+from alignkit.rollout.evaluate import evaluate_policy
+from alignkit.rollout.score import load_scorer
+from alignkit.stages import best_of_n
+from alignkit.stages.best_of_n import BestOfNConfig
+from alignkit.trainers import sft
+from alignkit.trainers.rundir import prepare_run_dir, resolve_output_dir, write_json_atomic
+from alignkit.trainers.sft import SFTConfig
 
 
 @dataclass
 class RejectionSamplingConfig:
     """Rejection sampling: R rounds of best-of-N winners (by a scorer) -> SFT, each from the latest policy."""
 
-    run: RunConfig = field(default_factory=lambda: RunConfig(tensorboard=False))
+    run: RunConfig = field(default_factory=lambda: RunConfig(report_to=[]))
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(eval_fraction=0.05, max_length=128))
     """SFT data options (`max_length`, `eval_fraction` of the winners held out); `path` is set per round."""
@@ -67,10 +75,8 @@ class RejectionSamplingConfig:
 
 def best_of_n_config(cfg: RejectionSamplingConfig, policy: str, round_index: int, out: Path) -> Any:
     """The best-of-N config of round `round_index`: `prompts_per_round` fresh training prompts."""
-    from alignkit.trainers.best_of_n import BestOfNConfig
-
     return BestOfNConfig(
-        run=RunConfig(output_dir=str(out / "best_of_n"), seed=cfg.run.seed + round_index, tensorboard=False,
+        run=RunConfig(output_dir=str(out / "best_of_n"), seed=cfg.run.seed + round_index, report_to=[],
                       progress=cfg.run.progress),
         model=dataclasses.replace(cfg.model, name_or_path=policy, lora_r=0), scorer=cfg.scorer,
         world=cfg.world, gold=bool(cfg.world), prompts_path=cfg.prompts_path, split="train",
@@ -81,8 +87,6 @@ def best_of_n_config(cfg: RejectionSamplingConfig, policy: str, round_index: int
 
 def sft_config(cfg: RejectionSamplingConfig, policy: str, winners: str, round_index: int, out: Path) -> Any:
     """The SFT config of round `round_index`: fine-tune `policy` on the winners file."""
-    from alignkit.trainers.sft import SFTConfig
-
     run = dataclasses.replace(cfg.run, output_dir=str(out / "sft"), seed=cfg.run.seed + round_index,
                               resume=False, save_every=0)
     data = dataclasses.replace(cfg.data, path=winners, eval_path=None)
@@ -90,32 +94,25 @@ def sft_config(cfg: RejectionSamplingConfig, policy: str, winners: str, round_in
                      optim=dataclasses.replace(cfg.optim), n_samples=0, max_new_tokens=cfg.max_new_tokens)
 
 
-def _evaluate(cfg: RejectionSamplingConfig, policy_dir: str, ref: Any, tokenizer: Any) -> dict[str, float]:
+def _evaluate(cfg: RejectionSamplingConfig, policy_dir: str, ref: Any, tokenizer: Any, world: Any) -> dict[str, float]:
     """Gold reward, KL to the initial policy, length and distinct-n of `policy_dir` on held-out prompts."""
     if not (cfg.world and cfg.eval_prompts > 0):
         return {}
-    from alignkit.models.load import load_causal_lm
-    from alignkit.rollout.evaluate import evaluate_policy
-    from alignkit.rollout.score import load_scorer
-    from alignkit.worlds.base import get_world
-
-    prompts = get_world(cfg.world).prompts("heldout")[: cfg.eval_prompts]
+    prompts = world.prompts("heldout")[: cfg.eval_prompts]
     policy = load_causal_lm(dataclasses.replace(cfg.model, name_or_path=policy_dir, lora_r=0), tokenizer).eval()
     sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature}
-    metrics, _ = evaluate_policy(policy, ref, tokenizer, prompts, gold=load_scorer(f"gold:{cfg.world}"),
-                                 sampling=sampling, seed=cfg.run.seed)
+    metrics, _ = evaluate_policy(policy, ref, tokenizer, prompts, gold=load_scorer(f"gold:{cfg.world}", world=world),
+                                 sampling=sampling, seed=cfg.run.seed, backend=resolve(cfg.run.accel))
     return metrics
 
 
-def _round(cfg: RejectionSamplingConfig, policy: str, r: int, root: Path) -> dict[str, Any]:
+def _round(cfg: RejectionSamplingConfig, policy: str, r: int, root: Path, world: Any) -> dict[str, Any]:
     """Run (or reuse) round `r`: best-of-N from `policy`, then SFT on the winners."""
-    from alignkit.trainers import best_of_n, sft
-
     out = root / f"round-{r}"
     if (out / "round.json").is_file():
         print(f"[rejection-sampling] round {r}: reusing {out}", flush=True)
         return json.loads((out / "round.json").read_text())
-    bon = best_of_n.run(best_of_n_config(cfg, policy, r, out))
+    bon = best_of_n.run(best_of_n_config(cfg, policy, r, out), world=world)
     if bon["winners"] < 2:
         raise AlignkitError(f"round {r}: only {bon['winners']} non-empty winners to fine-tune on")
     trained = sft.run(sft_config(cfg, policy, bon["best_file"], r, out))
@@ -129,11 +126,12 @@ def _round(cfg: RejectionSamplingConfig, policy: str, r: int, root: Path) -> dic
     return result
 
 
-def run(cfg: RejectionSamplingConfig) -> dict[str, Any]:
-    """Run the rounds; copy the last policy to `final/`; return the summary (also `summary.json`)."""
-    from alignkit.models.load import load_causal_lm, load_tokenizer
-    from alignkit.trainers.rundir import prepare_run_dir, resolve_output_dir, write_json_atomic
+def run(cfg: RejectionSamplingConfig, world: Any = None) -> dict[str, Any]:
+    """Run the rounds; copy the last policy to `final/`; return the summary (also `summary.json`).
 
+    `world`: the loaded world of option `world` (prompts, gold scorer).
+    """
+    world = require_world(cfg, world)
     if cfg.rounds < 1 or cfg.n < 2:
         raise AlignkitError(f"options `rounds` and `n`: expected >= 1 and >= 2, got {cfg.rounds} and {cfg.n}")
     if not cfg.model.name_or_path:
@@ -147,14 +145,14 @@ def run(cfg: RejectionSamplingConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model)
     ref = None
     if cfg.world and cfg.eval_prompts > 0:
-        ref = frozen(load_causal_lm(dataclasses.replace(cfg.model, lora_r=0), tokenizer))
+        ref = resolve(cfg.run.accel).freeze(load_causal_lm(dataclasses.replace(cfg.model, lora_r=0), tokenizer))
     torch.manual_seed(cfg.run.seed)
-    evals = [_evaluate(cfg, cfg.model.name_or_path, ref, tokenizer)]
+    evals = [_evaluate(cfg, cfg.model.name_or_path, ref, tokenizer, world)]
     policy, rounds = cfg.model.name_or_path, []
     for r in range(cfg.rounds):
-        rounds.append(_round(cfg, policy, r, root))
+        rounds.append(_round(cfg, policy, r, root, world))
         policy = rounds[-1]["policy_out"]
-        evals.append(_evaluate(cfg, policy, ref, tokenizer))
+        evals.append(_evaluate(cfg, policy, ref, tokenizer, world))
         print(f"[rejection-sampling] round {r}: {json.dumps(rounds[-1] | evals[-1])}", flush=True)
     if (root / "final").exists():
         shutil.rmtree(root / "final")

@@ -1,9 +1,10 @@
 """Reward-model data: records of every kind -> scored groups of token ids -> padded batches.
 
 A record becomes one or more groups (`record_groups`): the responses scored together, best first unless
-`best` is set, with rating/label targets or segment scores. `tokenize_groups` encodes each response
-as [x, y, EOS] (`encode_scored`, as scorers do); `collate_groups` pads every item of a micro-batch
-into one batch with the group layout the losses of `alignkit.trainers.reward` read.
+`best` is set, with rating/label targets or segment scores. `tokenize_reward_groups` encodes each
+response as [x, y, EOS] (`encode_scored`, as scorers do); `collate_reward_groups` pads every item of
+a micro-batch into one batch with the group layout the losses of `alignkit.trainers.reward` read
+(and the acceleration backend uses to run a shared prompt once).
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ from typing import Any
 
 import torch
 
+from alignkit.data.collate import right_pad
+from alignkit.data.formats import detect_format, validate_records
+from alignkit.data.load import load_records, split_records
+from alignkit.data.segments import segment_prefixes
+from alignkit.data.tokenize import encode_example, special_prefix, truncate_example
 from alignkit.errors import AlignkitError
 
 KINDS_OF_LOSS = {
@@ -25,9 +31,6 @@ KINDS_OF_LOSS = {
 
 
 def _read(path: str, cfg: Any) -> tuple[list[dict], str]:
-    from alignkit.data.formats import detect_format, validate_records
-    from alignkit.data.load import load_records
-
     records = load_records(path)
     kind = detect_format(records[0])
     if kind not in KINDS_OF_LOSS[cfg.loss]:
@@ -62,12 +65,26 @@ def record_groups(record: dict, kind: str, loss: str) -> list[dict]:
     return [{"prompt": p, "segments": record["steps"], "targets": [float(v) for v in record["labels"]]}]
 
 
-def tokenize_groups(groups: list[dict], tokenizer: Any, max_length: int) -> list[dict]:
-    """Each group with `items`: the ids of [x, y, EOS] per response (or of each segment prefix)."""
-    from alignkit.data.tokenize import special_prefix
-    from alignkit.models.segments import segment_prefixes
-    from alignkit.rollout.score import encode_scored
+def encode_scored(tokenizer: Any, prompt: Any, response: Any, max_length: int = 0,
+                  prefix: list[int] | None = None) -> list[int]:
+    """ids of [x, y, EOS] for scoring: prompt and response tokenized apart (strict prefix), one BOS.
 
+    A string response to a conversation prompt (message list) becomes one assistant turn. Longer than
+    `max_length` (> 0): the oldest prompt tokens are cut, keeping the BOS. `prefix`: the tokenizer's
+    `special_prefix`, when the caller encodes many pairs (working it out takes two tokenizer calls).
+    """
+    if isinstance(prompt, list) and isinstance(response, str):
+        response = [{"role": "assistant", "content": response}]
+    prefix = special_prefix(tokenizer) if prefix is None else prefix
+    example = encode_example(tokenizer, {"prompt": prompt, "completion": response}, prefix=prefix)
+    if max_length > 0:
+        fitted, _ = truncate_example(example, max_length=max_length, policy="left", keep_prefix=len(prefix))
+        example = fitted or {"input_ids": example["input_ids"][-max_length:]}
+    return example["input_ids"]
+
+
+def tokenize_reward_groups(groups: list[dict], tokenizer: Any, max_length: int) -> list[dict]:
+    """Each group with `items`: the ids of [x, y, EOS] per response (or of each segment prefix)."""
     prefix = special_prefix(tokenizer)
     for g in groups:
         if "segments" in g:
@@ -79,8 +96,6 @@ def tokenize_groups(groups: list[dict], tokenizer: Any, max_length: int) -> list
 
 def load_reward_data(cfg: Any, tokenizer: Any) -> dict[str, Any]:
     """Training and held-out groups (tokenized), and the record kind."""
-    from alignkit.data.load import split_records
-
     if not cfg.data.path:
         raise AlignkitError("option `data.path` is required: preference, choice, ranking, rating, unpaired or "
                             "steps records (e.g. the train.jsonl of `alignkit label`)")
@@ -93,31 +108,19 @@ def load_reward_data(cfg: Any, tokenizer: Any) -> dict[str, Any]:
     out = {"kind": kind, "records": records}
     for name, part in (("train", records), ("eval", eval_records)):
         groups = [g for r in part for g in record_groups(r, kind, cfg.loss)]
-        out[name] = tokenize_groups(groups, tokenizer, cfg.data.max_length)
+        out[name] = tokenize_reward_groups(groups, tokenizer, cfg.data.max_length)
     if not out["train"]:
         raise AlignkitError(f"{cfg.data.path}: no training records")
     return out
 
 
-def collate_groups(groups: list[dict], pad_id: int, *, share_prefixes: bool = False,
-                   pack_config: Any = None) -> dict[str, Any]:
+def collate_reward_groups(groups: list[dict], pad_id: int) -> dict[str, Any]:
     """All items of the groups right-padded into one batch, with the group layout.
 
-    With `share_prefixes` the batch also holds the `shared_prefix_layout` of the groups (each group's
-    common prompt prefix once, and the items' suffixes), which decoder reward models score with
-    `shared_prefix_scores`: same rewards, fewer tokens; only when that saves enough tokens to be
-    faster (`alignkit.ops.prefix.worth_sharing`). With `pack_config` (the config of a model that
-    `packed_scores` can score) the groups are instead packed one row per prompt, [prompt, item 1, ...,
-    item K] under a 4D mask, when that saves FLOPs (`alignkit.ops.packing.packing_pays`): one forward
-    pass, no KV cache.
-
     Shapes:
-        input_ids, attention_mask: N×T (N items); index: G×K (item of each group slot, -1 = none);
-        best: G or None; targets: N or None; margin: G or None; n_terms: G (N for per-item losses).
+        input_ids, attention_mask: N×T (N items); group_index: G×K (item of each group slot, -1 =
+        none); best: G or None; targets: N or None; margin: G or None; n_terms: G (N for per-item losses).
     """
-    from alignkit.ops.prefix import saves_enough, shared_prefix_layout
-    from alignkit.rollout.score import right_pad
-
     rows = [ids for g in groups for ids in g["items"]]
     ids, mask = right_pad(rows, pad_id)
     k = max(len(g["items"]) for g in groups)
@@ -128,34 +131,10 @@ def collate_groups(groups: list[dict], pad_id: int, *, share_prefixes: bool = Fa
         start += len(g["items"])
     per_item = "targets" in groups[0]
     margins = [g.get("margin") for g in groups]
-    layout = {}
-    if share_prefixes and k > 1:  # groups of one share nothing
-        groups_of = [[int(i) for i in row if i >= 0] for row in index]
-        if pack_config is None:
-            layout = shared_prefix_layout(rows, groups_of, pad_id, only_if_worth=True) or {}
-        else:  # the shared layout is needed anyway: build it once, then pack it or keep it if it pays
-            shared = shared_prefix_layout(rows, groups_of, pad_id)
-            layout = packed_groups(shared, pad_id, pack_config) or (shared if saves_enough(shared) else {})
     return {
-        **layout,
-        "input_ids": ids, "attention_mask": mask, "index": index,
+        "input_ids": ids, "attention_mask": mask, "group_index": index,
         "best": torch.tensor([g["best"] for g in groups]) if "best" in groups[0] else None,
         "targets": torch.tensor([t for g in groups for t in g["targets"]]) if per_item else None,
         "margin": torch.tensor([m or 0.0 for m in margins]) if any(m is not None for m in margins) else None,
         "n_terms": len(rows) if per_item else len(groups),
     }
-
-
-def packed_groups(shared: dict[str, torch.Tensor], pad_id: int, config: Any) -> dict | None:
-    """The items of a `shared_prefix_layout` packed one row per distinct prefix (`pack_shared`) with
-    each item's read position, or None (before any packed tensor is built) when packing would not
-    save FLOPs (`packing_pays`)."""
-    from alignkit.ops.packing import pack_shared
-
-    packed = pack_shared(shared, pad_id, config)
-    if packed is None:
-        return None
-    ends = shared["suffix_mask"].sum(dim=1) - 1  # N: each item's last suffix token
-    read_col = packed["columns"].gather(1, ends[:, None]).squeeze(1)
-    return {"packed_input_ids": packed["input_ids"], "packed_attention_mask": packed["attention_mask"],
-            "packed_position_ids": packed["position_ids"], "read_row": packed["group"][:, 0], "read_col": read_col}

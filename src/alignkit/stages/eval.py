@@ -25,16 +25,20 @@ from typing import Any
 
 import torch
 
-from alignkit.config import ModelConfig, RunConfig
+from alignkit.accel import resolve
+from alignkit.config import ModelConfig, RunConfig, require_world
 from alignkit.errors import AlignkitError
-from alignkit.ops.packed_linear import frozen
+from alignkit.models.load import load_causal_lm, load_tokenizer
+from alignkit.rollout.evaluate import evaluate_policy
+from alignkit.rollout.score import load_scorer
+from alignkit.trainers.rundir import prepare_run_dir, resolve_output_dir, write_json_atomic
 
 
 @dataclass
 class EvalConfig:
     """Evaluate policies on held-out prompts: gold +- CI, proxy reward, KL, win rate, diversity, length."""
 
-    run: RunConfig = field(default_factory=lambda: RunConfig(tensorboard=False))
+    run: RunConfig = field(default_factory=lambda: RunConfig(report_to=[]))
     world: str = "sentiment"
     """Built world whose held-out prompts and gold scorer are used."""
     policies: list[str] = field(default_factory=list)
@@ -100,41 +104,33 @@ def _figures(golds: list[float], ref_golds: list[float], proxies: list[float] | 
 class _Evaluator:
     """Loaded once: tokenizer, reference, scorers, prompts and the reference's own samples."""
 
-    def __init__(self, cfg: EvalConfig, first_policy: str):
-        from alignkit.models.load import load_causal_lm, load_tokenizer
-        from alignkit.rollout.score import load_scorer
-        from alignkit.worlds.base import get_world
-
-        self.cfg = cfg
+    def __init__(self, cfg: EvalConfig, first_policy: str, world: Any):
+        self.cfg, self.backend = cfg, resolve(cfg.run.accel)
         ref_dir = cfg.reference or first_policy
         self.tokenizer = load_tokenizer(ModelConfig(name_or_path=ref_dir), padding_side="left")
-        self.ref = frozen(load_causal_lm(ModelConfig(name_or_path=ref_dir), self.tokenizer))
-        self.prompts = get_world(cfg.world).prompts("heldout")[: cfg.n_prompts]
+        self.ref = self.backend.freeze(load_causal_lm(ModelConfig(name_or_path=ref_dir), self.tokenizer))
+        self.prompts = world.prompts("heldout")[: cfg.n_prompts]
         if len(self.prompts) < cfg.n_prompts:
             print(f"[eval] only {len(self.prompts)} held-out prompts (asked for {cfg.n_prompts})", flush=True)
-        self.gold = load_scorer(f"gold:{cfg.world}")
-        self.proxy = load_scorer(cfg.reward_model) if cfg.reward_model else None
+        self.gold = load_scorer(f"gold:{cfg.world}", world=world)
+        self.proxy = load_scorer(cfg.reward_model, backend=self.backend) if cfg.reward_model else None
         self.sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature}
         # The reference's own samples (another seed) are what every policy's responses are compared with.
         _, samples = self._sample(self.ref, cfg.run.seed + 1, proxy=False)
         self.ref_gold = [s["gold"] for s in samples]
 
     def _sample(self, policy: Any, seed: int, proxy: bool = True) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        from alignkit.rollout.evaluate import evaluate_policy
-
         return evaluate_policy(policy, self.ref, self.tokenizer, self.prompts, scorer=self.proxy if proxy else None,
                                gold=self.gold, sampling=self.sampling, seed=seed, batch_size=self.cfg.batch_size,
-                               n_keep=len(self.prompts))
+                               n_keep=len(self.prompts), backend=self.backend)
 
     def length(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def policy(self, label: str, path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Figures and per-sample rows of one policy."""
-        from alignkit.models.load import load_causal_lm
-
         t0 = time.perf_counter()
-        model = frozen(load_causal_lm(ModelConfig(name_or_path=path), self.tokenizer))
+        model = self.backend.freeze(load_causal_lm(ModelConfig(name_or_path=path), self.tokenizer))
         metrics, samples = self._sample(model, self.cfg.run.seed)
         golds = [s["gold"] for s in samples]
         proxies = [s["reward"] for s in samples] if self.proxy else None
@@ -190,10 +186,14 @@ def _best_of_n(ev: _Evaluator, label: str, run_dir: str) -> tuple[dict[str, dict
     return out, samples
 
 
-def run(cfg: EvalConfig) -> dict[str, Any]:
-    """Evaluate every policy and best-of-N run; write `eval.json` and `samples.jsonl`; return the summary."""
-    from alignkit.trainers.rundir import prepare_run_dir, resolve_output_dir, write_json_atomic
+def run(cfg: EvalConfig, world: Any = None) -> dict[str, Any]:
+    """Evaluate every policy and best-of-N run; write `eval.json` and `samples.jsonl`; return the summary.
 
+    `world`: the loaded world of option `world` (held-out prompts, gold scorer).
+    """
+    world = require_world(cfg, world)
+    if world is None:
+        raise AlignkitError("option `world` is required: the world whose held-out prompts and gold scorer evaluate")
     policies, bon_runs = parse_labelled(cfg.policies), parse_labelled(cfg.best_of_n)
     if not policies:
         raise AlignkitError("option `policies` is empty: give `label=model_dir` items (the first is the default reference)")
@@ -201,7 +201,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     prepare_run_dir(out_dir, cfg, resume=False)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.run.seed)
-    ev = _Evaluator(cfg, policies[0][1])
+    ev = _Evaluator(cfg, policies[0][1], world)
     print(f"[eval] {len(policies)} policies + {len(bon_runs)} best-of-N runs on {len(ev.prompts)} held-out prompts of "
           f"{cfg.world} (T={cfg.temperature}, <= {cfg.max_new_tokens} tokens, seed {cfg.run.seed})", flush=True)
     methods: dict[str, dict[str, Any]] = {}

@@ -21,16 +21,23 @@ from typing import Any, Literal
 
 import torch
 
-from alignkit.config import ModelConfig, RunConfig
+from alignkit.accel import resolve
+from alignkit.config import ModelConfig, RunConfig, require_world
+from alignkit.data.formats import validate_records
+from alignkit.data.load import load_records
 from alignkit.errors import AlignkitError
+from alignkit.models.load import load_causal_lm, load_tokenizer
 from alignkit.rollout.best_of_n import best_index, best_of_n_curve
+from alignkit.rollout.generate import sample, tokenize_prompts
+from alignkit.rollout.score import load_scorer
+from alignkit.trainers.rundir import prepare_run_dir, resolve_output_dir, write_json_atomic
 
 
 @dataclass
 class BestOfNConfig:
     """Best-of-N sampling: N samples per prompt ranked by a scorer; the reward-vs-N (and KL) curve."""
 
-    run: RunConfig = field(default_factory=lambda: RunConfig(tensorboard=False))
+    run: RunConfig = field(default_factory=lambda: RunConfig(report_to=[]))
     model: ModelConfig = field(default_factory=ModelConfig)
     scorer: str = ""
     """Scorer that picks the best: a reward model or ensemble directory, or `gold:<world>`; default `gold:<world>`."""
@@ -62,18 +69,13 @@ class BestOfNConfig:
     """Sequences per generation batch."""
 
 
-def load_prompts(cfg: Any) -> list[Any]:
+def load_prompts(cfg: Any, world: Any) -> list[Any]:
     """The prompts: `prompts_path` records, else the world's `split`, sliced by `prompt_offset` / `max_prompts`."""
     if cfg.prompts_path:
-        from alignkit.data.formats import validate_records
-        from alignkit.data.load import load_records
-
         prompts = [r["prompt"] for r in validate_records(load_records(cfg.prompts_path), "prompt",
                                                         cfg.prompts_path).records]
     elif cfg.world:
-        from alignkit.worlds.base import get_world
-
-        prompts = get_world(cfg.world).prompts(cfg.split)
+        prompts = world.prompts(cfg.split)
     else:
         raise AlignkitError("best-of-n needs prompts: set `prompts_path` (records with `prompt`) or `world`")
     prompts = prompts[cfg.prompt_offset :]
@@ -87,8 +89,6 @@ def load_prompts(cfg: Any) -> list[Any]:
 
 def generate_samples(model: Any, tokenizer: Any, prompts: list[str], cfg: BestOfNConfig) -> list[list[str]]:
     """N sampled responses per prompt (decoded, special tokens dropped), seeded by `run.seed`."""
-    from alignkit.rollout.generate import sample, tokenize_prompts
-
     gen = torch.Generator().manual_seed(cfg.run.seed)
     device = next(model.parameters()).device
     flat = [p for p in prompts for _ in range(cfg.n)]
@@ -98,7 +98,8 @@ def generate_samples(model: Any, tokenizer: Any, prompts: list[str], cfg: BestOf
         ids, mask = tokenize_prompts(tokenizer, flat[start : start + cfg.batch_size])
         rollout = sample(model, ids.to(device), mask.to(device), max_new_tokens=cfg.max_new_tokens,
                          temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=gen,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         backend=resolve(cfg.run.accel))
         texts += rollout.texts(tokenizer)
         if cfg.run.progress:
             print(f"[best-of-n] sampled {len(texts)}/{len(flat)} ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -157,22 +158,22 @@ def _print_curve(curve: list[dict[str, float]]) -> None:
         print(f"[best-of-n] {row['n']:5d} {row['kl_analytic']:14.4f} {row['reward/model']:13.4f}{gold}")
 
 
-def run(cfg: BestOfNConfig) -> dict[str, Any]:
-    """Sample, score, select; write the samples, the winners and the reward/KL curve; return the summary."""
-    from alignkit.models.load import load_causal_lm, load_tokenizer
-    from alignkit.rollout.score import load_scorer
-    from alignkit.trainers.rundir import prepare_run_dir, resolve_output_dir, write_json_atomic
+def run(cfg: BestOfNConfig, world: Any = None) -> dict[str, Any]:
+    """Sample, score, select; write the samples, the winners and the reward/KL curve; return the summary.
 
+    `world`: the loaded world of option `world` (its prompts and gold scorer).
+    """
     ns = _check(cfg)
+    world = require_world(cfg, world)
     t0 = time.perf_counter()
     out_dir = resolve_output_dir("best-of-n", cfg.run.output_dir)
     prepare_run_dir(out_dir, cfg, resume=False)
     torch.manual_seed(cfg.run.seed)
-    prompts = load_prompts(cfg)
+    prompts = load_prompts(cfg, world)
     tokenizer = load_tokenizer(cfg.model, padding_side="left")
     model = load_causal_lm(cfg.model, tokenizer).eval()
-    scorer = load_scorer(cfg.scorer or f"gold:{cfg.world}")
-    gold_scorer = load_scorer(f"gold:{cfg.world}") if cfg.gold and cfg.world else None
+    scorer = load_scorer(cfg.scorer or f"gold:{cfg.world}", world=world, backend=resolve(cfg.run.accel))
+    gold_scorer = load_scorer(f"gold:{cfg.world}", world=world) if cfg.gold and cfg.world else None
     print(f"[best-of-n] run dir: {out_dir}\n  {len(prompts)} prompts x N={cfg.n} samples = {len(prompts) * cfg.n} "
           f"generations of <= {cfg.max_new_tokens} tokens (T={cfg.temperature}); scorer "
           f"{cfg.scorer or 'gold:' + cfg.world}; curve at N in {ns}", flush=True)

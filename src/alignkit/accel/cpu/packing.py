@@ -1,15 +1,15 @@
-"""One pass over packed rows: [prompt, suffix_1, ..., suffix_k], each suffix attending to its prompt only.
+"""Prompts run once: rows that repeat a prompt packed into one row, [prompt, suffix_1, ..., suffix_k].
 
-Running a shared prompt once through a KV cache (`alignkit.ops.prefix`) takes two forward calls.
-Packing avoids the second call: `packed_prompt_layout` lays each distinct prompt out once per row,
-followed by its K suffixes side by side, under a 4D mask in which a suffix sees its prompt and
-itself only, at the positions it has in its own sequence. One forward call, no cache, so it also
-works under DDP. The cost is attention over wider rows with a dense mask, so callers pack when
+The items of a preference group (chosen and rejected, K ranked responses) and the k samples of one
+prompt all start with the same prompt tokens, and a causal model computes the same keys and values
+for them each time. `packed_prompt_layout` lays each distinct prompt out once per row, followed by
+its K suffixes side by side, under a 4D mask in which a suffix sees its prompt and itself only, at
+the positions it has in its own sequence: one forward call, no KV cache, so it also works under
+DDP. The cost is attention over wider rows with a dense mask, so the CPU backend packs when
 `packing_pays` (FLOP estimate at least 10% lower, rows at most `PACKED_MAX_WIDTH` wide) and the
-model is a Llama-family model with sdpa or eager attention (`accepts_packed_masks`). On the
-benchmark's shapes it removes 25% (RL: 2 prompts x 4 samples) and 17% (reward and DPO pairs) of the
-tokens: a GRPO policy forward + backward went from 71 to 62 ms, a reward step from 89 to 78 ms, a DPO
-policy step from 142 to 126 ms.
+model is a Llama-family model with sdpa or eager attention (`accepts_packed_masks`).
+`shared_prefix_layout` finds each group's common prefix from token ids (preference and reward
+groups), `pack_shared` packs it.
 """
 
 from __future__ import annotations
@@ -18,11 +18,25 @@ from typing import Any
 
 import torch
 
-from alignkit.ops.prefix import distinct_rows, model_allows_sharing
+from alignkit.ops.logprobs import IGNORE_INDEX
 
 PACKING_MARGIN = 0.9  # pack when the estimated FLOPs fall below this fraction of the plain pass's
 PACKED_MAX_WIDTH = 2048  # widest packed row: its G×1×W×W mask and attention scores grow with W^2
 PACKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # rotary positions from position_ids, 4D masks honoured
+
+
+def attention_window(config: Any) -> int | None:
+    """The sliding attention window a model config uses (Mistral's `sliding_window`; Qwen2's only with
+    `use_sliding_window`), or None for full attention."""
+    window = getattr(config, "sliding_window", None)
+    return window if getattr(config, "use_sliding_window", window is not None) else None
+
+
+def distinct_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(distinct ids U×P, their bool masks U×P, inverse B) of left-padded rows: row b is distinct row inverse[b]."""
+    width = ids.shape[1]
+    unique, inverse = torch.unique(torch.cat([ids, mask.long()], dim=1), dim=0, return_inverse=True)
+    return unique[:, :width], unique[:, width:].bool(), inverse
 
 
 def accepts_packed_masks(config: Any) -> bool:
@@ -31,7 +45,7 @@ def accepts_packed_masks(config: Any) -> bool:
     attention kernels read only 2D padding masks), without a sliding window."""
     return (config is not None and getattr(config, "model_type", None) in PACKED_MODEL_TYPES
             and getattr(config, "_attn_implementation", None) in {"sdpa", "eager"}
-            and model_allows_sharing(config))
+            and attention_window(config) is None)
 
 
 def packed_attention(mask: torch.Tensor, config: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -134,3 +148,59 @@ def packed_logits(model: Any, layout: dict[str, torch.Tensor], config: Any, dtyp
     out = model(input_ids=layout["input_ids"], attention_mask=packed_attention(layout["attention_mask"], config, dtype),
                 position_ids=layout["position_ids"], use_cache=False, logits_to_keep=keep)
     return out.logits if out.logits.shape[1] == keep.shape[0] else out.logits[:, keep]
+
+
+def _common_prefix(rows: list[list[int]]) -> int:
+    first, n = rows[0], min(len(r) for r in rows)
+    for row in rows[1:]:
+        n = next((j for j, (a, b) in enumerate(zip(first[:n], row[:n], strict=True)) if a != b), n)
+    return n
+
+
+def shared_prefix_layout(rows: list[list[int]], groups: list[list[int]], pad_id: int, *,
+                         labels: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Each group's common prefix (left-padded, once) and every item's suffix (right-padded).
+
+    A prefix is the longest common token prefix of the group's items, kept at least one token shorter
+    than each item (every item has a suffix) and, with `labels`, ending before the first labelled
+    token of any item (so every labelled token is predicted from the last prefix column or a suffix).
+
+    Args:
+        rows: Token ids of the N sequences.
+        groups: Item indices of each group; every item in exactly one group.
+        labels: Per-row labels aligned with `rows` (IGNORE_INDEX where not trained), or None.
+
+    Returns:
+        prefix_ids, prefix_mask: G×L; suffix_ids, suffix_mask: N×S (and suffix_labels N×S with
+        `labels`); prefix_index: N, the prefix row of each item.
+    """
+    prefixes, prefix_index, cut = [], [0] * len(rows), [0] * len(rows)
+    for g, items in enumerate(groups):
+        n = min(_common_prefix([rows[i] for i in items]), min(len(rows[i]) for i in items) - 1)
+        if labels is not None:
+            n = min([n] + [next((t for t, v in enumerate(labels[i]) if v != IGNORE_INDEX), n) for i in items])
+        n = max(n, 0)
+        prefixes.append(rows[items[0]][:n])
+        for i in items:
+            prefix_index[i], cut[i] = g, n
+    width_l = max(1, max(len(p) for p in prefixes))
+    width_s = max(len(row) - c for row, c in zip(rows, cut, strict=True))
+    out = {"prefix_ids": torch.full((len(prefixes), width_l), pad_id, dtype=torch.long),
+           "prefix_mask": torch.zeros((len(prefixes), width_l), dtype=torch.long),
+           "suffix_ids": torch.full((len(rows), width_s), pad_id, dtype=torch.long),
+           "suffix_mask": torch.zeros((len(rows), width_s), dtype=torch.long),
+           "prefix_index": torch.tensor(prefix_index)}
+    for g, prefix in enumerate(prefixes):
+        if prefix:
+            out["prefix_ids"][g, width_l - len(prefix):] = torch.tensor(prefix)
+            out["prefix_mask"][g, width_l - len(prefix):] = 1
+    if labels is not None:
+        out["suffix_labels"] = torch.full((len(rows), width_s), IGNORE_INDEX, dtype=torch.long)
+    for i, (row, c) in enumerate(zip(rows, cut, strict=True)):
+        out["suffix_ids"][i, : len(row) - c] = torch.tensor(row[c:])
+        out["suffix_mask"][i, : len(row) - c] = 1
+        if labels is not None:
+            out["suffix_labels"][i, : len(row) - c] = torch.tensor(labels[i][c:])
+            if c == 0:  # token 0 has nothing before it to be predicted from (one pass never trains it)
+                out["suffix_labels"][i, 0] = IGNORE_INDEX
+    return out

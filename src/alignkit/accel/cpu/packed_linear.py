@@ -14,13 +14,12 @@ gradient needed (inference or no-grad mode, or weight and input both without `re
 Otherwise it falls back to `F.linear`, and after a change to the weight (a new tensor, or its
 version counter moved by an in-place update) it reorders again. Writes through `weight.data` are
 not tracked (`unpack_linears` drops the copies). The copy costs the memory of the packed weights
-once more. `ALIGNKIT_ONEDNN_PACK=0` turns packing off.
+once more. The CPU backend's `onednn=False` (`ALIGNKIT_ONEDNN_PACK=0`) turns packing off.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import weakref
 
 import torch
@@ -30,9 +29,9 @@ ROWS_HINT = 64  # oneDNN picks the layout for about this many rows; measured not
 
 
 def onednn_available(dtype: torch.dtype) -> bool:
-    """Whether float weights of `dtype` can be reordered for oneDNN here (float32, oneDNN build, not disabled)."""
-    return (dtype == torch.float32 and os.environ.get("ALIGNKIT_ONEDNN_PACK", "1") != "0"
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    """Whether float weights of `dtype` can be reordered for oneDNN here (float32, a oneDNN build)."""
+    return (dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 def reorder(weight: torch.Tensor, rows: int = ROWS_HINT) -> torch.Tensor:

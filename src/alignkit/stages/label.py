@@ -27,8 +27,10 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from alignkit.config import ModelConfig, RunConfig
+from alignkit.accel import resolve
+from alignkit.config import ModelConfig, RunConfig, require_world
 from alignkit.errors import AlignkitError
+from alignkit.rollout.score import GoldScorer, load_scorer
 from alignkit.trainers.rundir import prepare_run_dir, resolve_output_dir, write_json_atomic
 
 
@@ -89,26 +91,22 @@ def _read_prompts(path: str) -> list[Any]:
     return [r["prompt"] for r in validate_records(load_records(path), "prompt", path).records]
 
 
-def resolve_inputs(cfg: LabelConfig) -> tuple[dict[str, list[Any]], Any]:
-    """Prompts per split and the world (or None); fills `model.name_or_path` from the world if empty."""
-    world = None
+def resolve_inputs(cfg: LabelConfig, world: Any) -> dict[str, list[Any]]:
+    """Prompts per split; fills `model.name_or_path` from the world (or None) if empty."""
     if cfg.world:
-        from alignkit.worlds.base import get_world
-
-        world = get_world(cfg.world)
         if not cfg.model.name_or_path:
             cfg.model.name_or_path = str(world.base_model_path)
     splits = {}
     for split, path in (("train", cfg.prompts), ("heldout", cfg.heldout_prompts)):
         if path:
             splits[split] = _read_prompts(path)
-        elif world is not None:
+        elif cfg.world:
             splits[split] = world.prompts(split)
         elif split == "train" and not cfg.queries:
             raise AlignkitError("option `prompts` is required without `world`: a file of {prompt} records")
         else:
             splits[split] = []
-    return splits, world
+    return splits
 
 
 class Sampler:
@@ -121,6 +119,7 @@ class Sampler:
             raise AlignkitError("option `model.name_or_path` is required (the policy), or give a `world`")
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.model, padding_side="left")
+        self.backend = resolve(cfg.run.accel)
         self.model = load_causal_lm(cfg.model, self.tokenizer).eval()
         self.generator = torch.Generator().manual_seed(cfg.run.seed)
         self.n_tokens = 0
@@ -135,7 +134,8 @@ class Sampler:
         ids, mask = tokenize_prompts(tok, texts)
         rollout = sample(self.model, ids.repeat_interleave(c.k, dim=0), mask.repeat_interleave(c.k, dim=0),
                          max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, generator=self.generator)
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, generator=self.generator,
+                         backend=self.backend)
         self.n_tokens += int(rollout.lengths.sum())
         responses = rollout.texts(tok)
         return [responses[i * c.k : (i + 1) * c.k] for i in range(len(prompts))]
@@ -168,13 +168,11 @@ def _make_labeler(cfg: LabelConfig, gold: Any) -> Any:
     elif cfg.labeler == "reward-model":
         if not cfg.scorer:
             raise AlignkitError("labeler `reward-model` needs option `scorer`: a reward model directory")
-        from alignkit.rollout.score import load_scorer
-
-        scorer = load_scorer(cfg.scorer)
+        scorer = load_scorer(cfg.scorer, backend=resolve(cfg.run.accel))
     split = None
     if cfg.format == "steps":
+        from alignkit.data.segments import parse_segmentation, split_text
         from alignkit.models.load import load_tokenizer
-        from alignkit.models.segments import parse_segmentation, split_text
 
         tokenizer = load_tokenizer(cfg.model) if parse_segmentation(cfg.segments)[0] == "chunks" else None
         split = partial(split_text, spec=cfg.segments, tokenizer=tokenizer)
@@ -262,8 +260,12 @@ def _from_queries(cfg: LabelConfig, labeler: Any, stats: dict[str, int]) -> tupl
     return queries, out
 
 
-def run(cfg: LabelConfig) -> dict[str, Any]:
-    """Sample (or reuse) queries, label them, write the datasets; return the summary."""
+def run(cfg: LabelConfig, world: Any = None) -> dict[str, Any]:
+    """Sample (or reuse) queries, label them, write the datasets; return the summary.
+
+    `world`: the loaded world of option `world` (prompts, base model, gold labeler).
+    """
+    world = require_world(cfg, world)
     if cfg.k < 2 and cfg.format not in ("rating", "steps") or cfg.format == "pairs" and cfg.k != 2:
         raise AlignkitError(f"option `k`: format {cfg.format!r} needs {'k=2' if cfg.format == 'pairs' else 'k>=2'}, "
                             f"got k={cfg.k}")
@@ -271,7 +273,7 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
         raise AlignkitError("option `format`: the `file` labeler answers pairs, choices, rankings and ratings, not "
                             "`steps`; give step labels directly as `{prompt, steps, labels}` records to `alignkit reward`")
     t0 = time.perf_counter()
-    splits, world = resolve_inputs(cfg)
+    splits = resolve_inputs(cfg, world)
     out_dir = resolve_output_dir("label", cfg.run.output_dir)
     prepare_run_dir(out_dir, cfg, resume=False)
     torch.manual_seed(cfg.run.seed)
@@ -279,8 +281,6 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
     waiting = cfg.labeler == "file" and not cfg.answers
     gold = None
     if world is not None:
-        from alignkit.rollout.score import GoldScorer
-
         gold = GoldScorer(world.gold_scorer(), memo=True)  # labels and held-out scores share the texts
     labeler = None if waiting else _make_labeler(cfg, gold)
     records: dict[str, list] = {"train": [], "heldout": []}

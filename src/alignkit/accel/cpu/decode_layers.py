@@ -6,15 +6,15 @@ compiles, and `run_layers` runs it through `torch.jit.script`: the same aten ops
 (results bit-identical to running it as Python), without Python between them. Measured on the
 benchmark's model (8 rows, 2 cores): a decode step took 1.24 ms instead of 1.54 ms. TorchScript is
 deprecated in PyTorch (torch.compile, measured slower here, is its successor; see the README's
-speed section), so when it is missing or fails to compile the same function runs as Python;
-`ALIGNKIT_TORCHSCRIPT=0` chooses that too. The interpreter runs without graph optimisations
+speed page), so when it is missing or fails to compile the same function runs as Python; the CPU
+backend's `torchscript=False` (`ALIGNKIT_TORCHSCRIPT=0`) chooses that too. The interpreter runs
+without graph optimisations
 (`torch.jit.optimized_execution(False)`): no fusion, no per-shape re-profiling as prompt widths change.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from typing import Any, List, Optional  # noqa: UP035 (TorchScript reads typing's names)
 
@@ -36,7 +36,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> torch.
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], packed: bool) -> torch.Tensor:  # noqa: UP045
-    """F.linear(x, W, b) with W reordered for oneDNN (`packed`, `alignkit.ops.packed_linear`) or stored as W^T."""
+    """F.linear(x, W, b) with W reordered for oneDNN (`packed`, `alignkit.accel.cpu.packed_linear`) or stored as W^T."""
     if packed:  # `packed_linear`'s call, inlined: TorchScript needs the empty scalar list typed
         scalars: List[Optional[number]] = []  # noqa: F821, UP006, UP045 (TorchScript's Scalar; not evaluated)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", scalars, "")
@@ -87,25 +87,25 @@ def decoder_layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positi
 _COMPILED: dict[str, Any] = {}
 
 
-def compiled_layers() -> Any:
-    """`decoder_layers` compiled by TorchScript, or the Python function (disabled, or scripting failed)."""
+def scripted_layers() -> Any:
+    """`decoder_layers` compiled by TorchScript (once per process), or None when scripting fails."""
     if "fn" not in _COMPILED:
-        fn: Any = decoder_layers
-        if os.environ.get("ALIGNKIT_TORCHSCRIPT", "1") != "0":
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script's own notice
-                    fn = torch.jit.script(decoder_layers)
-            except Exception as err:  # noqa: BLE001 (a torch without TorchScript, or a newer one that refuses it)
-                log.info("TorchScript unavailable (%s: %s); decoding with the Python forward", type(err).__name__, err)
+        fn: Any = None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script's own notice
+                fn = torch.jit.script(decoder_layers)
+        except Exception as err:  # noqa: BLE001 (a torch without TorchScript, or a newer one that refuses it)
+            log.info("TorchScript unavailable (%s: %s); decoding with the Python forward", type(err).__name__, err)
         _COMPILED["fn"] = fn
     return _COMPILED["fn"]
 
 
-def run_layers(*args: Any) -> torch.Tensor:
-    """`decoder_layers(*args)` through `compiled_layers()`, without the JIT's graph optimisations."""
-    fn = compiled_layers()
-    if fn is decoder_layers:
-        return fn(*args)
+def run_layers(script: bool, *args: Any) -> torch.Tensor:
+    """`decoder_layers(*args)`, through TorchScript's interpreter when `script` and it compiles (without
+    the JIT's graph optimisations), else as Python."""
+    fn = scripted_layers() if script else None
+    if fn is None:
+        return decoder_layers(*args)
     with torch.jit.optimized_execution(False):
         return fn(*args)

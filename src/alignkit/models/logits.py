@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from alignkit.ops.logprobs import IGNORE_INDEX
 
 
 def labelled_columns(labels: torch.Tensor) -> torch.Tensor:

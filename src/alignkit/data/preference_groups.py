@@ -7,13 +7,12 @@ A *group* is one prompt with its K responses, tokenized with `encode_example` so
     ranking    {prompt, responses}             -> K >= 2, best first (Plackett-Luce)
     unpaired   {prompt, completion, label}     -> K = 1, with `label` (True = desirable; KTO)
 
-Online DPO (`sample_round`) samples K responses per prompt from the current policy and has a
-labeler (`alignkit.feedback.labelers`) answer them as pairs or rankings.
-
-`collate_groups` stacks the responses of B groups slot-major into one right-padded batch of K·B
-rows (row k·B + b is response k of group b), so chosen and rejected go through the model in one
-forward pass. Shorter rankings are filled with copies of their first response, masked out by
-`group_mask`. `n_terms` is B: the preference losses average over groups.
+`collate_preference_groups` stacks the responses of B groups slot-major into one right-padded batch
+of K·B rows (row k·B + b is response k of group b), so chosen and rejected go through the model in
+one forward pass, and says which rows share a prompt (`group_index`); whether to run a shared
+prompt once is the acceleration backend's decision (`alignkit.accel`). Shorter rankings are filled
+with copies of their first response, masked out by `group_mask`. `n_terms` is B: the preference
+losses average over groups.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import torch
 from alignkit.data.collate import collate_padded
 from alignkit.data.tokenize import encode_example, encode_prompt, special_prefix
 from alignkit.errors import AlignkitError
-from alignkit.losses.sft import IGNORE_INDEX
+from alignkit.ops.logprobs import IGNORE_INDEX
 
 Group = dict[str, Any]  # responses: list[Example]; label: bool | None; row: int; ref_logps: list[float]
 
@@ -103,7 +102,7 @@ def fit_group(examples: list[dict], prompt_length: int, *, max_length: int, keep
 
 @dataclass
 class TokenizedGroups:
-    """The outcome of `tokenize_groups`: the groups and what happened to the other records."""
+    """The outcome of `tokenize_preference_groups`: the groups and what happened to the other records."""
 
     groups: list[Group]
     truncated: int = 0
@@ -111,7 +110,7 @@ class TokenizedGroups:
     skipped: list[tuple[int, str | None, str]] = field(default_factory=list)
 
 
-def tokenize_groups(records: list[dict], kind: str, loss: str, tokenizer: Any, *, max_length: int,
+def tokenize_preference_groups(records: list[dict], kind: str, loss: str, tokenizer: Any, *, max_length: int,
                     truncation: Literal["left", "drop"] = "left", source: str = "data",
                     rows: list[int] | None = None,
                     on_bad_rows: Literal["error", "skip"] = "error") -> TokenizedGroups:
@@ -146,120 +145,24 @@ def tokenize_groups(records: list[dict], kind: str, loss: str, tokenizer: Any, *
     return out
 
 
-def collate_groups(groups: list[Group], pad_id: int, *, share_prefixes: bool = False,
-                   pack_config: Any = None) -> dict[str, Any]:
+def collate_preference_groups(groups: list[Group], pad_id: int) -> dict[str, Any]:
     """Stack the responses of B groups slot-major into one right-padded batch.
-
-    With `share_prefixes` the batch also holds the groups' `shared_prefix_layout` (each prompt once,
-    the responses as suffixes), which `response_logps` runs in two passes over fewer tokens, when
-    that saves enough tokens to be faster (`alignkit.ops.prefix.worth_sharing`). With `pack_config`
-    (the config of a model that takes packed rows, `accepts_packed_masks`) the groups are packed
-    first, one row per prompt [prompt, response 1, ..., response K] under a 4D mask, when that saves
-    FLOPs (`packing_pays`): one forward call, so it also runs under DDP. `response_logps` falls back
-    to the plain rows (always in the batch) for a model that cannot take them.
 
     Shapes:
         input_ids, attention_mask, labels: (K·B)×T, row k·B + b = response k of group b;
-        group_mask: B×K bool (False: filler in a shorter ranking); kto_labels: B bool (when the
-        groups are labelled); ref_logps: B×K (when every group has precomputed reference log-probs);
-        n_terms: B.
+        group_index: B×K long, the row of each group's slot (responses of one prompt); group_mask:
+        B×K bool (False: filler in a shorter ranking); kto_labels: B bool (when the groups are
+        labelled); ref_logps: B×K (when every group has precomputed reference log-probs); n_terms: B.
     """
-    size = max(len(g["responses"]) for g in groups)
+    size, n_groups = max(len(g["responses"]) for g in groups), len(groups)
     rows = [g["responses"][k] if k < len(g["responses"]) else g["responses"][0] for k in range(size)
             for g in groups]
     batch = collate_padded(rows, pad_id)
-    if (share_prefixes or pack_config is not None) and size > 1:  # a group of one shares nothing
-        batch.update(_shared_or_packed(rows, len(groups), size, pad_id, share_prefixes, pack_config))
+    batch["group_index"] = torch.arange(size * n_groups).view(size, n_groups).T.contiguous()  # B×K
     batch["group_mask"] = torch.tensor([[k < len(g["responses"]) for k in range(size)] for g in groups])
-    batch["n_terms"] = len(groups)
+    batch["n_terms"] = n_groups
     if groups[0].get("label") is not None:
         batch["kto_labels"] = torch.tensor([bool(g["label"]) for g in groups])
     if all("ref_logps" in g for g in groups):
         batch["ref_logps"] = torch.tensor([g["ref_logps"] + [0.0] * (size - len(g["ref_logps"])) for g in groups])
     return batch
-
-
-def _shared_or_packed(rows: list[dict], n_groups: int, size: int, pad_id: int, share: bool,
-                      pack_config: Any) -> dict[str, torch.Tensor]:
-    """The packed rows when packing pays, else the shared layout when sharing is on and pays, else {}.
-
-    Packed: `packed_input_ids`, `packed_attention_mask` (bool G×1×W×W), `packed_position_ids`,
-    `packed_keep` (the output columns kept), `packed_group` and `packed_take` (N×S: suffix token (n, j)
-    is predicted by kept output `packed_take[n, j]` of row `packed_group[n, j]`) and `suffix_labels`.
-    """
-    from alignkit.ops.packing import pack_shared
-    from alignkit.ops.prefix import saves_enough, shared_prefix_layout
-
-    slots = [[k * n_groups + b for k in range(size)] for b in range(n_groups)]
-    ids, labels = [r["input_ids"] for r in rows], [r["labels"] for r in rows]
-    shared = shared_prefix_layout(ids, slots, pad_id, labels=labels, only_if_worth=pack_config is None)
-    if shared is None:
-        return {}
-    packed = pack_shared(shared, pad_id, pack_config) if pack_config is not None else None
-    if packed is not None:
-        return {"packed_input_ids": packed["input_ids"], "packed_attention_mask": packed["attention_mask"],
-                "packed_position_ids": packed["position_ids"], "packed_keep": packed["keep"],
-                "packed_group": packed["group"], "packed_take": packed["take"],
-                "suffix_labels": shared["suffix_labels"]}
-    return shared if share and saves_enough(shared) else {}
-
-
-# ---------------------------------------------------------------------------------------------
-# Online DPO data: sampled from the current policy, answered by a labeler
-# ---------------------------------------------------------------------------------------------
-
-
-def train_prompts(cfg: Any) -> list[Any]:
-    """Prompts of online rounds: `cfg.prompts_path` (records with `prompt`), else the world's train prompts."""
-    if cfg.prompts_path:
-        from alignkit.data.formats import validate_records
-        from alignkit.data.load import load_records
-
-        records = validate_records(load_records(cfg.prompts_path), "prompt", cfg.prompts_path).records
-        return [r["prompt"] for r in records]
-    if not cfg.world:
-        raise AlignkitError("online DPO (`rounds` > 0) needs `prompts_path` or `world` for its training prompts")
-    from alignkit.worlds.base import get_world
-
-    return get_world(cfg.world).prompts("train")
-
-
-def sample_round(policy: Any, cfg: Any, tokenizer: Any, labeler: Any, prompts: list[Any], round_index: int,
-                 device: torch.device) -> list[dict]:
-    """Online DPO data: K samples per prompt from the current policy, answered by the labeler as records.
-
-    `cfg` is the DPO config (`prompts_per_round`, `samples_per_prompt`, `max_new_tokens`,
-    `temperature`, `loss`, `run.seed`). Prompts whose samples are not distinct are left out (records
-    need distinct responses). Returns preference records (rankings for plackett_luce).
-    """
-    from alignkit.rollout.generate import sample, tokenize_prompts
-
-    gen = torch.Generator().manual_seed(cfg.run.seed * 7919 + round_index)
-    order = torch.randperm(len(prompts), generator=gen)[: cfg.prompts_per_round].tolist()
-    chosen = [prompts[i] for i in order]
-    k, queries = cfg.samples_per_prompt, []
-    for start in range(0, len(chosen), 64):
-        part = chosen[start : start + 64]
-        ids, mask = tokenize_prompts(tokenizer, [p for p in part for _ in range(k)])
-        rollout = sample(policy, ids.to(device), mask.to(device),
-                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=gen,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        texts = rollout.texts(tokenizer)
-        for i, prompt in enumerate(part):
-            responses = texts[i * k : (i + 1) * k]
-            if len(set(responses)) == k and all(r.strip() for r in responses):  # records need distinct responses
-                queries.append({"id": f"{round_index}/{start + i}", "prompt": prompt, "responses": responses})
-    fmt = "ranking" if cfg.loss == "plackett_luce" else "pairs"
-    return [r for r in labeler(queries, fmt) if r is not None]
-
-
-def online_inputs(cfg: Any) -> tuple[Any, list[Any]]:
-    """The labeler (a scorer with Bradley-Terry noise) and the training prompts of online rounds."""
-    from alignkit.feedback.labelers import ScorerLabeler
-    from alignkit.rollout.score import load_scorer
-
-    spec = cfg.labeler or (f"gold:{cfg.world}" if cfg.world else "")
-    if not spec:
-        raise AlignkitError("online DPO (`rounds` > 0) needs `labeler` (a reward model directory or gold:<world>) "
-                            "or `world`")
-    return ScorerLabeler(load_scorer(spec), tau=cfg.label_tau, seed=cfg.run.seed), train_prompts(cfg)

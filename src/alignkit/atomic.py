@@ -1,0 +1,177 @@
+"""Atomic, durable outputs: a file or directory is written beside its final path, then renamed in.
+
+Every artefact alignkit writes for later use (run summaries, checkpoints, `final/` models, world
+files) goes through this module, so a crash, a kill or a full disk leaves either the old version
+or the new one, never a half-written one under the final name:
+
+- `atomic_path(final)` yields a fresh temporary sibling path (nothing there yet) to write a file or a
+  directory to; on success its contents are fsynced and it is renamed to `final`;
+- `atomic_dir(final)` is the same with the temporary directory already created;
+- `atomic_write_bytes`, `atomic_write_text`, `atomic_write_json` write one file that way;
+- `move_into_place(tmp, final)` is the commit step on its own, for a temporary directory that
+  several processes fill (training checkpoints);
+- `fsync_file`, `fsync_dir` are the durability primitives.
+
+An existing `final` is replaced: a directory is moved aside, the new one renamed in, and the old
+one deleted; if the rename fails the old directory is moved back.
+
+Durability policy (one for all callers): every file written is fsynced before the rename and the
+parent directory after it. A directory fsync that the filesystem does not support (EINVAL, ENOTSUP,
+as on some network and FUSE filesystems; Windows cannot open directories at all) is skipped; any
+other error (EIO, ENOSPC, ...) is raised, because then the data may not be on disk.
+
+Standard library only, so every layer of alignkit can import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+# errno values meaning "this filesystem cannot fsync a directory", not "the data is not on disk".
+_FSYNC_UNSUPPORTED = frozenset(
+    getattr(errno, name) for name in ("EINVAL", "ENOTSUP", "EOPNOTSUPP", "ENOSYS") if hasattr(errno, name)
+)
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's contents to disk."""
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)  # Windows fsyncs writable handles only
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make the entries of directory `path` (creations, renames) durable.
+
+    Skipped where the platform or filesystem cannot fsync a directory (see the module docstring);
+    any other `OSError` is raised.
+    """
+    if os.name == "nt":  # a directory cannot be opened as a file there; NTFS journals renames itself
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in _FSYNC_UNSUPPORTED:
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """fsync a file, or every file and directory under a directory (deepest first)."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        if not path.is_symlink():
+            fsync_file(path)
+        return
+    for root, _dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            file = os.path.join(root, name)
+            if not os.path.islink(file):
+                fsync_file(file)
+        fsync_dir(root)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or a directory tree if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _sibling(final: Path, kind: str) -> Path:
+    """A hidden, unique path next to `final`, e.g. `.final.tmp-1234-9f3a0c1e`."""
+    return final.with_name(f".{final.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def move_into_place(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Commit a written temporary file or directory: fsync its contents, rename it to `final`.
+
+    `tmp` must be on the same filesystem as `final` (a sibling). An existing directory `final` is
+    moved aside first and deleted after the rename; if the rename fails it is moved back and the
+    error raised (`tmp` is then left for the caller to delete).
+    """
+    tmp, final = Path(tmp), Path(final)
+    fsync_tree(tmp)
+    if final.is_dir() and not final.is_symlink():  # os.replace cannot replace a non-empty directory
+        old = _sibling(final, "old")
+        os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(old, final)
+            raise
+        fsync_dir(final.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    return final
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path to write a file or a directory to; rename it to `final` on success.
+
+    Nothing exists at the yielded path yet: create a file or a directory there. On success it is
+    fsynced and renamed to `final` (see `move_into_place`); on an exception, or if nothing was
+    written, the temporary path is deleted and `final` is left as it was.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(final, "tmp")
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise RuntimeError(f"nothing was written to the temporary path of {final}")
+        move_into_place(tmp, final)
+    finally:
+        _remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new empty temporary directory beside `final`; it replaces `final` on success."""
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        yield tmp
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically and durably."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write `text` to `path` atomically and durably."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def json_default(value: Any) -> Any:
+    """JSON for the values alignkit's records hold besides plain ones: 0-d tensors / numpy scalars, paths."""
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def atomic_write_json(
+    path: str | os.PathLike, data: Any, *, indent: int | None = 2, default: Callable[[Any], Any] = json_default
+) -> Path:
+    """Write `data` as JSON (indented, newline-terminated) to `path` atomically and durably."""
+    return atomic_write_text(path, json.dumps(data, indent=indent, default=default) + "\n")
