@@ -37,7 +37,7 @@ def _rl(prompts: int, generations: int, extra: list[str]) -> list[str]:
     """The RL stages' options: reward model, fixed KL coefficient, one epoch, no evaluation."""
     return ["--reward.model", str(PATHS.reward_model), "--kl.coef", str(KL_COEF), "--kl.adaptive", "false",
             "--prompts_per_step", str(prompts), "--samples_per_prompt", str(generations),
-            "--max_new_tokens", str(NEW_TOKENS), "--epochs", "1", "--minibatches", "1", "--eval_prompts", "0",
+            "--sampling.max_new_tokens", str(NEW_TOKENS), "--epochs", "1", "--minibatches", "1", "--eval_prompts", "0",
             *extra]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 TINY_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -129,3 +130,19 @@ def prompts(tokenizer):
     ids, mask = tokenize_prompts(tokenizer, TINY_PROMPTS)
     assert not mask.all()  # left padding is exercised
     return ids, mask
+
+
+def assert_trained_copy_saved(final_dir: Path, initial_dir: Path) -> None:
+    """`final_dir` loads with `AutoModelForCausalLM` as the initial model's architecture, with the same
+    parameter names and shapes, finite weights that training moved, and finite logits."""
+    from transformers import AutoModelForCausalLM
+
+    saved, initial = (AutoModelForCausalLM.from_pretrained(d).eval() for d in (final_dir, initial_dir))
+    assert type(saved) is type(initial)
+    a, b = saved.state_dict(), initial.state_dict()
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert all(torch.isfinite(v).all() for v in a.values())
+    assert any(not torch.equal(a[k], b[k]) for k in a), "the saved weights are the initial ones"
+    with torch.no_grad():
+        logits = saved(input_ids=torch.tensor([[1, 5, 6, 7]])).logits
+    assert logits.shape == (1, 4, saved.config.vocab_size) and torch.isfinite(logits).all()

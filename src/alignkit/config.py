@@ -54,7 +54,7 @@ class RunConfig:
     """Show a progress bar with ETA."""
     accel: Literal["auto", "cpu", "plain"] = "auto"
     """Acceleration backend (`alignkit.accel`): `plain` = Hugging Face forward and KV-cache decoding, any
-    model and device; `cpu` = alignkit's CPU machinery (lean decoder, packed prompt rows, oneDNN weights,
+    model and device; `cpu` = alignkit's CPU machinery (lean decoder, prompt-shared rows, oneDNN weights,
     one-token reward read), each falling back to `plain` where a model is not covered; `auto` = `cpu` on
     a CPU, `plain` on an accelerator. Same results to float rounding; the run plan says what was picked.
     The `ALIGNKIT_ACCEL` environment variable overrides it."""
@@ -161,6 +161,26 @@ def field_docs(cls: type) -> dict[str, str]:
             ):
                 docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
+
+
+@dataclass
+class SamplingConfig:
+    """How responses are sampled from a policy (every stage that samples has this part, `sampling.*`)."""
+
+    max_new_tokens: int = 24
+    """Maximum response length in tokens."""
+    min_new_tokens: int = 0
+    """EOS is masked before this many tokens."""
+    temperature: float = 1.0
+    """Softmax temperature; log-probs of the sampled tokens are computed from logits / temperature."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only (0: off)."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens with this much probability (1: off)."""
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `alignkit.rollout.generate.sample`."""
+        return dataclasses.asdict(self)
 
 
 def _field_types(cls: type) -> dict[str, Any]:

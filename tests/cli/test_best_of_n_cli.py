@@ -32,7 +32,7 @@ def prompts(tmp_path_factory) -> Path:
 def test_best_of_n_writes_samples_winners_and_curve(tmp_path, tiny_llama_dir, prompts, reward_dir):
     out = tmp_path / "run"
     res = cli(["best-of-n", "--model.name_or_path", str(tiny_llama_dir), "--prompts_path", str(prompts),
-               "--scorer", str(reward_dir), "--n", "8", "--ns", "1,2,4,8", "--max_new_tokens", "6",
+               "--scorer", str(reward_dir), "--n", "8", "--ns", "1,2,4,8", "--sampling.max_new_tokens", "6",
                "--batch_size", "16", "--output-dir", str(out), "--run.progress", "false"])
     assert res.returncode == 0, res.stderr
     assert "4 prompts x N=8 samples" in res.stdout and "KL (analytic)" in res.stdout

@@ -78,7 +78,7 @@ def test_dpo_online_rounds_sample_label_and_train(tmp_path, tiny_llama_dir, data
     out = tmp_path / "online"
     res = cli(dpo_args(tiny_llama_dir, out, "--rounds", "2", "--prompts_path", str(data["prompts"]),
                        "--prompts_per_round", "6", "--labeler", str(reward_dir), "--optim.max_steps", "3",
-                       "--max_new_tokens", "6"))
+                       "--sampling.max_new_tokens", "6"))
     assert res.returncode == 0, res.stderr
     assert "2 rounds x 3 steps" in res.stdout
     records = [json.loads(line) for line in (out / "rounds" / "round-1.jsonl").read_text().splitlines()]

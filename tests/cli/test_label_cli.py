@@ -32,7 +32,7 @@ def prompts(tmp_path_factory) -> Path:
 
 def _args(policy: Path, prompts: Path, out: Path, *extra: str) -> list[str]:
     return ["label", "--model.name_or_path", str(policy), "--prompts", str(prompts), "--heldout_prompts", str(prompts),
-            "--output-dir", str(out), "--max_new_tokens", "6", "--batch_size", "2", *extra]
+            "--output-dir", str(out), "--sampling.max_new_tokens", "6", "--batch_size", "2", *extra]
 
 
 def test_label_choices_with_a_reward_model_labeler(tmp_path, tiny_llama_dir, prompts, reward_dir):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.conftest import TINY_TEXTS
+from tests.conftest import TINY_TEXTS, assert_trained_copy_saved
 
 from alignkit.errors import AlignkitError
 from alignkit.trainers import checkpoint as ckpt
@@ -57,9 +57,8 @@ def test_pretrain_run_dir_and_loss_falls(tmp_path, tiny_llama_dir, corpus):
     assert summary["steps"] == 30 and summary["eval/perplexity"] > 1
     curve = losses(out)
     assert len(curve) == 30 and curve[-1] < curve[0] - 1.0
-    from transformers import AutoModelForCausalLM
 
-    assert AutoModelForCausalLM.from_pretrained(out / "final") is not None
+    assert_trained_copy_saved(out / "final", tiny_llama_dir)
 
 
 def test_unknown_option_is_an_error_without_traceback(tmp_path, tiny_llama_dir, corpus):

@@ -30,7 +30,7 @@ def test_rounds_chain_policies_and_reuse_finished_rounds(tmp_path, tiny_llama_di
     out = tmp_path / "run"
     args = ["rejection-sampling", "--model.name_or_path", str(tiny_llama_dir), "--prompts_path", str(prompts),
             "--scorer", str(reward_dir), "--rounds", "2", "--n", "4", "--prompts_per_round", "4",
-            "--max_new_tokens", "6", "--optim.max_steps", "2", "--optim.per_device_batch_size", "2",
+            "--sampling.max_new_tokens", "6", "--optim.max_steps", "2", "--optim.per_device_batch_size", "2",
             "--data.eval_fraction", "0.25", "--output-dir", str(out), "--run.progress", "false"]
     res = cli(args)
     assert res.returncode == 0, res.stderr

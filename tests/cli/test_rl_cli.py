@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import TINY_TEXTS
+from tests.conftest import TINY_TEXTS, assert_trained_copy_saved
 
 from alignkit.trainers import checkpoint as ckpt
 
@@ -48,7 +48,7 @@ def rl_args(stage: str, model: Path, reward: Path, prompts: Path, out: Path, *ex
     return [stage, "--model.name_or_path", str(model), "--reward.model", str(reward),
             "--data.path", str(prompts),
             "--data.eval_fraction", "0.2", "--output-dir", str(out), "--prompts_per_step", "4",
-            "--samples_per_prompt", "2", "--max_new_tokens", "6", "--minibatches", "2", "--epochs", "2",
+            "--samples_per_prompt", "2", "--sampling.max_new_tokens", "6", "--minibatches", "2", "--epochs", "2",
             "--eval_prompts", "4", "--optim.lr", "1e-3", "--optim.scheduler", "constant",
             "--optim.per_device_batch_size", "4", "--run.log_every", "1", "--run.report_to", "[]",
             "--run.progress", "false", *extra]
@@ -86,9 +86,8 @@ def test_ppo_run_dir_metrics_and_summary(tmp_path, tiny_llama_dir, reward_dir, p
     summary = json.loads((out / "summary.json").read_text())
     assert summary["before"]["eval/kl"] == pytest.approx(0.0, abs=1e-5)  # the policy starts as the reference
     assert summary["after"]["eval/kl"] > 0 and "eval/reward" in summary["after"]
-    from transformers import AutoModelForCausalLM
 
-    assert AutoModelForCausalLM.from_pretrained(out / "final") is not None
+    assert_trained_copy_saved(out / "final", tiny_llama_dir)
 
 
 def test_sampler_logprobs_as_old_logprobs_equal_a_recomputed_forward(tmp_path, tiny_llama_dir, reward_dir, prompts):

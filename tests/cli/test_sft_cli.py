@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import TINY_TEXTS
+from tests.conftest import TINY_TEXTS, assert_trained_copy_saved
 
 PY = sys.executable
 
@@ -36,7 +36,7 @@ def sft_args(model_dir: Path, data_path: Path, out: Path, *extra: str) -> list[s
     return ["sft", "--model.name_or_path", str(model_dir), "--data.path", str(data_path), "--output-dir", str(out),
             "--data.eval_fraction", "0.15", "--optim.per_device_batch_size", "8", "--optim.lr", "3e-3",
             "--optim.warmup_steps", "2", "--optim.max_steps", "16", "--run.eval_every", "8", "--run.log_every", "4",
-            "--n_samples", "2", "--max_new_tokens", "8", "--run.report_to", "[]", "--run.progress", "false",
+            "--n_samples", "2", "--sampling.max_new_tokens", "8", "--run.report_to", "[]", "--run.progress", "false",
             *extra]
 
 
@@ -63,9 +63,8 @@ def test_sft_run_dir_samples_and_heldout_loss_falls(tmp_path, tiny_llama_dir, da
     evals = [r["eval/loss"] for r in rows if "eval/loss" in r]
     assert len(evals) == 3 and evals[-1] < evals[0]
     assert all("eval/perplexity" in r for r in rows if "eval/loss" in r)
-    from transformers import AutoModelForCausalLM
 
-    assert AutoModelForCausalLM.from_pretrained(out / "final") is not None
+    assert_trained_copy_saved(out / "final", tiny_llama_dir)
 
 
 def test_validation_error_names_row_and_field_without_traceback(tmp_path, tiny_llama_dir, data):

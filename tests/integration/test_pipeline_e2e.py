@@ -53,7 +53,7 @@ def tiny_world(monkeypatch, tmp_path, tiny_llama_dir):
 
 def _steps(model: Path) -> list[dict]:
     rl = {"model.name_or_path": "${steps.sft.final}", "reward.model": "${steps.reward.final}", "world": "tinyworld",
-          "prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 6, "optim.max_steps": 2,
+          "prompts_per_step": 4, "samples_per_prompt": 2, "sampling.max_new_tokens": 6, "optim.max_steps": 2,
           "optim.per_device_batch_size": 8, "eval_prompts": 4, "run.eval_every": 1, "run.progress": False,
           "run.report_to": []}
     fast = {"run.progress": False, "run.report_to": []}
@@ -63,7 +63,7 @@ def _steps(model: Path) -> list[dict]:
             "model.name_or_path": str(model), "data.path": "${world.root}/sft.jsonl", "data.eval_fraction": 0.2,
             "optim.max_steps": 2, "n_samples": 0, **fast}},
         {"name": "label", "stage": "label", "set": {"model.name_or_path": "${steps.sft.final}", "world": "tinyworld",
-                                                    "budget": 12, "heldout_budget": 6, "max_new_tokens": 6, **fast}},
+                                                    "budget": 12, "heldout_budget": 6, "sampling.max_new_tokens": 6, **fast}},
         {"name": "reward", "stage": "reward", "set": {
             "model.name_or_path": "${steps.sft.final}", "data.path": "${steps.label.dir}/train.jsonl",
             "data.eval_path": "${steps.label.dir}/heldout.jsonl", "optim.max_steps": 2, "budget_curve": [6, 12],
@@ -73,13 +73,13 @@ def _steps(model: Path) -> list[dict]:
         {"name": "grpo", "stage": "grpo", "set": rl},
         {"name": "dpo", "stage": "dpo", "sweep": {"beta": [0.1, 0.3]}, "set": {
             "model.name_or_path": "${steps.sft.final}", "data.path": "${steps.label.dir}/train.jsonl",
-            "world": "tinyworld", "eval_prompts": 4, "max_new_tokens": 6, "optim.max_steps": 2, **fast}},
+            "world": "tinyworld", "eval_prompts": 4, "sampling.max_new_tokens": 6, "optim.max_steps": 2, **fast}},
         {"name": "best_of_n", "stage": "best-of-n", "set": {
             "model.name_or_path": "${steps.sft.final}", "scorer": "${steps.reward.final}", "world": "tinyworld",
-            "n": 4, "max_new_tokens": 6, **fast}},
+            "n": 4, "sampling.max_new_tokens": 6, **fast}},
         {"name": "rejection_sampling", "stage": "rejection-sampling", "set": {
             "model.name_or_path": "${steps.sft.final}", "scorer": "${steps.reward.final}", "world": "tinyworld",
-            "rounds": 1, "n": 2, "prompts_per_round": 8, "max_new_tokens": 6, "optim.max_steps": 1,
+            "rounds": 1, "n": 2, "prompts_per_round": 8, "sampling.max_new_tokens": 6, "optim.max_steps": 1,
             "eval_prompts": 4, **fast}},
         {"name": "eval", "stage": "eval", "set": {
             "world": "tinyworld", "reference": "${steps.sft.final}", "reward_model": "${steps.reward.final}",
@@ -88,7 +88,7 @@ def _steps(model: Path) -> list[dict]:
                          "dpo-beta0.3=${steps.dpo-beta0.3.final}",
                          "rejection_sampling=${steps.rejection_sampling.final}"],
             "best_of_n": ["best_of_n=${steps.best_of_n.dir}"], "best_of_n_headline": 4, "n_prompts": 8,
-            "max_new_tokens": 6, **fast}},
+            "sampling.max_new_tokens": 6, **fast}},
         {"name": "report", "stage": "report", "after": ["sft", "ppo"], "set": {
             "runs_dir": "${pipeline.dir}", "eval_dir": "${steps.eval.dir}", "reward_dir": "${steps.reward.dir}",
             "ppo_dir": "${steps.ppo.dir}"}},

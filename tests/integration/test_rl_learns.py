@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
+from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig, SamplingConfig
 from alignkit.trainers import rl
 from alignkit.trainers.rl_config import (
     A2CConfig,
@@ -143,7 +143,7 @@ def train(algorithm: str, reward: Path, bandit: Bandit, out: Path) -> tuple[floa
                           max_grad_norm=1.0),
         reward=RewardSourceConfig(model=str(reward)),
         kl=KLConfig(coef=1e-3, adaptive=False),
-        prompts_per_step=8, samples_per_prompt=4, max_new_tokens=2, eval_prompts=0,
+        prompts_per_step=8, samples_per_prompt=4, sampling=SamplingConfig(max_new_tokens=2), eval_prompts=0,
     )  # each algorithm keeps its own epochs / minibatches (PPO: 4 x 4; the others: 1 x 1)
     rl.run(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

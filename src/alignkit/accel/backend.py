@@ -89,7 +89,7 @@ def resolve(choice: str = "auto", device_type: str | None = None) -> Backend:
 
     `auto` takes `cpu` on a CPU and `plain` on any accelerator (the CPU machinery is built and
     measured for CPU kernels). `cpu` on an accelerator still runs, but only its model-independent
-    parts apply (its decoder and packed weights are CPU-only and fall back to `plain`).
+    parts apply (its decoder and reordered weights are CPU-only and fall back to `plain`).
 
     Raises:
         AlignkitError: An unknown choice (naming the option and the choices).

@@ -3,7 +3,7 @@
 `sequence_logprobs` recomputes the log-probs the sampler recorded (`alignkit.rollout.generate`), as
 a trainer does; it agrees with the sampler's to float rounding (tested to 1e-5). The acceleration
 backend runs the forward pass (`Backend.rollout_logits`: the CPU backend runs a prompt that k rows
-repeat once, packed into one row).
+repeat once, in one shared row).
 """
 
 from __future__ import annotations

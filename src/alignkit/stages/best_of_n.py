@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 
 from alignkit.accel import resolve
-from alignkit.config import ModelConfig, RunConfig, require_world
+from alignkit.config import ModelConfig, RunConfig, SamplingConfig, require_world
 from alignkit.data.formats import validate_records
 from alignkit.data.load import load_records
 from alignkit.errors import AlignkitError
@@ -39,6 +39,7 @@ class BestOfNConfig:
 
     run: RunConfig = field(default_factory=lambda: RunConfig(report_to=[]))
     model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     scorer: str = ""
     """Scorer that picks the best: a reward model or ensemble directory, or `gold:<world>`; default `gold:<world>`."""
     world: str = ""
@@ -57,14 +58,6 @@ class BestOfNConfig:
     """Samples per prompt (N_max)."""
     ns: list[int] = field(default_factory=list)
     """The N's of the reported curve (each <= n); default 1, 2, 4, ... up to n."""
-    max_new_tokens: int = 24
-    """Maximum new tokens per sample."""
-    temperature: float = 1.0
-    """Sampling temperature."""
-    top_k: int = 0
-    """Top-k sampling (0: off)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (1: off)."""
     batch_size: int = 128
     """Sequences per generation batch."""
 
@@ -96,8 +89,7 @@ def generate_samples(model: Any, tokenizer: Any, prompts: list[str], cfg: BestOf
     t0 = time.perf_counter()
     for start in range(0, len(flat), cfg.batch_size):
         ids, mask = tokenize_prompts(tokenizer, flat[start : start + cfg.batch_size])
-        rollout = sample(model, ids.to(device), mask.to(device), max_new_tokens=cfg.max_new_tokens,
-                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=gen,
+        rollout = sample(model, ids.to(device), mask.to(device), **cfg.sampling.kwargs(), generator=gen,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          backend=resolve(cfg.run.accel))
         texts += rollout.texts(tokenizer)
@@ -175,7 +167,7 @@ def run(cfg: BestOfNConfig, world: Any = None) -> dict[str, Any]:
     scorer = load_scorer(cfg.scorer or f"gold:{cfg.world}", world=world, backend=resolve(cfg.run.accel))
     gold_scorer = load_scorer(f"gold:{cfg.world}", world=world) if cfg.gold and cfg.world else None
     print(f"[best-of-n] run dir: {out_dir}\n  {len(prompts)} prompts x N={cfg.n} samples = {len(prompts) * cfg.n} "
-          f"generations of <= {cfg.max_new_tokens} tokens (T={cfg.temperature}); scorer "
+          f"generations of <= {cfg.sampling.max_new_tokens} tokens (T={cfg.sampling.temperature}); scorer "
           f"{cfg.scorer or 'gold:' + cfg.world}; curve at N in {ns}", flush=True)
     samples = generate_samples(model, tokenizer, prompts, cfg)
     scores = score_samples(scorer, prompts, samples)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from alignkit.accel import resolve
-from alignkit.config import ModelConfig, RunConfig, require_world
+from alignkit.config import ModelConfig, RunConfig, SamplingConfig, require_world
 from alignkit.errors import AlignkitError
 from alignkit.models.load import load_causal_lm, load_tokenizer
 from alignkit.rollout.evaluate import evaluate_policy
@@ -39,6 +39,7 @@ class EvalConfig:
     """Evaluate policies on held-out prompts: gold +- CI, proxy reward, KL, win rate, diversity, length."""
 
     run: RunConfig = field(default_factory=lambda: RunConfig(report_to=[]))
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     world: str = "sentiment"
     """Built world whose held-out prompts and gold scorer are used."""
     policies: list[str] = field(default_factory=list)
@@ -53,10 +54,6 @@ class EvalConfig:
     """The N reported under the best-of-N label itself; every N of the run's curve is also reported as `<label>-nN`."""
     n_prompts: int = 256
     """Held-out prompts (the first N of the world's; >= 256 keeps the noise of the mean near +-0.03)."""
-    max_new_tokens: int = 24
-    """Maximum new tokens per response."""
-    temperature: float = 1.0
-    """Sampling temperature (and the temperature of the KL's log-probs)."""
     batch_size: int = 64
     """Prompts per generation batch."""
 
@@ -114,7 +111,7 @@ class _Evaluator:
             print(f"[eval] only {len(self.prompts)} held-out prompts (asked for {cfg.n_prompts})", flush=True)
         self.gold = load_scorer(f"gold:{cfg.world}", world=world)
         self.proxy = load_scorer(cfg.reward_model, backend=self.backend) if cfg.reward_model else None
-        self.sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature}
+        self.sampling = cfg.sampling.kwargs()
         # The reference's own samples (another seed) are what every policy's responses are compared with.
         _, samples = self._sample(self.ref, cfg.run.seed + 1, proxy=False)
         self.ref_gold = [s["gold"] for s in samples]
@@ -203,7 +200,8 @@ def run(cfg: EvalConfig, world: Any = None) -> dict[str, Any]:
     torch.manual_seed(cfg.run.seed)
     ev = _Evaluator(cfg, policies[0][1], world)
     print(f"[eval] {len(policies)} policies + {len(bon_runs)} best-of-N runs on {len(ev.prompts)} held-out prompts of "
-          f"{cfg.world} (T={cfg.temperature}, <= {cfg.max_new_tokens} tokens, seed {cfg.run.seed})", flush=True)
+          f"{cfg.world} (T={cfg.sampling.temperature}, <= {cfg.sampling.max_new_tokens} tokens, seed {cfg.run.seed})",
+          flush=True)
     methods: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
     for label, path in _progress(policies, cfg.run.progress):
@@ -214,8 +212,9 @@ def run(cfg: EvalConfig, world: Any = None) -> dict[str, Any]:
         found, samples = _best_of_n(ev, label, run_dir)
         methods.update(found)
         rows += samples
-    settings = {"world": cfg.world, "n_prompts": len(ev.prompts), "max_new_tokens": cfg.max_new_tokens,
-                "temperature": cfg.temperature, "seed": cfg.run.seed, "reference": cfg.reference or policies[0][1],
+    settings = {"world": cfg.world, "n_prompts": len(ev.prompts), "max_new_tokens": cfg.sampling.max_new_tokens,
+                "temperature": cfg.sampling.temperature, "sampling": cfg.sampling.kwargs(), "seed": cfg.run.seed,
+                "reference": cfg.reference or policies[0][1],
                 "reward_model": cfg.reward_model, "reference_win_rate": "vs reference samples drawn with seed + 1"}
     write_json_atomic(out_dir / "eval.json", {"settings": settings, "methods": methods})
     (out_dir / "samples.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -1,6 +1,6 @@
 """`alignkit label`: sample K responses per prompt from a policy and ask a labeler (Ziegler et al. 2019, Sec. 2.2).
 
-For each prompt the policy samples K responses (KV-cache sampler, temperature `temperature`); the
+For each prompt the policy samples K responses (KV-cache sampler, `sampling.*` options); the
 prompt and its responses form a query `{id, prompt, responses}`, and the labeler answers it in the
 chosen format (pairs, best-of-K choices, rankings, ratings, or per-segment `steps` labels; see
 `alignkit.feedback.labelers`).
@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alignkit.accel import resolve
-from alignkit.config import ModelConfig, RunConfig, require_world
+from alignkit.config import ModelConfig, RunConfig, SamplingConfig, require_world
 from alignkit.errors import AlignkitError
 from alignkit.rollout.score import GoldScorer, load_scorer
 from alignkit.trainers.rundir import prepare_run_dir, resolve_output_dir, write_json_atomic
@@ -40,6 +40,7 @@ class LabelConfig:
 
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     world: str = ""
     """Embedded world (e.g. `sentiment`): default prompts, gold labeler and, if `model.name_or_path` is empty, its base model."""
     prompts: str = ""
@@ -67,14 +68,6 @@ class LabelConfig:
     """Answers file of the `file` labeler: rows `{id, best | ranking | chosen | scores}`."""
     queries: str = ""
     """Reuse the queries (`queries.jsonl`) of an earlier run instead of sampling."""
-    max_new_tokens: int = 24
-    """Maximum new tokens per response."""
-    temperature: float = 1.0
-    """Sampling temperature of the policy."""
-    top_k: int = 0
-    """Top-k sampling (0: off)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (1: off)."""
     batch_size: int = 64
     """Prompts per sampling batch (each gives k rows)."""
 
@@ -133,9 +126,8 @@ class Sampler:
                  for p in prompts]
         ids, mask = tokenize_prompts(tok, texts)
         rollout = sample(self.model, ids.repeat_interleave(c.k, dim=0), mask.repeat_interleave(c.k, dim=0),
-                         max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, generator=self.generator,
-                         backend=self.backend)
+                         **c.sampling.kwargs(), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         generator=self.generator, backend=self.backend)
         self.n_tokens += int(rollout.lengths.sum())
         responses = rollout.texts(tok)
         return [responses[i * c.k : (i + 1) * c.k] for i in range(len(prompts))]

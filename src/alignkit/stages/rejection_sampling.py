@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from alignkit.accel import resolve
-from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig, require_world
+from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig, SamplingConfig, require_world
 from alignkit.errors import AlignkitError
 from alignkit.models.load import load_causal_lm, load_tokenizer
 from alignkit.rollout.evaluate import evaluate_policy
@@ -51,6 +51,8 @@ class RejectionSamplingConfig:
     """SFT data options (`max_length`, `eval_fraction` of the winners held out); `path` is set per round."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=5))
     """SFT optimizer of every round."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """How the N candidates (and the evaluation samples) are sampled."""
     rounds: int = 2
     """Rounds of sampling + fine-tuning."""
     n: int = 8
@@ -63,10 +65,6 @@ class RejectionSamplingConfig:
     """File of `{prompt}` records to sample from; default: the world's train prompts."""
     prompts_per_round: int = 512
     """Prompts per round (round R uses prompts R·k .. (R+1)·k - 1, so every round sees fresh prompts)."""
-    max_new_tokens: int = 24
-    """Maximum new tokens per sample."""
-    temperature: float = 1.0
-    """Sampling temperature."""
     batch_size: int = 128
     """Sequences per generation batch."""
     eval_prompts: int = 128
@@ -81,7 +79,7 @@ def best_of_n_config(cfg: RejectionSamplingConfig, policy: str, round_index: int
         model=dataclasses.replace(cfg.model, name_or_path=policy, lora_r=0), scorer=cfg.scorer,
         world=cfg.world, gold=bool(cfg.world), prompts_path=cfg.prompts_path, split="train",
         prompt_offset=round_index * cfg.prompts_per_round, max_prompts=cfg.prompts_per_round, n=cfg.n,
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=cfg.batch_size,
+        sampling=dataclasses.replace(cfg.sampling), batch_size=cfg.batch_size,
     )
 
 
@@ -91,7 +89,7 @@ def sft_config(cfg: RejectionSamplingConfig, policy: str, winners: str, round_in
                               resume=False, save_every=0)
     data = dataclasses.replace(cfg.data, path=winners, eval_path=None)
     return SFTConfig(run=run, model=dataclasses.replace(cfg.model, name_or_path=policy), data=data,
-                     optim=dataclasses.replace(cfg.optim), n_samples=0, max_new_tokens=cfg.max_new_tokens)
+                     optim=dataclasses.replace(cfg.optim), n_samples=0, sampling=dataclasses.replace(cfg.sampling))
 
 
 def _evaluate(cfg: RejectionSamplingConfig, policy_dir: str, ref: Any, tokenizer: Any, world: Any) -> dict[str, float]:
@@ -100,7 +98,7 @@ def _evaluate(cfg: RejectionSamplingConfig, policy_dir: str, ref: Any, tokenizer
         return {}
     prompts = world.prompts("heldout")[: cfg.eval_prompts]
     policy = load_causal_lm(dataclasses.replace(cfg.model, name_or_path=policy_dir, lora_r=0), tokenizer).eval()
-    sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature}
+    sampling = cfg.sampling.kwargs()
     metrics, _ = evaluate_policy(policy, ref, tokenizer, prompts, gold=load_scorer(f"gold:{cfg.world}", world=world),
                                  sampling=sampling, seed=cfg.run.seed, backend=resolve(cfg.run.accel))
     return metrics

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 
 from alignkit.accel import Backend
-from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig, require_world
+from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig, SamplingConfig, require_world
 from alignkit.data.collate import to_device
 from alignkit.data.formats import detect_format, validate_records
 from alignkit.data.load import load_records, split_records
@@ -58,6 +58,7 @@ class DPOConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(eval_fraction=0.05))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6, warmup_steps=10))
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     loss: Literal["sigmoid", "ipo", "cdpo", "simpo", "orpo", "kto", "plackett_luce"] = "sigmoid"
     """The loss: sigmoid (DPO), ipo, cdpo, simpo, orpo, kto (unpaired data) or plackett_luce (rankings)."""
     beta: float = 0.1
@@ -80,10 +81,6 @@ class DPOConfig:
     """A built world (e.g. `sentiment`): held-out prompts and gold scorer for evaluation, train prompts online."""
     eval_prompts: int = 256
     """Held-out prompts sampled at each evaluation (gold reward, KL, length); 0: none."""
-    max_new_tokens: int = 24
-    """Maximum new tokens per sampled response (evaluation and online rounds)."""
-    temperature: float = 1.0
-    """Sampling temperature (evaluation and online rounds)."""
     rounds: int = 0
     """Online DPO rounds (0: offline, on `data.path`); each round trains `optim.max_steps` (or `optim.epochs`)."""
     prompts_per_round: int = 512
@@ -275,7 +272,7 @@ def make_evaluator(loop: TrainLoop, cfg: DPOConfig, tokenizer: Any, reference: R
         if prompts and loop.accelerator.is_main_process:
 
             policy = loop.accelerator.unwrap_model(loop.model)
-            sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature}
+            sampling = cfg.sampling.kwargs()
             found, samples = evaluate_policy(policy, reference, tokenizer, prompts, gold=gold, sampling=sampling,
                                              seed=cfg.run.seed, backend=loop.backend)
             metrics.update(found)

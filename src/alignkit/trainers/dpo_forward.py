@@ -13,7 +13,7 @@ from alignkit.ops.logprobs import IGNORE_INDEX, label_logprobs
 
 def response_logps(model: Any, batch: dict, backend: Backend) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence log-probs of every response of a group batch, from one forward pass over its K·B rows
-    (the backend's: e.g. one packed row per prompt on the CPU backend; see `collate_preference_groups`).
+    (the backend's: e.g. one shared row per prompt on the CPU backend; see `collate_preference_groups`).
 
     Equation: seq_logps[b, k] = sum_t log pi(y_t | x, y_<t) over the labelled (response) tokens of
     response k of group b; n_tokens counts them.

@@ -34,8 +34,7 @@ def sample_round(policy: Any, cfg: Any, tokenizer: Any, labeler: Any, prompts: l
                  device: torch.device, backend: Backend) -> list[dict]:
     """Online DPO data: K samples per prompt from the current policy, answered by the labeler as records.
 
-    `cfg` is the DPO config (`prompts_per_round`, `samples_per_prompt`, `max_new_tokens`,
-    `temperature`, `loss`, `run.seed`). Prompts whose samples are not distinct are left out (records
+    `cfg` is the DPO config (`prompts_per_round`, `samples_per_prompt`, `sampling`, `loss`, `run.seed`). Prompts whose samples are not distinct are left out (records
     need distinct responses). Returns preference records (rankings for plackett_luce).
     """
     gen = torch.Generator().manual_seed(cfg.run.seed * 7919 + round_index)
@@ -46,7 +45,7 @@ def sample_round(policy: Any, cfg: Any, tokenizer: Any, labeler: Any, prompts: l
         part = chosen[start : start + 64]
         ids, mask = tokenize_prompts(tokenizer, [p for p in part for _ in range(k)])
         rollout = sample(policy, ids.to(device), mask.to(device),
-                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=gen,
+                         **cfg.sampling.kwargs(), generator=gen,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, backend=backend)
         texts = rollout.texts(tokenizer)
         for i, prompt in enumerate(part):

@@ -119,9 +119,7 @@ class RLContext:
 
     def sampling(self) -> dict[str, Any]:
         """Keyword arguments of `sample` (and `evaluate_policy`) from the config."""
-        c = self.cfg
-        return {"max_new_tokens": c.max_new_tokens, "min_new_tokens": c.min_new_tokens,
-                "temperature": c.temperature, "top_k": c.top_k, "top_p": c.top_p}
+        return self.cfg.sampling.kwargs()
 
     def state_dict(self) -> dict[str, Any]:
         """What changes during training besides the weights: beta, the normaliser, the first evaluation."""
@@ -243,7 +241,7 @@ def print_plan(ctx: RLContext) -> None:
         f"[{c.algorithm}] run dir: {loop.out_dir}",
         f"  rollout: {c.prompts_per_step} prompts x {c.samples_per_prompt} samples x {loop.world} device(s)"
         " = "
-        f"{batch * loop.world} responses per step, <= {c.max_new_tokens} new tokens each",
+        f"{batch * loop.world} responses per step, <= {c.sampling.max_new_tokens} new tokens each",
         f"  update: {c.epochs} epoch(s) x {c.minibatches} minibatch(es) of ~{minibatch} responses "
         f"(micro-batches of {c.optim.per_device_batch_size}) = {c.epochs * c.minibatches} optimizer steps "
         "per step",
@@ -317,11 +315,11 @@ def forward_passes(ctx: RLContext, rollout: Rollout) -> dict[str, torch.Tensor]:
         if reuse:
             logprobs, entropy, values = chunk.logprobs, chunk.entropy, actor_critic.values(chunk)
         else:
-            logprobs, entropy, values = model(chunk, ctx.cfg.temperature, with_entropy=True)
+            logprobs, entropy, values = model(chunk, ctx.cfg.sampling.temperature, with_entropy=True)
         parts["old_logprobs"].append(logprobs)
         parts["entropy"].append(entropy)
         parts["old_values"].append(values if values is not None else torch.zeros_like(logprobs))
-        parts["ref_logprobs"].append(sequence_logprobs(ctx.ref, chunk, temperature=ctx.cfg.temperature,
+        parts["ref_logprobs"].append(sequence_logprobs(ctx.ref, chunk, temperature=ctx.cfg.sampling.temperature,
                                                        backend=ctx.loop.backend))
     return {name: torch.cat(tensors) for name, tensors in parts.items()}
 
@@ -402,7 +400,7 @@ def rl_loss(model: torch.nn.Module, batch: dict[str, Any], *, algo: Algorithm, c
     With `parity_out` (the step's first minibatch, before any update) the largest difference between
     these log-probs and the sampler's is appended to it: the log-prob parity check.
     """
-    logprobs, _, values = model(batch["rollout"], cfg.temperature)
+    logprobs, _, values = model(batch["rollout"], cfg.sampling.temperature)
     if parity_out is not None:
         rollout = batch["rollout"]
         parity_out.append(torch.where(rollout.response_mask, (logprobs.detach() - rollout.logprobs).abs(), 0.0).max())

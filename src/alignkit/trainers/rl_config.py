@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
+from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig, SamplingConfig
 
 Algo = Literal["ppo", "a2c", "reinforce", "rloo", "grpo"]
 
@@ -74,6 +74,7 @@ class RLConfig:
         lr=3e-5, scheduler="constant", max_steps=100, per_device_batch_size=64, max_grad_norm=1.0))
     reward: RewardSourceConfig = field(default_factory=RewardSourceConfig)
     kl: KLConfig = field(default_factory=KLConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     algorithm: Algo = field(kw_only=True)
     """Policy-gradient algorithm (see `alignkit.losses.rl_algorithms`); each stage fixes its own."""
     world: str | None = None
@@ -85,16 +86,6 @@ class RLConfig:
     """Prompts sampled per step (per device)."""
     samples_per_prompt: int = 4
     """Responses per prompt (k; >= 2 for rloo and grpo). Rollout batch = prompts_per_step x k."""
-    max_new_tokens: int = 24
-    """Maximum response length."""
-    min_new_tokens: int = 0
-    """EOS is masked before this many tokens."""
-    temperature: float = 1.0
-    """Sampling temperature (log-probs are computed from logits / temperature)."""
-    top_k: int = 0
-    """Top-k sampling (0: off)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (1: off)."""
     recompute_logprobs: bool = False
     """Recompute log pi_old (and the entropy) with a policy forward pass after sampling, instead of
     using the sampler's own: they are the same distribution and agree to float rounding (the largest

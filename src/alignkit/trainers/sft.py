@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
+from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig, SamplingConfig
 from alignkit.data.collate import collate_packed, collate_padded, left_pad, to_device
 from alignkit.data.tokenize import encode_prompt, tokenize_sft
 from alignkit.errors import AlignkitError
@@ -39,6 +39,8 @@ class SFTConfig:
 
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=48))
+    """How the held-out samples of each evaluation are drawn."""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=10))
     train_on_prompt: bool = False
@@ -49,8 +51,6 @@ class SFTConfig:
     """Pack several examples per row (block-diagonal attention, positions restarting per example): faster, same loss."""
     n_samples: int = 4
     """Held-out prompts sampled from at each evaluation (written to `samples/step-N.jsonl`; 0: none)."""
-    max_new_tokens: int = 48
-    """Maximum new tokens per sampled generation."""
     eval_max_examples: int = 512
     """At most this many held-out examples are used for the eval loss."""
 
@@ -146,9 +146,9 @@ def eval_batches(loop: TrainLoop, examples: list[dict], collate: Callable, batch
     return [to_device(collate(mine[i : i + batch_size]), acc.device) for i in range(0, len(mine), batch_size)]
 
 
-def sample_generations(model: Any, tokenizer: Any, prompts: list[tuple[Any, Any]], *, max_new_tokens: int,
+def sample_generations(model: Any, tokenizer: Any, prompts: list[tuple[Any, Any]], *, sampling: SamplingConfig,
                        seed: int) -> list[dict]:
-    """Sample one response per prompt at temperature 1 (left padding), as `{prompt, completion, reference}`."""
+    """Sample one response per prompt (left padding), as `{prompt, completion, reference}`."""
     ids = [encode_prompt(tokenizer, prompt) for prompt, _ in prompts]
     batch = left_pad(ids, tokenizer.pad_token_id)
     device = next(model.parameters()).device
@@ -158,7 +158,7 @@ def sample_generations(model: Any, tokenizer: Any, prompts: list[tuple[Any, Any]
         torch.manual_seed(seed)
         out = model.generate(
             input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-            do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+            do_sample=True, **sampling.kwargs(),
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         )
     model.train(was_training)
@@ -181,7 +181,7 @@ def evaluate_and_sample(loop: TrainLoop, cfg: SFTConfig, tokenizer: Any, batches
         metrics = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
     if prompts and loop.accelerator.is_main_process:
         rows = sample_generations(loop.accelerator.unwrap_model(loop.model), tokenizer, prompts,
-                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.run.seed + loop.step)
+                                  sampling=cfg.sampling, seed=cfg.run.seed + loop.step)
         path = loop.out_dir / "samples" / f"step-{loop.step}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

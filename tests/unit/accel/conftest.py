@@ -4,7 +4,7 @@
 with the tiny tokenizer's ids (pad 0, bos 1, eos 2) in eval mode, seeded so that a kind always gives
 the same weights. Kinds: `llama` (grouped-query attention, attention and MLP biases), `mistral` (no
 sliding window), `qwen2` (q/k/v biases only), `qwen3` (q/k norms), `gpt2` (learned positions: none
-of the CPU backend's machinery covers it). The `packs` fixture makes the CPU backend pack every batch
+of the CPU backend's machinery covers it). The `shared_rows` fixture makes the CPU backend pack every batch
 that repeats a prompt. The `tokenizer` and `prompts` fixtures are in tests/conftest.py.
 """
 
@@ -13,19 +13,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+from alignkit.accel.cpu import shared_prompts
+
 KINDS = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 DECODED = ("llama", "mistral", "qwen2")  # FastDecoder's architectures
-PACKED = ("llama", "mistral", "qwen2", "qwen3")  # packed prompt rows (accepts_packed_masks)
+PACKED = ("llama", "mistral", "qwen2", "qwen3")  # packed prompt rows (accepts_4d_masks)
 LAST_TOKEN = ("llama", "mistral", "qwen2")  # one-token reward read (supports_last_token)
 
 
 @pytest.fixture
-def packs(monkeypatch):
+def shared_rows(monkeypatch):
     """Pack every batch with repeated prompts, whatever the FLOP estimate says (these tiny rows are not
-    what `packing_pays` is tuned for), so that the packed forward is what a test compares."""
-    from alignkit.accel.cpu import packing
+    what `sharing_pays` is tuned for), so that the packed forward is what a test compares."""
 
-    monkeypatch.setattr(packing, "PACKING_MARGIN", float("inf"))
+    monkeypatch.setattr(shared_prompts, "SHARING_MARGIN", float("inf"))
 
 
 _IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)

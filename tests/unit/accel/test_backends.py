@@ -5,7 +5,7 @@ decoder, packed prompt rows, one-token reward read), Qwen3 (packed rows only) an
 fallback to `plain`). Each check runs the same inputs through `PlainBackend()` and `CpuBackend()`
 and compares the outputs with torch.testing.assert_close's default float32 tolerances (rtol 1.3e-6,
 atol 1e-5), gradients with respect to every parameter included. Packing is forced where a model
-takes it (`PACKING_MARGIN` = inf: these rows are too short for the FLOP estimate to pick it), so the
+takes it (`SHARING_MARGIN` = inf: these rows are too short for the FLOP estimate to pick it), so the
 packed forward is what is compared.
 """
 
@@ -21,7 +21,7 @@ from tests.unit.accel.conftest import DECODED, KINDS, LAST_TOKEN, PACKED, causal
 from torch.testing import assert_close
 
 from alignkit.accel import resolve
-from alignkit.accel.cpu import CpuBackend, packing
+from alignkit.accel.cpu import CpuBackend, shared_prompts
 from alignkit.accel.cpu.decoder import FastDecoder
 from alignkit.accel.cpu.last_token import supports_last_token
 from alignkit.accel.plain import PlainBackend
@@ -88,7 +88,7 @@ def test_resolve_picks_by_device_and_the_environment_overrides(monkeypatch):
 
 
 def test_cpu_switches_are_read_from_the_environment(monkeypatch):
-    for name in ("ALIGNKIT_TORCHSCRIPT", "ALIGNKIT_ONEDNN_PACK", "ALIGNKIT_MALLOC_KEEP"):
+    for name in ("ALIGNKIT_TORCHSCRIPT", "ALIGNKIT_ONEDNN", "ALIGNKIT_MALLOC_KEEP"):
         monkeypatch.delenv(name, raising=False)
     assert CpuBackend.from_environment() == CpuBackend(torchscript=True, onednn=True, malloc_keep=True)
     monkeypatch.setenv("ALIGNKIT_TORCHSCRIPT", "0")
@@ -154,7 +154,7 @@ def test_greedy_samples(kind, tokenizer, prompts):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_sequence_logprobs_of_repeated_prompts(kind, tokenizer, packs):
+def test_sequence_logprobs_of_repeated_prompts(kind, tokenizer, shared_rows):
     """k = 3 samples of each of 3 padded prompts, shuffled rows, responses ending early: the CPU backend
     runs each prompt once (packed rows) and gives the plain pass's log-probs, entropies and gradients."""
     model = causal_lm(kind, len(tokenizer))
@@ -179,13 +179,13 @@ def test_sequence_logprobs_of_repeated_prompts(kind, tokenizer, packs):
 
 @pytest.mark.parametrize("data", ["pairs", "rankings"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_dpo_response_logps(kind, data, tokenizer, packs):
+def test_dpo_response_logps(kind, data, tokenizer, shared_rows):
     model = causal_lm(kind, len(tokenizer))
     records, record_kind, loss = ((PAIRS, "preference", "sigmoid") if data == "pairs"
                                   else (RANKINGS, "ranking", "plackett_luce"))
     groups = tokenize_preference_groups(records, record_kind, loss, tokenizer, max_length=64).groups
     batch = collate_preference_groups(groups, tokenizer.pad_token_id)
-    assert packing.accepts_packed_masks(model.config) == (kind in PACKED)  # packed rows where the model takes them
+    assert shared_prompts.accepts_4d_masks(model.config) == (kind in PACKED)  # packed rows where the model takes them
     results = []
     for backend in (PLAIN, CPU):
         logps, n_tokens = response_logps(model, batch, backend)
@@ -198,7 +198,7 @@ def test_dpo_response_logps(kind, data, tokenizer, packs):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_reward_group_scores(kind, tokenizer, packs):
+def test_reward_group_scores(kind, tokenizer, shared_rows):
     """Groups of responses to one prompt (a pair, three ranked, a single one), scored as groups and
     without groups: the CPU backend's packed rows and one-token read give the plain forward's rewards."""
     model = classifier(kind, len(tokenizer))

@@ -9,12 +9,12 @@ from tests.unit.accel.conftest import causal_lm
 import alignkit.accel.cpu.decode_layers as decode_layers
 from alignkit.accel.cpu import CpuBackend
 from alignkit.accel.cpu.decoder import FastDecoder
-from alignkit.accel.cpu.packed_linear import onednn_available
+from alignkit.accel.cpu.onednn import onednn_available
 from alignkit.accel.plain import PlainBackend
 from alignkit.rollout.generate import sample
 from alignkit.rollout.logprobs import sequence_logprobs
 
-PACKINGS = pytest.mark.parametrize("packed", [True, False], ids=["onednn-packed", "transposed"])
+PACKINGS = pytest.mark.parametrize("packed", [True, False], ids=["onednn-reordered", "transposed"])
 
 
 def _tiny(kind: str, vocab: int) -> torch.nn.Module:
@@ -42,8 +42,8 @@ def _sample(model, tokenizer, prompts, *, backend, **kwargs):
 def test_fast_decoder_matches_hugging_face_forward(kind, packed, tokenizer, prompts):
     _skip_without_onednn(packed)
     model = _tiny(kind, len(tokenizer))
-    decoder = FastDecoder.build(model, 4, 32, pack=packed)
-    assert decoder is not None and decoder.packed == packed
+    decoder = FastDecoder.build(model, 4, 32, reorder=packed)
+    assert decoder is not None and decoder.reordered == packed
     assert (decoder.rotary_table is None) == (kind == "llama-rope-dynamic")
     fast = _sample(model, tokenizer, prompts, backend=CpuBackend(onednn=packed), temperature=0.8)
     slow = _sample(model, tokenizer, prompts, backend=PlainBackend(), temperature=0.8)
@@ -135,12 +135,12 @@ def test_unmasked_step_equals_the_all_true_mask(tokenizer, prompts):
     torch.testing.assert_close(logits[2], logits[0], rtol=0, atol=1e-6)
 
 
-def _decode_logits(model, ids, steps: int, *, pack: bool = True, script: bool = True) -> torch.Tensor:
+def _decode_logits(model, ids, steps: int, *, reorder: bool = True, script: bool = True) -> torch.Tensor:
     """Prefill `ids` (B×P, unpadded) then `steps` greedy decode steps; the logits of every call, stacked."""
     batch, width_p = ids.shape
     positions = torch.arange(width_p).expand(batch, width_p)
     with torch.inference_mode():
-        decoder = FastDecoder.build(model, batch, width_p + steps, pack=pack, script=script)
+        decoder = FastDecoder.build(model, batch, width_p + steps, reorder=reorder, script=script)
         out = [decoder.prefill(ids, positions, torch.ones_like(ids, dtype=torch.bool))]
         for step in range(steps):
             out.append(decoder.step(out[-1].argmax(-1), torch.full((batch,), width_p + step), None, width_p + step))
@@ -165,7 +165,7 @@ def test_torchscript_decode_is_bit_identical_to_python(kind, packed, tokenizer, 
     eos = list(range(3, len(tokenizer), 8))  # rows end early
 
     def run(script: bool):
-        logits = _decode_logits(model, ids[:, -1:].repeat(1, 3), 5, pack=packed, script=script)
+        logits = _decode_logits(model, ids[:, -1:].repeat(1, 3), 5, reorder=packed, script=script)
         rollout = _sample(model, tokenizer, repeated, backend=CpuBackend(torchscript=script, onednn=packed),
                           eos_token_id=eos)
         return logits, rollout

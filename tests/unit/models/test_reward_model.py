@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from alignkit.accel.cpu import CpuBackend, packing
+from alignkit.accel.cpu import CpuBackend, shared_prompts
 from alignkit.accel.plain import PlainBackend
 from alignkit.config import ModelConfig
 from alignkit.data.collate import right_pad
@@ -211,13 +211,13 @@ def test_token_chunks_join_back_to_the_text_with_a_metaspace_tokenizer():
 
 
 def test_scorer_packs_the_responses_to_one_prompt_into_one_row(rm, monkeypatch):
-    """k responses per prompt (as RL scores them): the CPU backend packs one row per prompt and gives
+    """k responses per prompt (as RL scores them): the CPU backend shared_rows one row per prompt and gives
     the plain backend's rewards."""
     model, tokenizer = rm
     prompts = ["The film", "The film", "I think", "The film", "I think"]
     responses = [" was great.", " bored me to tears.", " it works", " was fine", " not"]
     expected = RewardModelScorer(model, tokenizer, backend=PlainBackend())(prompts, responses)
-    monkeypatch.setattr(packing, "PACKING_MARGIN", float("inf"))  # pack these tiny rows
+    monkeypatch.setattr(shared_prompts, "SHARING_MARGIN", float("inf"))  # pack these tiny rows
     packed = RewardModelScorer(model, tokenizer, backend=CpuBackend())(prompts, responses)
     torch.testing.assert_close(packed, expected, atol=1e-5, rtol=0)
     assert len(set(expected.tolist())) == len(prompts)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from alignkit.accel.cpu import CpuBackend, packing
+from alignkit.accel.cpu import CpuBackend, shared_prompts
 from alignkit.accel.plain import PlainBackend
 from alignkit.config import ModelConfig
 from alignkit.data.preference_groups import (
@@ -191,12 +191,12 @@ def test_packed_forward_equals_full_forward_with_gradients(tiny_llama_dir, monke
     gradients, for pairs and for rankings of different sizes."""
     from alignkit.models.load import load_causal_lm, load_tokenizer
 
-    monkeypatch.setattr(packing, "PACKING_MARGIN", float("inf"))  # pack these tiny rows
+    monkeypatch.setattr(shared_prompts, "SHARING_MARGIN", float("inf"))  # pack these tiny rows
     cfg = ModelConfig(name_or_path=str(tiny_llama_dir))
     tokenizer = load_tokenizer(cfg)
     model = load_causal_lm(cfg, tokenizer).eval()
     model.set_attn_implementation(attn)  # eager adds its mask to the scores: it gets the additive form
-    assert model.config._attn_implementation == attn and packing.accepts_packed_masks(model.config)
+    assert model.config._attn_implementation == attn and shared_prompts.accepts_4d_masks(model.config)
     for groups in (_groups(tokenizer), _groups(tokenizer, RANKINGS, "ranking", "plackett_luce")):
         batch = collate_preference_groups(groups, tokenizer.pad_token_id)
         results = []
@@ -217,7 +217,7 @@ def test_packed_rows_reach_a_lora_reference_and_not_a_model_that_cannot_take_the
     that reads 2D padding masks only (flash attention) gets the plain rows."""
     from alignkit.models.load import load_causal_lm, load_tokenizer
 
-    monkeypatch.setattr(packing, "PACKING_MARGIN", float("inf"))
+    monkeypatch.setattr(shared_prompts, "SHARING_MARGIN", float("inf"))
     cfg = ModelConfig(name_or_path=str(tiny_llama_dir), lora_r=4)
     tokenizer = load_tokenizer(cfg)
     policy = load_causal_lm(cfg, tokenizer)

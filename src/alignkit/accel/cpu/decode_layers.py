@@ -35,9 +35,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> torch.
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], packed: bool) -> torch.Tensor:  # noqa: UP045
-    """F.linear(x, W, b) with W reordered for oneDNN (`packed`, `alignkit.accel.cpu.packed_linear`) or stored as W^T."""
-    if packed:  # `packed_linear`'s call, inlined: TorchScript needs the empty scalar list typed
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], reordered: bool) -> torch.Tensor:  # noqa: UP045
+    """F.linear(x, W, b) with W reordered for oneDNN (`reordered`, `alignkit.accel.cpu.onednn`) or stored as W^T."""
+    if reordered:  # `reordered_linear`'s call, inlined: TorchScript needs the empty scalar list typed
         scalars: List[Optional[number]] = []  # noqa: F821, UP006, UP045 (TorchScript's Scalar; not evaluated)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", scalars, "")
     out = x @ weight
@@ -50,7 +50,7 @@ def decoder_layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positi
                    start: int, attn_mask: Optional[torch.Tensor], norms: List[torch.Tensor],  # noqa: UP006, UP045
                    weights: List[torch.Tensor], biases: List[Optional[torch.Tensor]],  # noqa: UP006, UP045
                    k_caches: List[torch.Tensor], v_caches: List[torch.Tensor],  # noqa: UP006
-                   shape: List[int], scaling: float, packed: bool) -> torch.Tensor:  # noqa: UP006
+                   shape: List[int], scaling: float, reordered: bool) -> torch.Tensor:  # noqa: UP006
     """Next-token logits B×V after embedded tokens x (B×T×H) written at cache columns start..start+T-1.
 
     `cos`, `sin` (sin signed for `roll`-based rotary): W×D tables read at `positions` (B×T), or B×T×D
@@ -67,7 +67,7 @@ def decoder_layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positi
     for i in range(len(k_caches)):
         k_cache, v_cache = k_caches[i], v_caches[i]
         h = rms_norm(x, norms[4 * i], norms[4 * i + 1])
-        qkv = linear(h, weights[4 * i], biases[4 * i], packed).view(batch, width_t, n_qk + n_kv, head_dim)
+        qkv = linear(h, weights[4 * i], biases[4 * i], reordered).view(batch, width_t, n_qk + n_kv, head_dim)
         qkv = qkv.transpose(1, 2)  # B×(Hq+2Hkv)×T×D
         qk, v = qkv[:, :n_qk], qkv[:, n_qk:]
         # rotate_half(qk) * sin = roll(qk, D/2) * [-sin_1, sin_2]: 3 kernels instead of 5
@@ -76,12 +76,12 @@ def decoder_layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positi
         v_cache[:, :, start:stop] = v
         attn = F.scaled_dot_product_attention(qk[:, :n_heads], k_cache[:, :, :stop], v_cache[:, :, :stop],
                                               attn_mask=attn_mask, scale=scaling, enable_gqa=n_heads != n_kv)
-        x = x + linear(attn.transpose(1, 2).reshape(batch, width_t, -1), weights[4 * i + 1], biases[4 * i + 1], packed)
+        x = x + linear(attn.transpose(1, 2).reshape(batch, width_t, -1), weights[4 * i + 1], biases[4 * i + 1], reordered)
         gate, up = linear(rms_norm(x, norms[4 * i + 2], norms[4 * i + 3]), weights[4 * i + 2], biases[4 * i + 2],
-                          packed).chunk(2, -1)
-        x = x + linear(F.silu(gate) * up, weights[4 * i + 3], biases[4 * i + 3], packed)
+                          reordered).chunk(2, -1)
+        x = x + linear(F.silu(gate) * up, weights[4 * i + 3], biases[4 * i + 3], reordered)
     last = rms_norm(x[:, -1], norms[-2], norms[-1])
-    return linear(last, weights[-1], biases[-1], packed)
+    return linear(last, weights[-1], biases[-1], reordered)
 
 
 _COMPILED: dict[str, Any] = {}

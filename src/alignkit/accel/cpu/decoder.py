@@ -8,7 +8,7 @@ own parameters: fused q/k/v and gate/up projections, one rotary application for 
 a preallocated B×H×W×D key/value cache per layer and `scaled_dot_product_attention` over the columns
 written so far, in one function run by TorchScript's interpreter (`alignkit.accel.cpu.decode_layers`).
 Its weights are reordered once per build into oneDNN's blocked layout where oneDNN is available and
-the model is float32 (`alignkit.accel.cpu.packed_linear`), else stored transposed for a plain `x @ W_t`.
+the model is float32 (`alignkit.accel.cpu.onednn`), else stored transposed for a plain `x @ W_t`.
 It is exact up to float rounding: the sampler's recorded log-probs match a trainer's forward
 (tests/unit/accel). docs/performance.md has the measurements.
 
@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 
 from alignkit.accel.cpu.decode_layers import run_layers
-from alignkit.accel.cpu.packed_linear import onednn_available, reorder
-from alignkit.accel.cpu.packing import attention_window, distinct_rows
+from alignkit.accel.cpu.onednn import onednn_available, reorder_weight
+from alignkit.accel.cpu.shared_prompts import attention_window, distinct_rows
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -81,7 +81,7 @@ class FastDecoder:
     Columns of the cache are absolute: prompt columns 0..P-1, response token t at column P + t.
     """
 
-    def __init__(self, model: torch.nn.Module, batch: int, width: int, *, pack: bool = True,
+    def __init__(self, model: torch.nn.Module, batch: int, width: int, *, reorder: bool = True,
                  script: bool = True) -> None:
         inner = model.model
         config = model.config
@@ -96,7 +96,7 @@ class FastDecoder:
         def eps(norm: torch.nn.Module) -> torch.Tensor:  # 0-d, made once
             return torch.tensor(norm.variance_epsilon, dtype=torch.float32, device=device)
 
-        self.packed = pack = pack and onednn_available(dtype)
+        self.reordered = reordered = reorder and onednn_available(dtype)
         self.script = script
         # cos/sin of every position the decoder can see, computed once (positions < width); rope types
         # whose frequencies depend on the longest position in the call are left to the module per call.
@@ -106,13 +106,13 @@ class FastDecoder:
             probe = torch.zeros(1, 1, dtype=dtype, device=device)
             self.rotary_table = _signed_sin(*self.rotary(probe, torch.arange(width, device=device)[None]))
         # decode_layers.decoder_layers' flat lists: 4 norm tensors and 4 projections per layer, then the
-        # final norm and the LM head; weights reordered for oneDNN (packed) or transposed for x @ W^T.
+        # final norm and the LM head; weights reordered for oneDNN or transposed for x @ W^T.
         self.norms: list[torch.Tensor] = []
         self.weights: list[torch.Tensor] = []
         self.biases: list[torch.Tensor | None] = []
 
         def add(w: torch.Tensor, b: torch.Tensor | None) -> None:
-            self.weights.append(reorder(w, batch) if pack else w.t().contiguous())
+            self.weights.append(reorder_weight(w, batch) if reordered else w.t().contiguous())
             self.biases.append(b)
 
         for layer in inner.layers:
@@ -131,12 +131,12 @@ class FastDecoder:
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in inner.layers]
 
     @classmethod
-    def build(cls, model: torch.nn.Module, batch: int, width: int, *, pack: bool = True,
+    def build(cls, model: torch.nn.Module, batch: int, width: int, *, reorder: bool = True,
               script: bool = True) -> FastDecoder | None:
         """A decoder for `model`, or None when its architecture needs the Hugging Face forward."""
         if _unsupported_reason(model, width) is not None:
             return None
-        return cls(model, batch, width, pack=pack, script=script)
+        return cls(model, batch, width, reorder=reorder, script=script)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, start: int, attn_mask: torch.Tensor | None,
                  caches: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> torch.Tensor:
@@ -152,7 +152,7 @@ class FastDecoder:
             (cos, sin), rows = _signed_sin(*self.rotary(x, positions)), None  # B×T×D
         return run_layers(self.script, x, cos, sin, rows, start, attn_mask, self.norms, self.weights, self.biases,
                           k_caches, v_caches, [self.n_heads, self.n_kv, self.head_dim], float(self.scaling),
-                          self.packed)
+                          self.reordered)
 
     def prefill(self, prompt_ids: torch.Tensor, positions: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """Next-token logits B×V after left-padded prompts (B×P ids, positions, bool mask).

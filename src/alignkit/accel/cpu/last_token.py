@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from alignkit.accel.cpu.packing import attention_window
+from alignkit.accel.cpu.shared_prompts import attention_window
 
 SUPPORTED_CLASSES = ("LlamaForSequenceClassification", "MistralForSequenceClassification",
                      "Qwen2ForSequenceClassification")
@@ -78,9 +78,9 @@ def last_token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention
     None when `model` needs the full forward (`supports_last_token` is False). With a 2D padding mask
     (B×T, rows = 0..B-1 by default), `last[b]` must be row b's last real token (every key the row
     attends to is at or before it), as `last_token_index(attention_mask)` gives. With a 4D mask (B×1×T×T
-    bool, True: attend; `alignkit.accel.cpu.packing.packed_prompt_layout`), several sequences share a row and
+    bool, True: attend; `alignkit.accel.cpu.shared_prompts.shared_prompt_layout`), several sequences share a row and
     each read n sees the keys of mask row `last[n]`; when `attention_mask` is the additive form an
-    eager model reads (`alignkit.accel.cpu.packing.packed_attention`), pass the bool mask as `keys_mask`.
+    eager model reads (`alignkit.accel.cpu.shared_prompts.mask_for_attention`), pass the bool mask as `keys_mask`.
 
     Shapes:
         input_ids, position_ids: B×T; attention_mask: B×T or B×1×T×T; last, rows: N long; returns N
@@ -143,7 +143,7 @@ def _last_layer(layer: Any, backbone: Any, head: torch.nn.Module, hidden: torch.
 
 def _grouped_reads(attend: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    keys_seen: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Attention of N reads that share rows (packed sequences) against their row's keys, uncopied.
+    """Attention of N reads that share rows (sequences sharing a prompt's row) against their row's keys, uncopied.
 
     The reads of row g become query slots 0..k_g-1 of a B×Hq×k×D query (k the most reads of a row),
     each with its own mask row; empty slots see column 0 only (finite, never read).

@@ -1,7 +1,7 @@
 """Packed prompt rows: rows that repeat a prompt run it once, with the plain pass's results and gradients.
 
-The layouts by hand (`packed_prompt_layout`, `shared_prefix_layout`), when the CPU backend packs
-(`packing_pays`, `accepts_packed_masks`), and the packed forward of rollouts and reward groups
+The layouts by hand (`shared_prompt_layout`, `shared_prefix_layout`), when the CPU backend shared_rows
+(`sharing_pays`, `accepts_4d_masks`), and the packed forward of rollouts and reward groups
 against the plain one under sdpa and eager attention (tests/unit/accel/test_backends.py has every
 architecture; tests/unit/trainers/test_dpo_forward.py the DPO batches).
 """
@@ -14,12 +14,12 @@ from tests.conftest import TINY_PROMPTS
 from tests.unit.accel.conftest import causal_lm, classifier
 
 from alignkit.accel.cpu import CpuBackend
-from alignkit.accel.cpu.packing import (
-    accepts_packed_masks,
+from alignkit.accel.cpu.shared_prompts import (
+    accepts_4d_masks,
     attention_window,
-    packed_prompt_layout,
-    packing_pays,
     shared_prefix_layout,
+    shared_prompt_layout,
+    sharing_pays,
 )
 from alignkit.accel.plain import PlainBackend
 from alignkit.data.collate import right_pad
@@ -47,7 +47,7 @@ def test_packed_layout_by_hand():
     prompt_mask = torch.tensor([[False, True], [True, True], [True, True]])
     suffix_ids = torch.tensor([[1, 2], [3, 4], [5, 0]])
     suffix_mask = torch.tensor([[True, True], [True, True], [True, False]])
-    out = packed_prompt_layout(prompt_ids, prompt_mask, suffix_ids, suffix_mask, pad_id=0)
+    out = shared_prompt_layout(prompt_ids, prompt_mask, suffix_ids, suffix_mask, pad_id=0)
     # distinct prompts sorted: [0, 9] (group 0, one response), [7, 8] (group 1, two); 2 slots of 2
     assert out["input_ids"].tolist() == [[0, 9, 1, 2, 0, 0], [7, 8, 3, 4, 5, 0]]
     assert out["position_ids"].tolist() == [[0, 0, 1, 2, 1, 2], [0, 1, 2, 3, 2, 3]]
@@ -91,24 +91,24 @@ def test_packing_only_when_it_saves_flops():
     tiny = LlamaConfig(hidden_size=32, intermediate_size=64)
     # hidden 32: per token 2 * (4 * 32^2 + 3 * 32 * 64) = 20480 FLOPs, attention 128 W^2 per row:
     # 8 rows of 8 vs 4 packed rows of 4 + 3 * 4 columns: attention grows more than tokens shrink
-    assert not packing_pays(tiny, 8, 4, 4, 4, 3)
+    assert not sharing_pays(tiny, 8, 4, 4, 4, 3)
     # the benchmark's shape: hidden 256, MLP 688; 16 rows of 16 + 32 tokens, 8 packed rows of 16 + 2 * 32
     config = LlamaConfig(hidden_size=256, intermediate_size=688)
-    assert packing_pays(config, 16, 8, 16, 32, 2)
-    assert not packing_pays(config, 16, 1, 16, 128, 16)  # 16 + 16 * 128 columns > PACKED_MAX_WIDTH
+    assert sharing_pays(config, 16, 8, 16, 32, 2)
+    assert not sharing_pays(config, 16, 1, 16, 128, 16)  # 16 + 16 * 128 columns > SHARED_ROW_MAX_WIDTH
 
 
 def test_only_llama_family_models_with_sdpa_or_eager_attention_and_full_attention_are_packed():
     from transformers import BloomConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    assert accepts_packed_masks(LlamaConfig(attn_implementation="sdpa"))
-    assert accepts_packed_masks(Qwen2Config(attn_implementation="eager"))
-    assert accepts_packed_masks(Qwen3Config(attn_implementation="sdpa"))
-    assert not accepts_packed_masks(LlamaConfig(attn_implementation="flash_attention_2"))  # reads 2D masks only
-    assert not accepts_packed_masks(BloomConfig(attn_implementation="sdpa"))  # ALiBi: positions from the mask
-    assert not accepts_packed_masks(None)
+    assert accepts_4d_masks(LlamaConfig(attn_implementation="sdpa"))
+    assert accepts_4d_masks(Qwen2Config(attn_implementation="eager"))
+    assert accepts_4d_masks(Qwen3Config(attn_implementation="sdpa"))
+    assert not accepts_4d_masks(LlamaConfig(attn_implementation="flash_attention_2"))  # reads 2D masks only
+    assert not accepts_4d_masks(BloomConfig(attn_implementation="sdpa"))  # ALiBi: positions from the mask
+    assert not accepts_4d_masks(None)
     windowed = MistralConfig(sliding_window=8, attn_implementation="sdpa")
-    assert attention_window(windowed) == 8 and not accepts_packed_masks(windowed)
+    assert attention_window(windowed) == 8 and not accepts_4d_masks(windowed)
     assert attention_window(MistralConfig(sliding_window=None)) is None
     assert attention_window(Qwen2Config(sliding_window=8, use_sliding_window=False)) is None
     assert attention_window(LlamaConfig()) is None
@@ -120,7 +120,7 @@ def _weighted(values: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("groups", [[0, 0, 0, 1, 1, 1, 2, 2, 2], [0, 1, 0, 2, 0, 1]], ids=["k=3", "unequal"])
-def test_packed_rollout_logprobs_equal_one_plain_pass_with_gradients(tokenizer, packs, attn, groups):
+def test_packed_rollout_logprobs_equal_one_plain_pass_with_gradients(tokenizer, shared_rows, attn, groups):
     """Rows that repeat a prompt, in groups of unequal size in any row order: one packed row per prompt
     gives the plain pass's log-probs, entropies and gradients (eager attention adds its mask to the
     scores: it gets the additive form)."""
@@ -146,7 +146,7 @@ def test_packed_rollout_logprobs_equal_one_plain_pass_with_gradients(tokenizer, 
     assert (lp1 - rollout.logprobs).abs().max() < 1e-5
 
 
-def test_packed_logprobs_when_the_model_ignores_logits_to_keep(tokenizer, packs, monkeypatch):
+def test_packed_logprobs_when_the_model_ignores_logits_to_keep(tokenizer, shared_rows, monkeypatch):
     """A model that returns every column (older transformers, remote code): the kept columns are picked."""
     model = causal_lm("llama", len(tokenizer))
     ids, mask = tokenize_prompts(tokenizer, TINY_PROMPTS[:2])
@@ -161,7 +161,7 @@ def test_packed_logprobs_when_the_model_ignores_logits_to_keep(tokenizer, packs,
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_rewards_and_gradients_equal_full_sequences(packs, attn):
+def test_packed_rewards_and_gradients_equal_full_sequences(shared_rows, attn):
     """[prefix, item 1, ..., item K] packed one row per prefix under a 4D mask, read at each item's end,
     for groups sharing more than the prompt, single items and an item that is a prefix of another."""
     model = classifier("llama", 50, attn_implementation=attn)

@@ -8,13 +8,13 @@ torch.compile's CPU backend does for linear layers (`torch.ops.mkldnn._reorder_l
 forward took 23 ms instead of 34 ms; a 4096×256 projection of 264 rows 2.8 ms instead of 4.1 ms;
 an 8-row decode step's products 0.8 ms instead of 2.0 ms.
 
-`pack_frozen_linears(model)` keeps every `nn.Linear` as it is (same parameters, same state dict)
+`reorder_frozen_linears(model)` keeps every `nn.Linear` as it is (same parameters, same state dict)
 and gives it a forward that uses a reordered copy of its weight when it can: float32 CPU input, no
 gradient needed (inference or no-grad mode, or weight and input both without `requires_grad`).
 Otherwise it falls back to `F.linear`, and after a change to the weight (a new tensor, or its
 version counter moved by an in-place update) it reorders again. Writes through `weight.data` are
-not tracked (`unpack_linears` drops the copies). The copy costs the memory of the packed weights
-once more. The CPU backend's `onednn=False` (`ALIGNKIT_ONEDNN_PACK=0`) turns packing off.
+not tracked (`restore_linears` drops the copies). The copy costs the memory of the reordered weights
+once more. The CPU backend's `onednn=False` (`ALIGNKIT_ONEDNN=0`) turns reordering off.
 """
 
 from __future__ import annotations
@@ -34,20 +34,20 @@ def onednn_available(dtype: torch.dtype) -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-def reorder(weight: torch.Tensor, rows: int = ROWS_HINT) -> torch.Tensor:
-    """W (out×in, float32, CPU) in oneDNN's blocked layout, for `packed_linear`."""
+def reorder_weight(weight: torch.Tensor, rows: int = ROWS_HINT) -> torch.Tensor:
+    """W (out×in, float32, CPU) in oneDNN's blocked layout, for `reordered_linear`."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), max(rows, 8))
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, W, b) with W reordered by `reorder` (no autograd)."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+def reordered_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, W, b) with W reordered by `reorder_weight` (no autograd)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-# module -> (its weight Parameter, a view of the storage packed, the weight's version then, the packed
+# module -> (its weight Parameter, a view of the storage reordered, the weight's version then, the reordered
 # copy). Kept outside the module so that copying or pickling a model never meets the opaque oneDNN
 # tensor.
-_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_REORDERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -57,14 +57,14 @@ def _forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if (needs_grad or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu"
             or weight.device.type != "cpu" or weight.is_inference()):  # inference tensors have no version
         return F.linear(x, weight, bias)
-    state = _PACKED.get(module)
+    state = _REORDERED.get(module)
     if (state is None or state[0] is not weight or state[1].data_ptr() != weight.data_ptr()
             or state[2] != weight._version):
-        # state[1] (a view of the packed storage) keeps that storage alive: `param.data = new` (as
+        # state[1] (a view of the reordered storage) keeps that storage alive: `param.data = new` (as
         # `module.to` does) moves the data pointer, and a freed address can never come back unnoticed.
-        state = (weight, weight.detach(), weight._version, reorder(weight))
-        _PACKED[module] = state
-    return packed_linear(x, state[3], bias)
+        state = (weight, weight.detach(), weight._version, reorder_weight(weight))
+        _REORDERED[module] = state
+    return reordered_linear(x, state[3], bias)
 
 
 def _inside_adapters(model: torch.nn.Module) -> bool:
@@ -72,13 +72,13 @@ def _inside_adapters(model: torch.nn.Module) -> bool:
     return any(hasattr(m, "base_layer") and hasattr(m, "merge") for m in model.modules())
 
 
-def pack_frozen_linears(model: torch.nn.Module) -> int:
-    """Give the model's float32 CPU `nn.Linear` layers the packed forward; returns how many.
+def reorder_frozen_linears(model: torch.nn.Module) -> int:
+    """Give the model's float32 CPU `nn.Linear` layers the reordered forward; returns how many.
 
     Only plain `nn.Linear` modules without accelerate hooks, in models without peft adapters, are
     touched; the weights are reordered lazily, at the first forward that can use them. A weight that
-    is replaced or changed in place (optimizer step, `load_state_dict`, `.to`) is packed again;
-    writes through `weight.data` bypass the version counter: call `unpack_linears(model)` after them.
+    is replaced or changed in place (optimizer step, `load_state_dict`, `.to`) is reordered again;
+    writes through `weight.data` bypass the version counter: call `restore_linears(model)` after them.
     """
     if _inside_adapters(model):
         return 0
@@ -91,16 +91,9 @@ def pack_frozen_linears(model: torch.nn.Module) -> int:
     return count
 
 
-def unpack_linears(model: torch.nn.Module) -> None:
-    """Drop the packed copies and packed forwards of `model`'s linear layers (plain `nn.Linear` again)."""
+def restore_linears(model: torch.nn.Module) -> None:
+    """Drop the reordered copies and forwards of `model`'s linear layers (plain `nn.Linear` again)."""
     for module in model.modules():
-        _PACKED.pop(module, None)
+        _REORDERED.pop(module, None)
         if isinstance(module.__dict__.get("forward"), functools.partial) and module.forward.func is _forward:
             del module.forward
-
-
-def frozen(model: torch.nn.Module) -> torch.nn.Module:
-    """`model` in eval mode, without gradients, its linear layers packed (`pack_frozen_linears`)."""
-    model.eval().requires_grad_(False)
-    pack_frozen_linears(model)
-    return model

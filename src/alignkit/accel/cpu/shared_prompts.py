@@ -1,15 +1,15 @@
-"""Prompts run once: rows that repeat a prompt packed into one row, [prompt, suffix_1, ..., suffix_k].
+"""Prompts run once: rows that repeat a prompt share one row, [prompt, suffix_1, ..., suffix_k].
 
 The items of a preference group (chosen and rejected, K ranked responses) and the k samples of one
 prompt all start with the same prompt tokens, and a causal model computes the same keys and values
-for them each time. `packed_prompt_layout` lays each distinct prompt out once per row, followed by
+for them each time. `shared_prompt_layout` lays each distinct prompt out once per row, followed by
 its K suffixes side by side, under a 4D mask in which a suffix sees its prompt and itself only, at
 the positions it has in its own sequence: one forward call, no KV cache, so it also works under
-DDP. The cost is attention over wider rows with a dense mask, so the CPU backend packs when
-`packing_pays` (FLOP estimate at least 10% lower, rows at most `PACKED_MAX_WIDTH` wide) and the
-model is a Llama-family model with sdpa or eager attention (`accepts_packed_masks`).
+DDP. The cost is attention over wider rows with a dense mask, so the CPU backend shares rows when
+`sharing_pays` (FLOP estimate at least 10% lower, rows at most `SHARED_ROW_MAX_WIDTH` wide) and the
+model is a Llama-family model with sdpa or eager attention (`accepts_4d_masks`).
 `shared_prefix_layout` finds each group's common prefix from token ids (preference and reward
-groups), `pack_shared` packs it.
+groups), `shared_prompt_rows` lays it out in shared rows.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import torch
 
 from alignkit.ops.logprobs import IGNORE_INDEX
 
-PACKING_MARGIN = 0.9  # pack when the estimated FLOPs fall below this fraction of the plain pass's
-PACKED_MAX_WIDTH = 2048  # widest packed row: its G×1×W×W mask and attention scores grow with W^2
-PACKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # rotary positions from position_ids, 4D masks honoured
+SHARING_MARGIN = 0.9  # share when the estimated FLOPs fall below this fraction of the plain pass's
+SHARED_ROW_MAX_WIDTH = 2048  # widest shared row: its G×1×W×W mask and attention scores grow with W^2
+SHARED_ROW_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # rotary positions from position_ids, 4D masks honoured
 
 
 def attention_window(config: Any) -> int | None:
@@ -39,42 +39,42 @@ def distinct_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
     return unique[:, :width], unique[:, width:].bool(), inverse
 
 
-def accepts_packed_masks(config: Any) -> bool:
-    """Whether a model takes `packed_prompt_layout`'s rows: a Llama-family model (positions from
+def accepts_4d_masks(config: Any) -> bool:
+    """Whether a model takes `shared_prompt_layout`'s rows: a Llama-family model (positions from
     `position_ids`, not from the mask or the column) whose attention is `sdpa` or `eager` (flash-
     attention kernels read only 2D padding masks), without a sliding window."""
-    return (config is not None and getattr(config, "model_type", None) in PACKED_MODEL_TYPES
+    return (config is not None and getattr(config, "model_type", None) in SHARED_ROW_MODEL_TYPES
             and getattr(config, "_attn_implementation", None) in {"sdpa", "eager"}
             and attention_window(config) is None)
 
 
-def packed_attention(mask: torch.Tensor, config: Any, dtype: torch.dtype) -> torch.Tensor:
+def mask_for_attention(mask: torch.Tensor, config: Any, dtype: torch.dtype) -> torch.Tensor:
     """The 4D mask in the form the model's attention reads: bool for sdpa, additive (0 / lowest) for eager."""
     if config._attn_implementation != "eager":
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
-def packing_pays(config: Any, rows: int, groups: int, prompt_width: int, suffix_width: int, slots: int) -> bool:
-    """Whether one packed row per prompt costs fewer FLOPs than one row per sequence (by `PACKING_MARGIN`),
-    for rows at most `PACKED_MAX_WIDTH` wide.
+def sharing_pays(config: Any, rows: int, groups: int, prompt_width: int, suffix_width: int, slots: int) -> bool:
+    """Whether one shared row per prompt costs fewer FLOPs than one row per sequence (by `SHARING_MARGIN`),
+    for rows at most `SHARED_ROW_MAX_WIDTH` wide.
 
     Per token, a layer's projections cost 2 * (4 H^2 + 3 H I) FLOPs (GQA and biases ignored); attention
-    under a dense mask costs 4 H W^2 per row of width W, which packing makes wider (W = P + k S).
+    under a dense mask costs 4 H W^2 per row of width W, which sharing makes wider (W = P + k S).
     """
-    plain_width, packed_width = prompt_width + suffix_width, prompt_width + slots * suffix_width
-    if packed_width > PACKED_MAX_WIDTH:
+    plain_width, shared_width = prompt_width + suffix_width, prompt_width + slots * suffix_width
+    if shared_width > SHARED_ROW_MAX_WIDTH:
         return False
     hidden = config.hidden_size
     per_token = 2 * (4 * hidden * hidden + 3 * hidden * getattr(config, "intermediate_size", 4 * hidden))
     plain = rows * (plain_width * per_token + 4 * hidden * plain_width**2)
-    packed = groups * (packed_width * per_token + 4 * hidden * packed_width**2)
-    return packed < PACKING_MARGIN * plain
+    shared = groups * (shared_width * per_token + 4 * hidden * shared_width**2)
+    return shared < SHARING_MARGIN * plain
 
 
-def packed_prompt_layout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, suffix_ids: torch.Tensor,
+def shared_prompt_layout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, suffix_ids: torch.Tensor,
                          suffix_mask: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:
-    """Rows that repeat a prompt packed into one row per distinct prompt, for a single forward pass.
+    """Rows that repeat a prompt laid out as one row per distinct prompt, for a single forward pass.
 
     Row g is [prompt_g (left-padded, width P), slot 0, ..., slot k-1], each slot S columns holding one
     of the suffixes that follow prompt g (k = the largest group; a smaller group leaves slots empty).
@@ -125,27 +125,27 @@ def packed_prompt_layout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, su
             "keep": keep, "group": rows, "take": take, "columns": columns}
 
 
-def pack_shared(shared: dict[str, torch.Tensor], pad_id: int, config: Any) -> dict[str, torch.Tensor] | None:
-    """The items of a `shared_prefix_layout` packed one row per distinct prefix (`packed_prompt_layout`),
-    or None, before any packed tensor is built, when packing would not save FLOPs (`packing_pays`)."""
+def shared_prompt_rows(shared: dict[str, torch.Tensor], pad_id: int, config: Any) -> dict[str, torch.Tensor] | None:
+    """The items of a `shared_prefix_layout` in one row per distinct prefix (`shared_prompt_layout`),
+    or None, before any tensor of it is built, when sharing would not save FLOPs (`sharing_pays`)."""
     index = shared["prefix_index"]
     prefix_ids, prefix_mask = shared["prefix_ids"][index], shared["prefix_mask"][index]
     _, _, group = distinct_rows(prefix_ids, prefix_mask)
     counts = torch.bincount(group)
     width_p, width_s = prefix_ids.shape[1], shared["suffix_ids"].shape[1]
-    if not packing_pays(config, len(index), len(counts), width_p, width_s, int(counts.max())):
+    if not sharing_pays(config, len(index), len(counts), width_p, width_s, int(counts.max())):
         return None
-    return packed_prompt_layout(prefix_ids, prefix_mask, shared["suffix_ids"], shared["suffix_mask"], pad_id)
+    return shared_prompt_layout(prefix_ids, prefix_mask, shared["suffix_ids"], shared["suffix_mask"], pad_id)
 
 
-def packed_logits(model: Any, layout: dict[str, torch.Tensor], config: Any, dtype: torch.dtype) -> torch.Tensor:
-    """Logits G×K×V of `packed_prompt_layout` rows at its kept columns, from one forward call of `model`.
+def shared_prompt_logits(model: Any, layout: dict[str, torch.Tensor], config: Any, dtype: torch.dtype) -> torch.Tensor:
+    """Logits G×K×V of `shared_prompt_layout` rows at its kept columns, from one forward call of `model`.
 
-    `config` and `dtype` (the model's) give the mask's form (`packed_attention`). A model that ignores
+    `config` and `dtype` (the model's) give the mask's form (`mask_for_attention`). A model that ignores
     a tensor `logits_to_keep` (transformers < 4.49, remote code) is read at the kept columns here.
     """
     keep = layout["keep"]
-    out = model(input_ids=layout["input_ids"], attention_mask=packed_attention(layout["attention_mask"], config, dtype),
+    out = model(input_ids=layout["input_ids"], attention_mask=mask_for_attention(layout["attention_mask"], config, dtype),
                 position_ids=layout["position_ids"], use_cache=False, logits_to_keep=keep)
     return out.logits if out.logits.shape[1] == keep.shape[0] else out.logits[:, keep]
 

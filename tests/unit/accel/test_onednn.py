@@ -1,4 +1,4 @@
-"""`pack_frozen_linears`: oneDNN-packed linear layers compute F.linear, never with stale weights."""
+"""`reorder_frozen_linears`: oneDNN-packed linear layers compute F.linear, never with stale weights."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignkit.accel.cpu import CpuBackend, packed_linear
-from alignkit.accel.cpu.packed_linear import frozen, onednn_available, pack_frozen_linears
+from alignkit.accel.cpu import CpuBackend, onednn
+from alignkit.accel.cpu.onednn import onednn_available, reorder_frozen_linears
 
 pytestmark = pytest.mark.skipif(not onednn_available(torch.float32), reason="this torch build has no oneDNN")
 
@@ -25,7 +25,7 @@ def _reference(model: torch.nn.Sequential, x: torch.Tensor) -> torch.Tensor:
 def test_packed_forward_equals_linear_and_keeps_the_state_dict():
     model = _mlp()
     keys = list(model.state_dict())
-    assert pack_frozen_linears(model) == 2
+    assert reorder_frozen_linears(model) == 2
     x = torch.randn(3, 5, 16)
     with torch.no_grad():
         out = model(x)
@@ -34,7 +34,7 @@ def test_packed_forward_equals_linear_and_keeps_the_state_dict():
 
 
 def test_weights_changed_in_place_are_packed_again():
-    model = frozen(_mlp())
+    model = CpuBackend().freeze(_mlp())
     x = torch.randn(4, 16)
     with torch.inference_mode():
         before = model(x)
@@ -48,7 +48,7 @@ def test_weights_changed_in_place_are_packed_again():
 
 def test_gradients_still_flow_through_a_packed_model():
     model = _mlp()
-    pack_frozen_linears(model)
+    reorder_frozen_linears(model)
     x = torch.randn(4, 16)
     model(x).sum().backward()  # weights require grad: the plain F.linear path
     expected = torch.autograd.grad(_reference(model, x).sum(), model[0].weight)[0]
@@ -64,11 +64,11 @@ def test_only_plain_float32_linears_are_packed():
         pass
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), Adapted(4, 4), torch.nn.Linear(4, 4).to(torch.bfloat16))
-    assert pack_frozen_linears(model) == 1
+    assert reorder_frozen_linears(model) == 1
 
 
 def test_the_cpu_backend_without_onednn_freezes_to_plain_linear_layers(monkeypatch):
-    monkeypatch.setenv("ALIGNKIT_ONEDNN_PACK", "0")
+    monkeypatch.setenv("ALIGNKIT_ONEDNN", "0")
     assert onednn_available(torch.float32)  # the switch is the backend's, not this module's
     model = CpuBackend.from_environment().freeze(_mlp())
     assert not model.training and not any(p.requires_grad for p in model.parameters())
@@ -81,7 +81,7 @@ def test_storage_swaps_copies_and_pickles_are_safe():
     import copy
     import io
 
-    model = frozen(_mlp())
+    model = CpuBackend().freeze(_mlp())
     x = torch.randn(4, 16)
     with torch.no_grad():
         model(x)
@@ -100,17 +100,17 @@ def test_storage_swaps_copies_and_pickles_are_safe():
 
 def test_inference_tensor_weights_and_adapter_models_take_the_plain_path():
     with torch.inference_mode():
-        model = frozen(_mlp())  # weights created in inference mode: no version counter
+        model = CpuBackend().freeze(_mlp())  # weights created in inference mode: no version counter
         x = torch.randn(2, 16)
         torch.testing.assert_close(model(x), _reference(model, x))
     from peft import LoraConfig, get_peft_model
 
     adapted = get_peft_model(_mlp(), LoraConfig(r=2, target_modules=["0"]))
-    assert pack_frozen_linears(adapted) == 0  # a merge writes weight.data, which nothing tracks
-    model = frozen(_mlp())
+    assert reorder_frozen_linears(adapted) == 0  # a merge writes weight.data, which nothing tracks
+    model = CpuBackend().freeze(_mlp())
     x = torch.randn(2, 16)
     with torch.no_grad():
         model(x)  # packed copies made
         model[0].weight.data.mul_(-1.0)  # a write no version counter sees (as a LoRA merge writes)
-        packed_linear.unpack_linears(model)
+        onednn.restore_linears(model)
         assert torch.equal(model(x), _reference(model, x))  # plain F.linear on the new weights
