@@ -19,10 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from alignkit import report_plots as plots
 from alignkit.config import RunConfig
 from alignkit.errors import AlignkitError
 from alignkit.report_html import render
+from alignkit.trainers.rundir import prepare_run_dir, resolve_output_dir, write_json_atomic
 
 ORDER = ["sft", "ppo", "rloo", "grpo", "dpo", "best_of_n", "rejection_sampling"]
 
@@ -125,8 +128,6 @@ def collect(cfg: ReportConfig) -> dict[str, Any]:
 
 
 def _ppo_target(cfg: ReportConfig) -> float | None:
-    import yaml
-
     path = Path(cfg.ppo_dir) / "config.yaml" if cfg.ppo_dir else None
     if not path or not path.is_file():
         return None
@@ -169,8 +170,6 @@ def figures(data: dict[str, Any]) -> dict[str, str]:
 
 def run(cfg: ReportConfig) -> dict[str, Any]:
     """Write `report.html` and `summary.json` into `runs_dir`; return the summary."""
-    from alignkit.trainers.rundir import prepare_run_dir, resolve_output_dir, write_json_atomic
-
     if not cfg.runs_dir or not cfg.eval_dir:
         raise AlignkitError("options `runs_dir` and `eval_dir` are required (the pipeline directory and the eval run)")
     out_dir = resolve_output_dir("report", cfg.run.output_dir)

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import torch
 
+from alignkit.data.load import load_records
 from alignkit.errors import AlignkitError
 
 FORMATS = ("pairs", "choice", "ranking", "rating", "steps")
@@ -159,8 +160,6 @@ class FileLabeler:
     """
 
     def __init__(self, path: str | Path):
-        from alignkit.data.load import load_records
-
         self.path = str(path)
         self.answers: dict[str, tuple[int, dict[str, Any]]] = {}
         for row, answer in enumerate(load_records(self.path), start=1):

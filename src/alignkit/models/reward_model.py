@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
+from alignkit.config import ModelConfig
 from alignkit.errors import AlignkitError
+from alignkit.models.load import load_sequence_classifier, load_tokenizer
 from alignkit.ops.masking import mask_positions
 
 CONFIG_GAIN = "reward_gain"
@@ -119,9 +121,6 @@ def with_stored_bias(model: torch.nn.Module, scores: torch.Tensor) -> torch.Tens
 
 def load_reward_model(path: str, *, dtype: str = "float32", allow_unsafe_pickle: bool = False) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) of a saved reward model; `reward_scores(..., apply_bias=True)` scores it."""
-    from alignkit.config import ModelConfig
-    from alignkit.models.load import load_sequence_classifier, load_tokenizer
-
     cfg = ModelConfig(name_or_path=str(path), dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle)
     tokenizer = load_tokenizer(cfg)
     model = load_sequence_classifier(cfg, num_labels=1, tokenizer=tokenizer).eval()

@@ -16,6 +16,8 @@ from transformers import PreTrainedTokenizerBase
 from alignkit.atomic import atomic_dir
 from alignkit.errors import AlignkitError
 from alignkit.models.load import record_special_token_ids
+from alignkit.models.reward_model import REMOTE_MODULE
+from alignkit.models.reward_normalization import remote_code_source
 
 
 def save_pretrained_atomic(
@@ -70,8 +72,6 @@ def _write(
     to_save.save_pretrained(directory, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-    from alignkit.models.reward_model import REMOTE_MODULE
-    from alignkit.models.reward_normalization import remote_code_source
 
     source = remote_code_source(to_save) if hasattr(to_save, "config") else None
     if source is not None:  # a normalised reward model: opt-in exact loading (see remote_code_source)

@@ -17,6 +17,7 @@ import torch
 
 from alignkit.config import ModelConfig
 from alignkit.errors import AlignkitError
+from alignkit.models.load import load_causal_lm, load_sequence_classifier
 
 
 class ValueModel(torch.nn.Module):
@@ -55,8 +56,6 @@ def load_value_model(source: str, init: str, tokenizer: Any, base: ModelConfig) 
     Raises:
         AlignkitError: If the reward model has no linear score head with one output.
     """
-    from alignkit.models.load import load_causal_lm, load_sequence_classifier
-
     cfg = dataclasses.replace(base, name_or_path=source, tokenizer=None, lora_r=0)
     if init == "reward":
         model = load_sequence_classifier(cfg, num_labels=1, tokenizer=tokenizer)

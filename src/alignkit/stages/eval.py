@@ -24,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from alignkit.accel import resolve
 from alignkit.config import ModelConfig, RunConfig, SamplingConfig, require_world
 from alignkit.errors import AlignkitError
 from alignkit.models.load import load_causal_lm, load_tokenizer
-from alignkit.rollout.evaluate import evaluate_policy
+from alignkit.rollout.best_of_n import analytic_kl, expected_best_of_n
+from alignkit.rollout.evaluate import distinct_n, evaluate_policy
 from alignkit.rollout.score import load_scorer
 from alignkit.trainers.rundir import prepare_run_dir, resolve_output_dir, write_json_atomic
 
@@ -142,9 +144,6 @@ class _Evaluator:
 
 def _best_of_n(ev: _Evaluator, label: str, run_dir: str) -> tuple[dict[str, dict], list[dict[str, Any]]]:
     """Figures per N (and the headline N's rows) from a best-of-N run's saved samples."""
-    from alignkit.rollout.best_of_n import analytic_kl, expected_best_of_n
-    from alignkit.rollout.evaluate import distinct_n
-
     path = Path(run_dir) / "samples.jsonl"
     if not path.is_file():
         raise AlignkitError(f"option `best_of_n`: {path} does not exist (run `alignkit best-of-n` first)")
@@ -227,6 +226,5 @@ def run(cfg: EvalConfig, world: Any = None) -> dict[str, Any]:
 def _progress(items: list, enabled: bool) -> Any:
     if not enabled:
         return items
-    from tqdm.auto import tqdm
 
     return tqdm(items, desc="eval", unit="policy")

@@ -29,7 +29,13 @@ from tqdm.auto import tqdm
 
 from alignkit.accel import resolve
 from alignkit.config import ModelConfig, RunConfig, SamplingConfig, require_world
+from alignkit.data.formats import validate_records
+from alignkit.data.load import load_records
+from alignkit.data.segments import parse_segmentation, split_text
 from alignkit.errors import AlignkitError
+from alignkit.feedback.labelers import make_labeler
+from alignkit.models.load import load_causal_lm, load_tokenizer
+from alignkit.rollout.generate import sample, tokenize_prompts
 from alignkit.rollout.score import GoldScorer, load_scorer
 from alignkit.trainers.rundir import prepare_run_dir, resolve_output_dir, write_json_atomic
 
@@ -78,9 +84,6 @@ class LabelConfig:
 
 
 def _read_prompts(path: str) -> list[Any]:
-    from alignkit.data.formats import validate_records
-    from alignkit.data.load import load_records
-
     return [r["prompt"] for r in validate_records(load_records(path), "prompt", path).records]
 
 
@@ -106,8 +109,6 @@ class Sampler:
     """K responses per prompt from the policy, as text, with the sampler's seeded generator."""
 
     def __init__(self, cfg: LabelConfig):
-        from alignkit.models.load import load_causal_lm, load_tokenizer
-
         if not cfg.model.name_or_path:
             raise AlignkitError("option `model.name_or_path` is required (the policy), or give a `world`")
         self.cfg = cfg
@@ -118,8 +119,6 @@ class Sampler:
         self.n_tokens = 0
 
     def __call__(self, prompts: list[Any]) -> list[list[str]]:
-        from alignkit.rollout.generate import sample, tokenize_prompts
-
         c, tok = self.cfg, self.tokenizer
         chat = isinstance(prompts[0], list)
         texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if chat else p
@@ -150,8 +149,6 @@ def query_problem(query: dict[str, Any], fmt: str) -> str | None:
 
 def _make_labeler(cfg: LabelConfig, gold: Any) -> Any:
     """The labeler of `cfg`; `gold` is the world's `GoldScorer` (or None without a world)."""
-    from alignkit.feedback.labelers import make_labeler
-
     scorer = None
     if cfg.labeler == "gold":
         if gold is None:
@@ -163,8 +160,6 @@ def _make_labeler(cfg: LabelConfig, gold: Any) -> Any:
         scorer = load_scorer(cfg.scorer, backend=resolve(cfg.run.accel))
     split = None
     if cfg.format == "steps":
-        from alignkit.data.segments import parse_segmentation, split_text
-        from alignkit.models.load import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model) if parse_segmentation(cfg.segments)[0] == "chunks" else None
         split = partial(split_text, spec=cfg.segments, tokenizer=tokenizer)
@@ -237,8 +232,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _from_queries(cfg: LabelConfig, labeler: Any, stats: dict[str, int]) -> tuple[list[dict], dict[str, list]]:
-    from alignkit.data.load import load_records
-
     queries = load_records(cfg.queries)
     for row, q in enumerate(queries, start=1):
         for name in ("id", "prompt", "responses"):

@@ -167,7 +167,6 @@ def make_loss_fn(cfg: DPOConfig, reference: Reference | None,
 
 def _read(path: str, cfg: DPOConfig, tokenizer: Any) -> tuple[list[dict], int]:
     """Validated, tokenized groups of a file and the number of bad rows skipped."""
-
     records = load_records(path)[: cfg.data.limit]
     kind = detect_format(records[0]) if isinstance(records[0], dict) else "preference"
     report = validate_records(records, kind, path, cfg.data.on_bad_rows)
@@ -180,7 +179,6 @@ def _read(path: str, cfg: DPOConfig, tokenizer: Any) -> tuple[list[dict], int]:
 
 def load_preference_data(cfg: DPOConfig, tokenizer: Any) -> dict[str, Any]:
     """Training and held-out groups (`train`, `eval`) and `skipped` rows, from `data.path` / `data.eval_path`."""
-
     if not cfg.data.path:
         raise AlignkitError("option `data.path` is required (offline DPO): a file of {prompt, chosen, rejected}, "
                             "{prompt, responses} or {prompt, completion, label} records; or set `rounds` > 0")

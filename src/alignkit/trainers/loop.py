@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from alignkit.accel import resolve
 from alignkit.errors import AlignkitError
+from alignkit.models.save import save_pretrained_atomic
 from alignkit.trainers import checkpoint as ckpt
 from alignkit.trainers.rundir import (
     MetricsLogger,
@@ -307,8 +308,6 @@ class TrainLoop:
         `model` is the model saved in `final/` (default: the trained model); e.g. the policy of an
         actor-critic pair whose wrapper is what the loop trains.
         """
-        from alignkit.models.save import save_pretrained_atomic
-
         self.close()
         acc = self.accelerator
         acc.wait_for_everyone()

@@ -12,10 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
+from alignkit.data.load import load_records, split_records
 from alignkit.errors import AlignkitError
 from alignkit.losses.sft import causal_lm_loss_sum
+from alignkit.models.load import load_causal_lm, load_tokenizer
 from alignkit.trainers.loop import TrainLoop, evaluate
 
 
@@ -58,8 +61,6 @@ def make_blocks(texts: list[str], tokenizer: Any, block_size: int) -> torch.Tens
 
 
 def _load_data(cfg: PretrainConfig) -> tuple[list[str], list[str]]:
-    from alignkit.data.load import load_records, split_records
-
     if not cfg.data.path:
         raise AlignkitError("option `data.path` is required: a file or dataset of {text} records")
     records = load_records(cfg.data.path)[: cfg.data.limit]
@@ -72,11 +73,8 @@ def _load_data(cfg: PretrainConfig) -> tuple[list[str], list[str]]:
 
 
 def _load_model(cfg: PretrainConfig, tokenizer: Any) -> torch.nn.Module:
-    from alignkit.models.load import load_causal_lm
-
     if not cfg.from_scratch:
         return load_causal_lm(cfg.model, tokenizer)
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(cfg.run.seed)
     config = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
@@ -95,8 +93,6 @@ def lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Train, evaluate held-out perplexity, save `final/`; return the summary."""
-    from alignkit.models.load import load_tokenizer
-
     train_texts, eval_texts = _load_data(cfg)
     tokenizer = load_tokenizer(cfg.model)
     blocks = make_blocks(train_texts, tokenizer, cfg.block_size)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -37,16 +38,24 @@ import torch
 from alignkit.accel import Backend, resolve
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from alignkit.data.collate import right_pad, to_device
+from alignkit.data.load import load_records
 from alignkit.data.reward_groups import (
     collate_reward_groups,
     load_reward_data,
     record_groups,
     tokenize_reward_groups,
 )
+from alignkit.data.segments import parse_segmentation
 from alignkit.errors import AlignkitError
 from alignkit.losses.reward import REWARD_LOSSES
+from alignkit.models.ensemble import save_ensemble
+from alignkit.models.load import load_sequence_classifier, load_tokenizer
+from alignkit.models.reward_model import CONFIG_SEGMENTS, hf_model, init_head
+from alignkit.models.reward_normalization import apply_normalization, normalization
+from alignkit.rollout.score import RewardModelScorer, load_ensemble
 from alignkit.trainers.loop import TrainLoop
 from alignkit.trainers.reward_eval import group_metrics, spearman
+from alignkit.trainers.rundir import resolve_output_dir, write_json_atomic
 
 
 @dataclass
@@ -175,7 +184,6 @@ def evaluate_reward(model: torch.nn.Module, groups: list[dict], cfg: RewardConfi
         else:
             out["eval/spearman_targets"] = spearman(scores, batch["targets"])
     if gold and cfg.segments != "none":  # sum of segment rewards (Eq. 10.68)
-        from alignkit.rollout.score import RewardModelScorer
 
         was_training = model.training
         scorer = RewardModelScorer(model, tokenizer, batch_size=bs, max_length=cfg.data.max_length,
@@ -194,7 +202,6 @@ def evaluate_reward(model: torch.nn.Module, groups: list[dict], cfg: RewardConfi
 def normalization_rows(cfg: RewardConfig, records: list[dict], tokenizer: Any) -> list[list[int]]:
     """Token ids of the reference-policy samples to normalise on (unique prompt/response pairs, in order)."""
     if cfg.normalize_path:
-        from alignkit.data.load import load_records
 
         records = load_records(cfg.normalize_path)
     seen: set[str] = set()
@@ -219,10 +226,7 @@ def normalization_rows(cfg: RewardConfig, records: list[dict], tokenizer: Any) -
 
 def load_model(cfg: RewardConfig, tokenizer: Any, seed: int) -> torch.nn.Module:
     """The sequence classifier to train, its head drawn from N(0, 1/(d+1)) when new (Ziegler et al. 2019)."""
-    import json
 
-    from alignkit.models.load import load_sequence_classifier
-    from alignkit.models.reward_model import init_head
 
     config_file = Path(cfg.model.name_or_path) / "config.json"
     archs = json.loads(config_file.read_text()).get("architectures") or [] if config_file.is_file() else []
@@ -236,8 +240,6 @@ def load_model(cfg: RewardConfig, tokenizer: Any, seed: int) -> torch.nn.Module:
 def train_one(cfg: RewardConfig, tokenizer: Any, train: list[dict], data: dict, gold: list[dict],
               norm_rows: list[list[int]]) -> dict[str, Any]:
     """Train one reward model in `cfg.run.output_dir`, evaluate, normalise, save `final/`; return the summary."""
-    from alignkit.models.reward_normalization import apply_normalization, normalization
-
     model = load_model(cfg, tokenizer, cfg.run.seed)
     model.train()
     loop = TrainLoop("reward", cfg, model, n_examples=len(train))
@@ -265,7 +267,6 @@ def train_one(cfg: RewardConfig, tokenizer: Any, train: list[dict], data: dict, 
         summary["normalization"] = {"gain": gain, "bias": bias, "samples": len(norm_rows),
                                     "bias_folded_into_head": apply_normalization(unwrapped, gain, bias)}
     if cfg.segments != "none":
-        from alignkit.models.reward_model import CONFIG_SEGMENTS, hf_model
 
         setattr(hf_model(unwrapped).config, CONFIG_SEGMENTS, cfg.segments)
     loop.log(final)
@@ -304,11 +305,6 @@ def _budget_curve(cfg: RewardConfig, tokenizer: Any, data: dict, gold: list, nor
 
 def run(cfg: RewardConfig) -> dict[str, Any]:
     """Train the reward model (or ensemble), normalise it, save `final/`; return the summary."""
-    from alignkit.data.load import load_records
-    from alignkit.data.segments import parse_segmentation
-    from alignkit.models.load import load_tokenizer
-    from alignkit.trainers.rundir import resolve_output_dir, write_json_atomic
-
     parse_segmentation(cfg.segments)  # a bad `segments` fails before training
     if cfg.segments != "none" and cfg.normalize:
         raise AlignkitError("options `segments` and `normalize`: a segment reward model's reward is a sum over a "
@@ -340,9 +336,6 @@ def run(cfg: RewardConfig) -> dict[str, Any]:
 
 def _assemble_ensemble(cfg: RewardConfig, out_dir: Path, members: list[dict], gold: list) -> dict[str, Any]:
     """Copy the members into `final/` with `ensemble.json`; evaluate the combined scorer on the gold samples."""
-    from alignkit.models.ensemble import save_ensemble
-    from alignkit.rollout.score import load_ensemble
-
     final = save_ensemble(out_dir / "final", [m["final_dir"] for m in members], combine=cfg.combine, k=cfg.combine_k)
     summary: dict[str, Any] = {"stage": "reward", "output_dir": str(out_dir), "final_dir": str(final),
                                "wall_time_s": sum(m["wall_time_s"] for m in members),

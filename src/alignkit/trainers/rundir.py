@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import accelerate
 import yaml
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 
 from alignkit.atomic import atomic_write_json, atomic_write_text
 from alignkit.config import to_dict
@@ -113,13 +115,11 @@ class MetricsLogger:
         """
         if not report_to:
             return []
-        from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 
         available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
         chosen = []
         for name in dict.fromkeys(report_to):
             if name not in LOGGER_TYPE_TO_CLASS:
-                import accelerate
 
                 raise AlignkitError(f"option `run.report_to`: accelerate {accelerate.__version__} has no tracker "
                                     f"{name!r} (it has {', '.join(sorted(LOGGER_TYPE_TO_CLASS))}); upgrade accelerate")

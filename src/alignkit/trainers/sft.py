@@ -25,9 +25,12 @@ import torch
 
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig, SamplingConfig
 from alignkit.data.collate import collate_packed, collate_padded, left_pad, to_device
+from alignkit.data.formats import validate_records
+from alignkit.data.load import load_records, split_records
 from alignkit.data.tokenize import encode_prompt, tokenize_sft
 from alignkit.errors import AlignkitError
 from alignkit.losses.sft import token_nll_sum
+from alignkit.models.load import load_causal_lm, load_tokenizer
 from alignkit.models.logits import labelled_logits
 from alignkit.ops.logprobs import IGNORE_INDEX
 from alignkit.trainers.loop import TrainLoop, evaluate
@@ -62,9 +65,6 @@ class SFTConfig:
 
 def _validated(path: str, cfg: SFTConfig) -> tuple[list[dict], list[int], int]:
     """Valid `sft` records of `path` with their 1-based row numbers, and the count of skipped rows."""
-    from alignkit.data.formats import validate_records
-    from alignkit.data.load import load_records
-
     records = load_records(path)
     report = validate_records(records, "sft", path, cfg.data.on_bad_rows)
     bad = {row for row, _, _ in report.skipped}
@@ -79,8 +79,6 @@ def load_sft_data(cfg: SFTConfig, tokenizer: Any) -> dict[str, Any]:
         `train` and `eval` (tokenized examples), `eval_prompts` (for samples, with references) and
         counts `truncated`, `dropped`, `skipped_rows` (invalid or untokenizable rows skipped).
     """
-    from alignkit.data.load import split_records
-
     d = cfg.data
     if not d.path:
         raise AlignkitError("option `data.path` is required: a file or dataset of {prompt, completion} or "
@@ -210,8 +208,6 @@ def _plan(data: dict[str, Any], loop: TrainLoop, cfg: SFTConfig) -> dict[str, st
 
 def run(cfg: SFTConfig) -> dict[str, Any]:
     """Fine-tune, evaluate held-out response loss, save `final/`; return the summary."""
-    from alignkit.models.load import load_causal_lm, load_tokenizer
-
     tokenizer = load_tokenizer(cfg.model)
     data = load_sft_data(cfg, tokenizer)
     model = load_causal_lm(cfg.model, tokenizer)

@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoTokenizer
 
 from alignkit.errors import AlignkitError
+from alignkit.trainers.pretrain import PretrainConfig
 from alignkit.worlds import sentiment_corpus as corpus
 from alignkit.worlds import sentiment_gold as gold
 from alignkit.worlds import sentiment_lm as lm
@@ -36,6 +38,7 @@ from alignkit.worlds.base import (
 )
 from alignkit.worlds.sentiment_config import SentimentBuildConfig
 from alignkit.worlds.sentiment_gold_fit import fit_gold
+from alignkit.worlds.sentiment_sft import write_sft_data
 
 NAME = "sentiment"
 STEPS_FILE = "steps.json"
@@ -56,8 +59,6 @@ class _Build:
 
     @functools.cached_property
     def tokenizer(self) -> Any:
-        from transformers import AutoTokenizer
-
         return AutoTokenizer.from_pretrained(self.root / "tokenizer")
 
     def run(self, name: str, done: Path, fn: Callable[[], dict[str, Any]]) -> None:
@@ -124,8 +125,6 @@ def _prompts_step(b: _Build) -> dict[str, Any]:
 
 def _sft_data_step(b: _Build) -> dict[str, Any]:
     """`sft_train.jsonl` / `sft_heldout.jsonl`: tweet prefix -> continuation pairs for `alignkit sft`."""
-    from alignkit.worlds.sentiment_sft import write_sft_data
-
     counts = write_sft_data(b.root, min_tokens=b.cfg.prompt_min_tokens, max_tokens=b.cfg.prompt_max_tokens,
                             seed=b.cfg.seed)
     return {"sft_train": counts["train"], "sft_heldout": counts["heldout"]}
@@ -153,7 +152,6 @@ def _gold_step(b: _Build) -> dict[str, Any]:
 
 def _pretrain_step(b: _Build) -> dict[str, Any]:
     try:
-        from alignkit.trainers.pretrain import PretrainConfig
         from alignkit.trainers.pretrain import run as run_pretrain
     except ImportError as err:
         raise AlignkitError(f"the sentiment world needs the pretrain stage (alignkit.trainers.pretrain): {err}") from err

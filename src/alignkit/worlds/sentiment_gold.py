@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+from transformers import AutoModel, AutoTokenizer
 
 from alignkit.accel.cpu import CpuBackend
 from alignkit.errors import AlignkitError
@@ -47,8 +48,6 @@ def encoder_path() -> Path:
 
 def load_encoder(path: str | Path | None = None) -> tuple:
     """(tokenizer, model) of the frozen encoder, in eval mode on the CPU."""
-    from transformers import AutoModel, AutoTokenizer
-
     path = Path(path) if path else encoder_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = CpuBackend.from_environment().freeze(AutoModel.from_pretrained(path))  # always on the CPU

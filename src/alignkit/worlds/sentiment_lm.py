@@ -10,6 +10,10 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
 from alignkit.worlds.base import atomic_path
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -40,9 +44,6 @@ def train_tokenizer(texts: list[str], vocab_size: int = 4096, model_max_length: 
         vocab_size: Vocabulary size, special tokens included.
         model_max_length: Longest sequence the model accepts (its max positions).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -91,9 +92,6 @@ def init_model(
     Returns:
         Number of parameters (tied embeddings counted once).
     """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

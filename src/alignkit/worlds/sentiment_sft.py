@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoTokenizer
+
 from alignkit.errors import AlignkitError
 from alignkit.worlds.base import read_jsonl_field, world_root, write_jsonl
 from alignkit.worlds.sentiment_lm import _boundary_cuts
@@ -53,8 +55,6 @@ def write_sft_data(root: str | Path, *, min_tokens: int = 2, max_tokens: int = 8
     Raises:
         AlignkitError: The world's corpus or tokenizer is missing (build the world first).
     """
-    from transformers import AutoTokenizer
-
     root = Path(root)
     if not (root / "tokenizer").is_dir():
         raise AlignkitError(f"{root / 'tokenizer'} does not exist: run `alignkit world sentiment build` first")

@@ -24,6 +24,7 @@ import torch
 from alignkit.accel.cpu.decode_layers import run_layers
 from alignkit.accel.cpu.onednn import onednn_available, reorder_weight
 from alignkit.accel.cpu.shared_prompts import attention_window, distinct_rows
+from alignkit.ops.masking import mask_positions
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -165,7 +166,7 @@ class FastDecoder:
         if ids.shape[0] == prompt_ids.shape[0]:  # no repeated prompt: write the cache directly
             ids, mask_rows, row_positions = prompt_ids, prompt_mask, positions
         else:
-            row_positions = (mask_rows.long().cumsum(dim=1) - 1).clamp(min=0)
+            row_positions = mask_positions(mask_rows)
         causal = torch.ones(width_p, width_p, dtype=torch.bool, device=prompt_ids.device).tril()
         # Real queries see real keys at or before them; a pad query sees only itself, which keeps its
         # (never attended) row finite instead of a softmax over nothing.

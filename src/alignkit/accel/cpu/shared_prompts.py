@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from alignkit.ops.logprobs import IGNORE_INDEX
+from alignkit.ops.masking import mask_positions
 
 SHARING_MARGIN = 0.9  # share when the estimated FLOPs fall below this fraction of the plain pass's
 SHARED_ROW_MAX_WIDTH = 2048  # widest shared row: its G×1×W×W mask and attention scores grow with W^2
@@ -108,7 +109,7 @@ def shared_prompt_layout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, su
     real = torch.zeros((n_groups, width), dtype=torch.bool, device=device)
     ids[:, :width_p], real[:, :width_p] = unique, unique_mask
     ids[rows, columns], real[rows, columns] = suffix_ids, suffix_mask.bool()
-    prompt_positions = (unique_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # G×P
+    prompt_positions = mask_positions(unique_mask)  # G×P
     suffix_positions = unique_mask.sum(dim=1, keepdim=True) + torch.arange(width_s, device=device)[None]
     positions = torch.cat([prompt_positions, suffix_positions.repeat(1, slots)], dim=1)
     segment = torch.cat([torch.full((width_p,), -1, device=device),
