@@ -17,7 +17,7 @@ from typing import Any
 
 import accelerate
 import yaml
-from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+from accelerate import tracking
 
 from alignkit.atomic import atomic_write_json, atomic_write_text
 from alignkit.config import to_dict
@@ -116,13 +116,13 @@ class MetricsLogger:
         if not report_to:
             return []
 
-        available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+        available = {str(getattr(t, "value", t)) for t in tracking.get_available_trackers()}
         chosen = []
         for name in dict.fromkeys(report_to):
-            if name not in LOGGER_TYPE_TO_CLASS:
+            if name not in tracking.LOGGER_TYPE_TO_CLASS:
 
                 raise AlignkitError(f"option `run.report_to`: accelerate {accelerate.__version__} has no tracker "
-                                    f"{name!r} (it has {', '.join(sorted(LOGGER_TYPE_TO_CLASS))}); upgrade accelerate")
+                                    f"{name!r} (it has {', '.join(sorted(tracking.LOGGER_TYPE_TO_CLASS))}); upgrade accelerate")
             if name in available:
                 chosen.append(name)
             elif name != "tensorboard":
