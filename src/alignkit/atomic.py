@@ -10,7 +10,9 @@ or the new one, never a half-written one under the final name:
 - `atomic_write_bytes`, `atomic_write_text`, `atomic_write_json` write one file that way;
 - `move_into_place(tmp, final)` is the commit step on its own, for a temporary directory that
   several processes fill (training checkpoints);
-- `fsync_file`, `fsync_dir` are the durability primitives.
+- `fsync_file`, `fsync_dir` are the durability primitives;
+- `raise_if_disk_full(err, what, where)` turns a full disk (ENOSPC, EDQUOT) into one line for the
+  user: what was being written, where, the space free there and, when known, the space needed.
 
 An existing `final` is replaced: a directory is moved aside, the new one renamed in, and the old
 one deleted; if the rename fails the old directory is moved back.
@@ -35,10 +37,57 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from alignkit.errors import AlignkitError  # a plain exception class: no dependencies
+
 # errno values meaning "this filesystem cannot fsync a directory", not "the data is not on disk".
 _FSYNC_UNSUPPORTED = frozenset(
     getattr(errno, name) for name in ("EINVAL", "ENOTSUP", "EOPNOTSUPP", "ENOSYS") if hasattr(errno, name)
 )
+
+
+DISK_FULL = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT") if hasattr(errno, name))
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Free space on the filesystem of `path` (or of its nearest existing parent); None if unknown."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            try:
+                return shutil.disk_usage(p).free
+            except OSError:
+                return None
+    return None
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether `err` (or an error it was raised from) is a full disk or an exhausted quota."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in DISK_FULL:
+            return True
+        if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
+            return True  # e.g. safetensors' Rust error, which carries no errno
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def raise_if_disk_full(err: BaseException, what: str, where: str | os.PathLike, *, need_bytes: int | None = None,
+                       advice: str = "") -> None:
+    """Raise an `AlignkitError` (from `err`) in one line if `err` is a full disk; otherwise return."""
+    if not is_disk_full(err):
+        return
+    free = free_bytes(where)
+    parts = [f"disk full while writing {what} to {where}"]
+    if need_bytes is not None:
+        parts.append(f"it needs about {_mib(need_bytes)}")
+    if free is not None:
+        parts.append(f"{_mib(free)} free there")
+    message = ": ".join(parts[:2]) + ("".join(f", {p}" for p in parts[2:]) if len(parts) > 2 else "")
+    raise AlignkitError(message + (f"; {advice}" if advice else "")) from err
 
 
 def fsync_file(path: str | os.PathLike) -> None:

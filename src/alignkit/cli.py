@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from alignkit.config import format_help, resolve_config
@@ -99,12 +100,85 @@ def run_world(argv: list[str]) -> Any:
     return world
 
 
+# How many processes a launcher started: torchrun (`accelerate launch --multi_gpu`), then MPI's.
+_WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def _parent_argv() -> list[str]:
+    """The command line of the process that started this one (e.g. `accelerate launch ...`); [] if unknown."""
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()  # Linux; elsewhere the count is not named
+    except OSError:
+        return []
+    return raw.decode(errors="replace").split("\0")
+
+
+def process_count_mismatch() -> tuple[int | None, int] | None:
+    """(processes asked for or None if unknown, processes started) when `accelerate launch` asked for more
+    processes than it started; None otherwise.
+
+    Without `--multi_gpu` (and without several GPUs) `accelerate launch --num_processes N` runs its
+    "simple" launcher: ONE process, whatever N is. That launcher always sets ACCELERATE_USE_CPU, and
+    MASTER_ADDR only when N > 1 (or several machines); it puts N nowhere in the environment, so N is
+    read from the launcher's own command line when it is there. torchrun (`--multi_gpu`) and mpirun
+    set the real count (WORLD_SIZE, PMI_SIZE, ...), which is what the run gets.
+    """
+    env = os.environ
+    started = next((int(env[k]) for k in _WORLD_SIZE_VARS if env.get(k, "").isdigit()), 1)
+    if "ACCELERATE_USE_CPU" not in env or "MASTER_ADDR" not in env or started > 1:
+        return None
+    parent = _parent_argv()
+    asked = None
+    for i, arg in enumerate(parent):
+        name, _, value = arg.partition("=")
+        if name in ("--num_processes", "--num-processes"):
+            value = value or (parent[i + 1] if i + 1 < len(parent) else "")
+            asked = int(value) if value.isdigit() else None
+            break
+    if asked is not None and asked <= started:
+        return None
+    return asked, started
+
+
+def launch_warning() -> str | None:
+    """The warning line for `process_count_mismatch()`, or None."""
+    found = process_count_mismatch()
+    if found is None:
+        return None
+    asked, started = found
+    wanted = f"{asked} processes" if asked else "more than 1 process"
+    n = f" {asked}" if asked else " N"
+    return (f"warning: accelerate launch asked for {wanted} but this run has {started} process: without "
+            "--multi_gpu, `accelerate launch` starts a single process unless it finds several GPUs. Add "
+            f"--multi_gpu (`accelerate launch --multi_gpu --num_processes{n} -m alignkit.cli ...`); on a machine "
+            "without a GPU it then runs the processes on the CPU, with gloo")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run `alignkit ...`; returns the exit status (2: a user error, printed as one line without a traceback).
+
+    A reader that stops early (`alignkit sft --help | head`) ends the run quietly with status 141
+    (128 + SIGPIPE, what a shell reports for a writer killed by the signal), as in the Python docs'
+    "Note on SIGPIPE": stdout is pointed at /dev/null so the flush at exit does not fail again.
+    """
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # a pipe closed early fails here rather than at interpreter exit
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    return status
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
     stage, rest = argv[0], argv[1:]
+    warning = None if "-h" in rest or "--help" in rest else launch_warning()
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     try:
         if stage == "world":
             run_world(rest)

@@ -13,12 +13,14 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
+import re
 import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -29,12 +31,21 @@ from alignkit.errors import AlignkitError
 class RunConfig:
     """Where a stage writes, how it logs, checkpoints and resumes."""
 
+    LIMITS: ClassVar[dict[str, str]] = {"seed": ">= 0", "save_every": ">= 0", "keep_last": ">= 1",
+                                        "log_every": ">= 1", "eval_every": ">= 0"}
+
     output_dir: str | None = None
     """Run directory; default `runs/<stage>-<timestamp>`."""
     seed: int = 0
     """Seed of every random number generator (data order, sampling, initialisation)."""
     resume: bool = False
-    """Continue from the newest complete checkpoint in `output_dir` (exactly, data position included)."""
+    """Continue from the newest complete checkpoint in `output_dir` (exactly, data position included).
+    A config that differs from the saved `config.yaml` is refused, naming the fields, unless they are
+    listed in `run.resume_override`; output, logging, checkpoint-interval and `accel` fields may change."""
+    resume_override: list[str] = field(default_factory=list)
+    """Fields allowed to differ from the saved config on `--run.resume`, e.g. `optim.lr,optim.max_steps`:
+    the new values apply (a new `optim.lr` rescales the restored schedule) and the change is recorded in
+    `resume_history.jsonl`."""
     save_every: int = 0
     """Write a checkpoint every N optimizer steps (0: only the final model)."""
     keep_last: int = 2
@@ -64,6 +75,8 @@ class RunConfig:
 class ModelConfig:
     """Which model to load and how."""
 
+    LIMITS: ClassVar[dict[str, str]] = {"lora_r": ">= 0", "lora_alpha": "> 0", "lora_dropout": "[0, 1)"}
+
     name_or_path: str = ""
     """Hugging Face hub id or local directory of the model."""
     tokenizer: str | None = None
@@ -92,6 +105,8 @@ class ModelConfig:
 class DataConfig:
     """Where the training and held-out records come from."""
 
+    LIMITS: ClassVar[dict[str, str]] = {"eval_fraction": "[0, 1)", "max_length": ">= 2", "limit": ">= 1"}
+
     path: str = ""
     """JSONL, JSON, CSV or Parquet file, a local `datasets` directory, or a hub id `name[:split]`."""
     eval_path: str | None = None
@@ -109,6 +124,11 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     """Optimizer, schedule and batch sizes."""
+
+    LIMITS: ClassVar[dict[str, str]] = {
+        "lr": "> 0", "weight_decay": ">= 0", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "adam_eps": "> 0",
+        "warmup_steps": ">= 0", "max_grad_norm": ">= 0", "per_device_batch_size": ">= 1", "grad_accum_steps": ">= 1",
+        "epochs": ">= 0", "max_steps": ">= 0"}
 
     lr: float = 1e-4
     """Peak learning rate of AdamW."""
@@ -134,6 +154,12 @@ class OptimConfig:
     """Passes over the training data (ignored when `max_steps` > 0)."""
     max_steps: int = 0
     """Optimizer steps to run (0: derive from `epochs`)."""
+
+    def check(self) -> str | None:
+        """What is wrong across fields (`check_options` names the part), or None."""
+        if self.max_steps == 0 and self.epochs == 0:
+            return "`max_steps` and `epochs` are both 0: nothing would be trained; set one of them > 0"
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,6 +193,9 @@ def field_docs(cls: type) -> dict[str, str]:
 class SamplingConfig:
     """How responses are sampled from a policy (every stage that samples has this part, `sampling.*`)."""
 
+    LIMITS: ClassVar[dict[str, str]] = {"max_new_tokens": ">= 1", "min_new_tokens": ">= 0", "temperature": "> 0",
+                                        "top_k": ">= 0", "top_p": "(0, 1]"}
+
     max_new_tokens: int = 24
     """Maximum response length in tokens."""
     min_new_tokens: int = 0
@@ -182,9 +211,69 @@ class SamplingConfig:
         """The keyword arguments of `alignkit.rollout.generate.sample`."""
         return dataclasses.asdict(self)
 
+    def check(self) -> str | None:
+        """What is wrong across fields, or None."""
+        if self.min_new_tokens > self.max_new_tokens:
+            return f"`min_new_tokens` ({self.min_new_tokens}) exceeds `max_new_tokens` ({self.max_new_tokens})"
+        return None
+
 
 def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """The type of each dataclass field (class variables such as `LIMITS` are not options)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Value limits: `LIMITS = {"field": ">= 1" | "> 0" | "[0, 1)" | ...}` on a config class
+# ---------------------------------------------------------------------------------------------
+
+_BOUND = re.compile(r"^(>=|>|<=|<)\s*(-?[\d.e+-]+)$")
+_INTERVAL = re.compile(r"^([\[(])\s*(-?[\d.e+-]+)\s*,\s*(-?[\d.e+-]+)\s*([\])])$")
+
+
+def _within(value: float, limit: str) -> bool:
+    """Whether `value` satisfies a limit written as `>= a`, `> a`, `< a`, `<= a` or an interval `[a, b)`."""
+    if match := _BOUND.match(limit):
+        op, bound = match[1], float(match[2])
+        return {">=": value >= bound, ">": value > bound, "<=": value <= bound, "<": value < bound}[op]
+    match = _INTERVAL.match(limit)
+    if match is None:
+        raise ValueError(f"bad limit {limit!r}")
+    low, high = float(match[2]), float(match[3])
+    above = value >= low if match[1] == "[" else value > low
+    below = value <= high if match[4] == "]" else value < high
+    return above and below
+
+
+def check_options(cfg: Any, prefix: str = "") -> None:
+    """Check every value of a config against its class's `LIMITS` and cross-field `check()`.
+
+    Numbers must be finite (no NaN or infinity in any option) and within their limits; None (an
+    unset optional option) passes. Called when a config is resolved (CLI, YAML, pipeline), before
+    any model loads.
+
+    Raises:
+        AlignkitError: Naming the dotted option, the limit and the value given.
+    """
+    limits = getattr(type(cfg), "LIMITS", {})
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            check_options(value, f"{key}.")
+            continue
+        numbers = value if isinstance(value, list) else [value]
+        for number in numbers:
+            if isinstance(number, bool) or not isinstance(number, int | float):
+                continue
+            if not math.isfinite(number):
+                raise AlignkitError(f"option `{key}`: expected a finite number, got {number}")
+            if f.name in limits and not _within(number, limits[f.name]):
+                raise AlignkitError(f"option `{key}`: expected a value {limits[f.name]}, got {number}")
+    problem = cfg.check() if hasattr(cfg, "check") else None
+    if problem:
+        part = prefix.rstrip(".")
+        raise AlignkitError(f"options{' of `' + part + '`' if part else ''}: {problem}")
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -323,7 +412,10 @@ def build(cls: type, values: dict[str, Any], where: str = "config", prefix: str 
             kwargs[key] = build(tp, value or {}, where, f"{prefix}{key}.", getattr(base, key))
         else:
             kwargs[key] = _coerce(value, tp, prefix + key)
-    return dataclasses.replace(base, **kwargs)
+    out = dataclasses.replace(base, **kwargs)
+    if not prefix:  # the whole config: its values against their limits
+        check_options(out)
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -406,7 +498,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise AlignkitError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise AlignkitError(f"config file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                            f"{err.start}); expected YAML") from None
     except yaml.YAMLError as err:
         raise AlignkitError(f"config file {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
@@ -436,7 +531,8 @@ def format_help(cls: type, prefix: str = "", defaults: Any = None) -> str:
             lines.append(f"\n{prefix}{f.name}: {(tp.__doc__ or '').strip().splitlines()[0]}")
             lines.append(format_help(tp, f"{prefix}{f.name}.", default))
             continue
-        lines.append(f"  --{prefix}{f.name} {_type_name(tp)} (default: {default!r})")
+        limit = getattr(cls, "LIMITS", {}).get(f.name)
+        lines.append(f"  --{prefix}{f.name} {_type_name(tp)} (default: {default!r}{'; ' + limit if limit else ''})")
         if docs.get(f.name):
             lines.append(f"      {docs[f.name]}")
     return "\n".join(lines)

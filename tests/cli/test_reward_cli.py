@@ -86,6 +86,14 @@ def test_reward_learns_preferences_and_saves_a_normalised_model(tmp_path, tiny_l
         bias = json.loads((out / "final/config.json").read_text())["reward_bias"]
         torch.testing.assert_close(plain(input_ids=ids, attention_mask=mask).logits[:, 0] + bias, ours,
                                    atol=1e-5, rtol=0)
+        # the README's recipe for plain transformers: prompt and response tokenized apart, then EOS
+        tok = scorer.tokenizer
+        for (prompt, response), score in zip(texts, ours, strict=True):
+            readme = tok(prompt)["input_ids"] + tok(response, add_special_tokens=False)["input_ids"]
+            with_eos = exact(input_ids=torch.tensor([readme + [tok.eos_token_id]])).logits[0, 0]
+            torch.testing.assert_close(with_eos, score, atol=1e-5, rtol=0)
+            # without the EOS the head reads another position: not the normalised score
+            assert abs(exact(input_ids=torch.tensor([readme])).logits[0, 0] - score) > 1e-3
 
 
 def test_ensemble_choice_data_best_of_k(tmp_path, tiny_llama_dir, data):

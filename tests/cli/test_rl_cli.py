@@ -112,6 +112,25 @@ def test_missing_reward_is_an_error_without_traceback(tmp_path, tiny_llama_dir, 
     assert res.returncode == 2 and "reward.model" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.parametrize(("stage", "option", "value", "message"), [
+    ("grpo", "--samples_per_prompt", "1", "option `samples_per_prompt`: algorithm grpo needs >= 2"),
+    ("rloo", "--samples_per_prompt", "1", "option `samples_per_prompt`: algorithm rloo needs >= 2"),
+    ("grpo", "--optim.grad_accum_steps", "4", "option `optim.grad_accum_steps` (4) is not used by the RL stages"),
+])
+def test_bad_batch_options_are_refused_at_start_up(tmp_path, tiny_llama_dir, reward_dir, prompts, stage, option,
+                                                   value, message):
+    """A group of one (no baseline) and an accumulation the RL loop does not do: errors naming the option, before
+    the run directory or any model."""
+    args = rl_args(stage, tiny_llama_dir, reward_dir, prompts, tmp_path / "run")
+    if option in args:
+        args[args.index(option) + 1] = value
+    else:
+        args += [option, value]
+    res = cli(args)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["rloo", "grpo", "reinforce", "a2c"])
 def test_other_algorithms_run(tmp_path, tiny_llama_dir, reward_dir, prompts, stage):

@@ -16,6 +16,14 @@ response continues it with assistant turn(s). Extra fields are kept and ignored.
 
 Roles are `system` (first message only), then `user` and `assistant` strictly alternating, starting
 with `user`; every content is a non-empty string.
+
+Preference records whose prompt is implicit, as TRL allows (`{chosen, rejected}` only, or
+conversations that repeat the prompt turn), get it extracted before they are checked
+(`alignkit.data.prompts.split_preference_prompt`); the report counts them.
+
+A stage decides which kind a file holds from the kinds it reads (`choose_format`), so a row that
+does not fit is named with its missing field rather than the file being taken for another kind.
+The report also counts rows that repeat an earlier row exactly (`print_report` warns of both).
 """
 
 from __future__ import annotations
@@ -23,10 +31,13 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from alignkit.data.load import BadRow, content_key
+from alignkit.data.prompts import PromptError, split_preference_prompt
 from alignkit.errors import AlignkitError
 
 ROLES = ("system", "user", "assistant")
@@ -58,11 +69,24 @@ class ValidationReport:
     """The valid records, in input order."""
     skipped: list[tuple[int, str | None, str]] = field(default_factory=list)
     """`(row, field, reason)` of each skipped record; row is 1-based, field None for the whole record."""
+    prompts_extracted: int = 0
+    """Valid preference records whose prompt was implicit and taken from `chosen`/`rejected`."""
+    kind: str = ""
+    """The kind the records were checked as."""
+    rows: list[int] = field(default_factory=list)
+    """The 1-based row of each valid record (`records[i]` is row `rows[i]`)."""
+    duplicate_of: dict[int, int] = field(default_factory=dict)
+    """`{row: first row}` of each valid record identical to an earlier one (all its fields)."""
 
     @property
     def n_skipped(self) -> int:
         """How many records were skipped."""
         return len(self.skipped)
+
+    @property
+    def n_duplicates(self) -> int:
+        """How many valid records repeat an earlier valid record exactly."""
+        return len(self.duplicate_of)
 
 
 class _RowError(Exception):
@@ -85,7 +109,7 @@ def _text(value: Any, label: str) -> None:
     if not isinstance(value, str):
         raise _RowError(label, f"expected a string, got {_describe(value)}")
     if not value.strip():
-        raise _RowError(label, "empty string")
+        raise _RowError(label, "empty string" if not value else "empty string (only whitespace)")
 
 
 def _list(value: Any, label: str, min_items: int = 1) -> list[Any]:
@@ -246,7 +270,28 @@ _CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
 }
 
 
+def _normalised(record: Any, kind: str) -> tuple[Any, bool]:
+    """The record with an implicit preference prompt made explicit, and whether it was."""
+    if kind != "preference" or not isinstance(record, dict):
+        return record, False
+    try:
+        explicit = split_preference_prompt(record)
+    except PromptError as err:
+        raise _RowError(err.field, err.reason) from None
+    return (record, False) if explicit is None else (explicit, True)
+
+
+def _refuse_raw_text(records: list[Any], kind: str, source: str) -> None:
+    """Raw text records given where `sft` records are expected: one error for the file, not one per row."""
+    first = records[0] if records else None
+    if kind == "sft" and isinstance(first, dict) and "text" in first and not {"prompt", "messages"} & set(first):
+        raise AlignkitError(f"{source}: these are raw text records {{text}}; SFT trains on {{prompt, completion}} "
+                            "or {messages} records. To train on raw text, use `alignkit pretrain`")
+
+
 def _check_record(record: Any, kind: str) -> None:
+    if isinstance(record, BadRow):  # a line `load_records(..., on_bad_rows="skip")` could not read
+        raise _RowError(None, f"line {record.line}: {record.reason}")
     if not isinstance(record, dict):
         raise _RowError(None, f"expected a record (an object with fields), got {_describe(record)}")
     if not (kind == "sft" and "messages" in record):
@@ -272,12 +317,14 @@ def validate_records(
             `(row, field, reason)` in the report, so the caller can report how many were skipped.
 
     Returns:
-        The valid records and the skipped rows.
+        The valid records with their rows, the skipped rows (`BadRow`s from `load_records` among
+        them) and the rows that repeat an earlier one. Preference records with an implicit prompt
+        are returned with it extracted (new dicts; see `alignkit.data.prompts`), and counted.
 
     Raises:
         AlignkitError: An invalid record with `on_bad_rows="error"`, as
             `data/train.jsonl, row 17, field 'chosen': identical to 'rejected'` (rows are 1-based);
-            or an unknown `kind` or `on_bad_rows`.
+            raw `{text}` records given as `sft`; or an unknown `kind` or `on_bad_rows`.
     """
     if kind not in FIELDS:
         hint = difflib.get_close_matches(str(kind), KINDS, n=1)
@@ -285,9 +332,12 @@ def validate_records(
         raise AlignkitError(f"unknown record format {kind!r}; expected one of {', '.join(KINDS)}{extra}")
     if on_bad_rows not in ("error", "skip"):
         raise AlignkitError(f"option `data.on_bad_rows`: expected 'error' or 'skip', got {on_bad_rows!r}")
-    report = ValidationReport(records=[])
+    _refuse_raw_text(records, kind, source)
+    report = ValidationReport(records=[], kind=kind)
+    first_rows: dict[Any, int] = {}
     for row, record in enumerate(records, start=1):
         try:
+            record, extracted = _normalised(record, kind)
             _check_record(record, kind)
         except _RowError as err:
             if on_bad_rows == "error":
@@ -296,7 +346,27 @@ def validate_records(
             report.skipped.append((row, err.field, err.reason))
             continue
         report.records.append(record)
+        report.rows.append(row)
+        report.prompts_extracted += int(extracted)
+        first = first_rows.setdefault(content_key(record), row)
+        if first != row:
+            report.duplicate_of[row] = first
     return report
+
+
+def print_report(report: ValidationReport, source: str, stage: str = "data") -> None:
+    """Warn of the rows `validate_records` skipped and of those that repeat an earlier row (first few of each)."""
+    if report.skipped:
+        shown = "; ".join(f"row {row}" + (f", field '{name}'" if name else "") + f": {reason}"
+                          for row, name, reason in report.skipped[:3])
+        more = f"; and {report.n_skipped - 3} more" if report.n_skipped > 3 else ""
+        print(f"[{stage}] warning: {source}: {report.n_skipped} bad row(s) skipped (data.on_bad_rows=skip): "
+              f"{shown}{more}", flush=True)
+    if report.duplicate_of:
+        shown = ", ".join(f"row {row} = row {first}" for row, first in list(report.duplicate_of.items())[:3])
+        print(f"[{stage}] warning: {source}: {report.n_duplicates} row(s) repeat an earlier row exactly ({shown}"
+              f"{', ...' if report.n_duplicates > 3 else ''}); they are kept, and a held-out split keeps all "
+              "copies of a row on one side", flush=True)
 
 
 # Most specific first: the first entry whose fields are all present names the kind.
@@ -314,15 +384,66 @@ _DETECT = (
 )
 
 
-def detect_format(record: dict[str, Any]) -> str:
+def choose_format(records: list[Any], accepted: tuple[str, ...]) -> str:
+    """The kind of a file's records, for a stage that reads the kinds `accepted` (most wanted first).
+
+    Not row 1 alone: the accepted kind that the most rows fit (`detect_format`) wins, ties going to
+    the earlier in `accepted`; validation then names each row that does not fit, with its missing
+    field. When no row fits an accepted kind: the kind row 1 fits fully, if it is another real kind
+    (e.g. `sft` records given to DPO), for the caller's "cannot train on X records" message; else the
+    accepted kind with the most of its fields in row 1 (a `{prompt, chosen}` row is a preference
+    record lacking `rejected`).
+
+    Raises:
+        AlignkitError: `accepted` is empty or names an unknown kind.
+    """
+    unknown = [kind for kind in accepted if kind not in FIELDS]
+    if not accepted or unknown:
+        raise AlignkitError(f"record formats {list(accepted)}: expected some of {', '.join(KINDS)}")
+    if len(accepted) == 1:
+        return accepted[0]
+    dicts = [record for record in records if isinstance(record, dict)]
+    votes = Counter(_guess(record, accepted) for record in dicts)
+    fitting = [kind for kind in accepted if votes[kind]]
+    if fitting:
+        return max(fitting, key=lambda kind: votes[kind])  # the first of the most voted
+    if not dicts:
+        return accepted[0]
+    first, guess = dicts[0], _guess(dicts[0], accepted)
+    if guess not in (None, "prompt", "text"):
+        return guess
+    return max(accepted, key=lambda kind: sum(name in first for name in FIELDS[kind]))
+
+
+def _guess(record: dict[str, Any], accepted: tuple[str, ...]) -> str | None:
+    try:
+        return detect_format(record, accepted)
+    except AlignkitError:
+        return None
+
+
+def detect_format(record: dict[str, Any], accepted: tuple[str, ...] | None = None) -> str:
     """Guess a record's kind from its field names (the fields are not checked; see `validate_records`).
+
+    Args:
+        record: One record (usually the first of a file).
+        accepted: The kinds the caller reads, if it knows. When the general guess is not one of
+            them, the first accepted kind whose fields are all present wins, unless its fields are
+            a part of the guess's (a `{prompt, responses, best}` choice is not a ranking): so a
+            `{prompt, chosen, rejected, messages}` record (HuggingFaceH4's layout) is preference
+            data to a preference stage. Otherwise the general guess is returned (for the caller's
+            "cannot train on kind X" message).
 
     Raises:
         AlignkitError: No kind matches the fields.
     """
     for keys, kind in _DETECT:
         if all(key in record for key in keys):
-            return kind
+            if accepted is None or kind in accepted:
+                return kind
+            other = next((k for fields, k in _DETECT if k in accepted and all(f in record for f in fields)
+                          and not set(fields) <= set(keys)), None)
+            return other or kind
     raise AlignkitError(
         f"cannot tell the record format from its fields {sorted(record)}; expected the fields of one of: "
         + "; ".join(f"{kind} {{{', '.join(fields)}}}" for kind, fields in FIELDS.items())

@@ -1,9 +1,15 @@
 """Read records (plain dicts) from JSONL, JSON, CSV or Parquet files, `datasets` directories and the hub.
 
 `load_records(source)` routes by what `source` is: an existing file (by its suffix), an existing
-directory (a dataset saved with `datasets`' `save_to_disk`), or otherwise a hub dataset id
-`name[:split]`. Every problem a user can cause raises `AlignkitError` naming the file and line.
-Records are not checked here; `alignkit.data.formats.validate_records` does that.
+directory (a dataset saved with `datasets`' `save_to_disk`; `DIR:SPLIT` picks a split of a saved
+`DatasetDict`), or otherwise a hub dataset id `name[:split]`. Every problem a user can cause raises
+`AlignkitError` naming the file and line; with `on_bad_rows="skip"`, a JSONL line that cannot be read
+(not JSON, not an object, not UTF-8, or longer than `MAX_LINE_BYTES`) is kept in its place as a
+`BadRow`, which validation counts as a skipped row. Records are not checked here;
+`alignkit.data.formats.validate_records` does that.
+
+CSV cells are text, except in the columns that record formats read as numbers or booleans
+(`TYPED_CSV_COLUMNS`): a prompt or response "123" stays the string "123".
 """
 
 from __future__ import annotations
@@ -12,12 +18,32 @@ import csv
 import json
 import random
 import re
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from alignkit.errors import AlignkitError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+MAX_LINE_BYTES = 16 * 2**20
+"""Longest JSONL line (and CSV field) read, in bytes: 16 MiB. A longer line is refused (or, with
+`on_bad_rows="skip"`, skipped) after being streamed through, never held in memory or tokenized."""
+TYPED_CSV_COLUMNS = ("score", "best", "label", "margin")
+"""CSV columns converted to numbers or booleans when every non-empty cell is one (the numeric and
+boolean fields of the record formats); every other column stays text. Also `chosen` in a file
+without a `rejected` column: the index of the preferred response in a labeler's answers file."""
+_READ_CHUNK = 2**20
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A row of a file that could not be read as a record; kept in its place with `on_bad_rows="skip"`."""
+
+    line: int
+    """1-based line of the file."""
+    reason: str
+    """What was wrong, e.g. "not valid JSON (Expecting value at column 1)"."""
 # `name` or `owner/name` (letters, digits, `-`, `_`, `.`), optionally `:split`; a split may be sliced
 # the `datasets` way, e.g. `train[:10%]`.
 _HUB_ID = re.compile(
@@ -25,29 +51,38 @@ _HUB_ID = re.compile(
 )
 
 
-def load_records(source: str, *, split: str | None = None) -> list[dict[str, Any]]:
+def load_records(source: str, *, split: str | None = None,
+                 on_bad_rows: Literal["error", "skip"] = "error") -> list[dict[str, Any]]:
     """Read every record of a file, a saved `datasets` directory or a hub dataset.
 
     Args:
         source: A `.jsonl`, `.json`, `.csv` or `.parquet` file; a directory written by
-            `Dataset.save_to_disk` or `DatasetDict.save_to_disk`; or a hub id `name[:split]`.
-        split: Split of a saved `DatasetDict` or of a hub dataset when `source` names none
-            (default "train"; a hub split may be sliced, e.g. `train[:10%]`). Ignored for files.
+            `Dataset.save_to_disk`, or by `DatasetDict.save_to_disk` with its split as `DIR:SPLIT`;
+            or a hub id `name[:split]`.
+        split: Split of a saved `DatasetDict` or of a hub dataset when `source` names none (a hub
+            dataset defaults to "train" and its split may be sliced, e.g. `train[:10%]`; a saved
+            `DatasetDict` has no default). Ignored for files.
+        on_bad_rows: "error" raises at a JSONL line that cannot be read; "skip" keeps a `BadRow`
+            in its place (so later rows keep their numbers), for `validate_records` to count.
 
     Returns:
-        The records, in file order, as plain dicts.
+        The records, in file order, as plain dicts (and `BadRow`s, with `on_bad_rows="skip"`).
 
     Raises:
-        AlignkitError: The source does not exist, cannot be parsed (naming file and line), holds
-            no records, or a requested split is missing (listing the available ones).
+        AlignkitError: The source does not exist, cannot be parsed (naming file and line), has a
+            line longer than `MAX_LINE_BYTES` (naming file, line, size and limit), holds no records, or a split is missing or, for a saved `DatasetDict`, not named (listing the
+            available ones).
     """
     if not str(source).strip():
         raise AlignkitError("no data source given (set `data.path`)")
     path = Path(source).expanduser()
+    directory, _, named = str(source).rpartition(":")
     if path.is_file():
-        records = _load_file(path)
+        records = _load_file(path, on_bad_rows)
     elif path.is_dir():
         records = _load_saved_dataset(path, split)
+    elif directory and named and Path(directory).expanduser().is_dir():  # DIR:SPLIT of a local directory
+        records = _load_saved_dataset(Path(directory).expanduser(), named, named_in_source=True)
     else:
         match = _HUB_ID.match(str(source))
         if match is None or str(source).lower().endswith(SUFFIXES):
@@ -61,7 +96,7 @@ def load_records(source: str, *, split: str | None = None) -> list[dict[str, Any
     return records
 
 
-def _load_file(path: Path) -> list[dict[str, Any]]:
+def _load_file(path: Path, on_bad_rows: str = "error") -> list[dict[str, Any]]:
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
     reader = readers.get(path.suffix.lower())
     if reader is None:
@@ -69,28 +104,68 @@ def _load_file(path: Path) -> list[dict[str, Any]]:
             f"{path}: unsupported file type {path.suffix!r}; expected one of {', '.join(SUFFIXES)}"
         )
     try:
-        return reader(path)
+        return _read_jsonl(path, on_bad_rows == "skip") if reader is _read_jsonl else reader(path)
     except UnicodeDecodeError as err:
         raise AlignkitError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+def _lines(handle: Any, limit: int) -> Any:
+    """`(line_no, bytes or None, size)` of each line; None for a line over `limit` bytes (streamed, not kept).
+
+    Sizes do not count the line's newline.
+    """
+    line_no = 0
+    while True:
+        line = handle.readline(limit + 1)
+        if not line:
+            return
+        line_no += 1
+        size = len(line)
+        if size <= limit or line.endswith(b"\n"):
+            yield line_no, line, size
+            continue
+        while not line.endswith(b"\n"):  # the rest of an over-long line, a chunk at a time
+            line = handle.readline(_READ_CHUNK)
+            if not line:
+                break
+            size += len(line)
+        yield line_no, None, size - line.endswith(b"\n")
+
+
+def _parse_line(raw: bytes | None, size: int, line_no: int) -> Any:
+    """The JSON object of one line; raises `ValueError(reason)` when it is not one."""
+    if raw is None:
+        raise ValueError(f"{size:,} bytes, over the limit of {MAX_LINE_BYTES:,} bytes per line "
+                         "(alignkit.data.load.MAX_LINE_BYTES); split the record or shorten it")
+    try:
+        text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"not UTF-8 text ({err.reason} at byte {err.start} of the line)") from None
+    if not text.strip():
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {_json_type(record)}")
+    return record
+
+
+def _read_jsonl(path: Path, skip_bad: bool = False) -> list[dict[str, Any]]:
+    """The objects of a JSONL file (blank lines ignored), read in bounded chunks (see `MAX_LINE_BYTES`)."""
+    records: list[Any] = []
+    with path.open("rb") as handle:
+        for line_no, raw, size in _lines(handle, MAX_LINE_BYTES):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise AlignkitError(
-                    f"{path}, line {line_no}: not valid JSON ({err.msg} at column {err.colno})"
-                ) from None
-            if not isinstance(record, dict):
-                raise AlignkitError(
-                    f"{path}, line {line_no}: expected a JSON object, got {_json_type(record)}"
-                )
-            records.append(record)
+                record = _parse_line(raw, size, line_no)
+            except ValueError as err:
+                if not skip_bad:
+                    raise AlignkitError(f"{path}, line {line_no}: {err}") from None
+                records.append(BadRow(line_no, str(err)))
+                continue
+            if record is not None:
+                records.append(record)
     return records
 
 
@@ -118,19 +193,28 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
-    """Read a CSV file with a header row; columns that are all numbers or all true/false are converted."""
+    """Read a CSV file with a header row; cells are text except in `TYPED_CSV_COLUMNS` (see there)."""
     rows = []
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        for row in reader:
-            if None in row or None in row.values():  # extra values go under key None, missing ones are None
-                raise AlignkitError(
-                    f"{path}, line {reader.line_num}: the number of values differs from the header's "
-                    f"{len(reader.fieldnames or [])} columns"
-                )
-            rows.append(row)
-        columns = reader.fieldnames or []
-    for column in columns:
+    previous_limit = csv.field_size_limit(MAX_LINE_BYTES)  # the default, 128 KiB, refuses long responses
+    try:
+        with path.open(encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            try:
+                for row in reader:
+                    if None in row or None in row.values():  # extra values go under key None, missing ones are None
+                        raise AlignkitError(
+                            f"{path}, line {reader.line_num}: the number of values differs from the header's "
+                            f"{len(reader.fieldnames or [])} columns"
+                        )
+                    rows.append(row)
+            except csv.Error as err:
+                raise AlignkitError(f"{path}, line {reader.line_num}: not valid CSV ({err}; a field may hold at "
+                                    f"most {MAX_LINE_BYTES:,} characters)") from None
+            columns = reader.fieldnames or []
+    finally:
+        csv.field_size_limit(previous_limit)
+    typed = [c for c in columns if c in TYPED_CSV_COLUMNS or (c == "chosen" and "rejected" not in columns)]
+    for column in typed:
         convert = _column_converter([row[column] for row in rows])
         if convert is not None:
             for row in rows:
@@ -138,7 +222,7 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _column_converter(values: list[str]):
+def _column_converter(values: list[str]) -> Callable[[str], Any] | None:
     """A function converting every value of a CSV column to int, float or bool, or None to keep strings."""
     present = [value.strip() for value in values if value.strip()]
     if not present:
@@ -163,7 +247,12 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
         raise AlignkitError(f"{path}: cannot read as Parquet ({err})") from None
 
 
-def _load_saved_dataset(path: Path, split: str | None) -> list[dict[str, Any]]:
+def _load_saved_dataset(path: Path, split: str | None, named_in_source: bool = False) -> list[dict[str, Any]]:
+    """The records of a `save_to_disk` directory: a `Dataset`, or the named split of a `DatasetDict`.
+
+    A `DatasetDict` without a split named is an error rather than a guess: reading `train` for a
+    held-out path would evaluate on the training data.
+    """
     import datasets
 
     try:
@@ -173,10 +262,16 @@ def _load_saved_dataset(path: Path, split: str | None) -> list[dict[str, Any]]:
             f"{path}: a directory, but not a dataset saved with `save_to_disk` ({err})"
         ) from None
     if isinstance(loaded, datasets.DatasetDict):
-        split = split or "train"
+        splits = ", ".join(loaded)
+        if split is None:
+            raise AlignkitError(f"{path}: a DatasetDict with splits {splits}; name one as DIR:SPLIT "
+                                f"(e.g. {path}:{next(iter(loaded), 'train')})")
         if split not in loaded:
-            raise AlignkitError(f"{path}: no split {split!r}; available splits: {', '.join(loaded)}")
+            raise AlignkitError(f"{path}: no split {split!r}; available splits: {splits}")
         loaded = loaded[split]
+    elif named_in_source:
+        raise AlignkitError(f"{path}:{split}: {path} is a single saved Dataset, without splits; "
+                            "give the directory alone")
     return loaded.to_list()
 
 
@@ -195,38 +290,60 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), "a number")
 
 
-def split_records(
-    records: list[dict[str, Any]], eval_fraction: float, seed: int
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Hold out a random `eval_fraction` of the records, the same way for the same seed.
+def content_key(value: Any) -> Hashable:
+    """What makes two records (or prompts) the same content: their JSON, keys sorted."""
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
 
-    The held-out count is `round(len(records) * eval_fraction)`, at least 1 when the fraction is
-    positive; both parts keep the original order of the records.
+
+def split_records(
+    records: list[Any], eval_fraction: float, seed: int, key: Callable[[Any], Any] | None = None
+) -> tuple[list[Any], list[Any]]:
+    """Hold out a random `eval_fraction` of the records, the same way for the same seed, disjoint by content.
+
+    Records with the same content (`key`; default `content_key` of the record) go to the same side,
+    so no held-out record is a copy of a training one. Distinct contents are taken in a seeded
+    random order while their copies fit in `round(len(records) * eval_fraction)` (at least 1): with
+    all records distinct, exactly that many, as a plain shuffle would; when every content has more
+    copies than that, all copies of one content. Both parts keep the original order of the records.
 
     Args:
-        records: All records.
+        records: All records (or any items, e.g. `(row, record)` pairs with a `key`).
         eval_fraction: Fraction held out, in [0, 1).
         seed: Seed of the shuffle that picks the held-out records.
+        key: What makes two items copies of each other (anything hashable, or JSON-able).
 
     Returns:
         `(train, eval)`.
 
     Raises:
-        AlignkitError: The fraction is outside [0, 1), or it would leave no training records.
+        AlignkitError: The fraction is outside [0, 1), or it would leave no training records (e.g.
+            every record is a copy of one).
     """
     if not 0.0 <= eval_fraction < 1.0:
         raise AlignkitError(f"option `data.eval_fraction`: expected a value in [0, 1), got {eval_fraction}")
     if eval_fraction == 0.0:
         return list(records), []
     n_eval = max(1, round(len(records) * eval_fraction))
-    if n_eval >= len(records):
-        raise AlignkitError(
-            f"option `data.eval_fraction`: holding out {eval_fraction} of {len(records)} records leaves "
-            "none for training; give more records, a smaller fraction, or `data.eval_path`"
-        )
-    order = list(range(len(records)))
+    copies: dict[Any, list[int]] = {}
+    for i, record in enumerate(records):
+        k = key(record) if key is not None else record
+        copies.setdefault(k if isinstance(k, int | str) else content_key(k), []).append(i)
+    groups = list(copies.values())
+    order = list(range(len(groups)))
     random.Random(seed).shuffle(order)
-    held_out = set(order[:n_eval])
+    held_out: set[int] = set()
+    for g in order:
+        if len(held_out) + len(groups[g]) <= n_eval:
+            held_out.update(groups[g])
+    if not held_out:  # every content has more copies than the held-out share: hold out one content
+        held_out.update(groups[order[0]])
+    if len(held_out) >= len(records):
+        distinct = f" ({len(groups)} distinct)" if len(groups) < len(records) else ""
+        raise AlignkitError(
+            f"option `data.eval_fraction`: holding out {eval_fraction} of {len(records)} records{distinct} leaves "
+            "none for training (copies of a record stay on one side); give more records, a smaller fraction, "
+            "or `data.eval_path`"
+        )
     train = [record for i, record in enumerate(records) if i not in held_out]
     evaluation = [record for i, record in enumerate(records) if i in held_out]
     return train, evaluation

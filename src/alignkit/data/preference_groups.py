@@ -145,6 +145,34 @@ def tokenize_preference_groups(records: list[dict], kind: str, loss: str, tokeni
     return out
 
 
+def mismatched_groups(groups: list[Group]) -> list[Group]:
+    """KTO's mismatched pairs: group b's prompt with the response of group b - 1 (cyclically).
+
+    Ethayarajh et al. (2024, Sec. 4.2) estimate KL(pi || pi_ref) from pairs (x_i, y_j), j != i, of one
+    batch; a shift by one gives each prompt another example's response. The prompt is the untrained
+    head of an example (labels IGNORE_INDEX); the response keeps its labels. Needs >= 2 groups (with one,
+    the "mismatched" pair would be the group itself).
+
+    Raises:
+        ValueError: Fewer than two groups.
+    """
+    if len(groups) < 2:
+        raise ValueError("mismatched pairs need at least 2 groups in a batch")
+    heads, tails = [], []
+    for g in groups:
+        example = g["responses"][0]
+        start = next((t for t, label in enumerate(example["labels"]) if label != IGNORE_INDEX),
+                     len(example["labels"]))
+        heads.append(example["input_ids"][:start])
+        tails.append((example["input_ids"][start:], example["labels"][start:]))
+    out = []
+    for b, head in enumerate(heads):
+        ids, labels = tails[b - 1]  # b - 1 = -1 for the first group: the last group's response
+        out.append({"responses": [{"input_ids": head + ids, "labels": [IGNORE_INDEX] * len(head) + labels}],
+                    "label": None, "row": groups[b]["row"]})
+    return out
+
+
 def collate_preference_groups(groups: list[Group], pad_id: int) -> dict[str, Any]:
     """Stack the responses of B groups slot-major into one right-padded batch.
 

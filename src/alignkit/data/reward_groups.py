@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from alignkit.data.collate import right_pad
-from alignkit.data.formats import detect_format, validate_records
+from alignkit.data.formats import ValidationReport, choose_format, print_report, validate_records
 from alignkit.data.load import load_records, split_records
 from alignkit.data.segments import segment_prefixes
 from alignkit.data.tokenize import encode_example, special_prefix, truncate_example
@@ -30,16 +30,18 @@ KINDS_OF_LOSS = {
 }
 
 
-def _read(path: str, cfg: Any) -> tuple[list[dict], str]:
-    records = load_records(path)
-    kind = detect_format(records[0])
+def _read(path: str, cfg: Any) -> ValidationReport:
+    """Valid records of `path`, as checked against the kind the loss's kinds decide (skips and repeats warned of)."""
+    records = load_records(path, on_bad_rows=cfg.data.on_bad_rows)
+    kind = choose_format(records, KINDS_OF_LOSS[cfg.loss])
     if kind not in KINDS_OF_LOSS[cfg.loss]:
         raise AlignkitError(f"{path}: records of kind {kind!r} cannot train loss `{cfg.loss}`; it takes "
                             f"{', '.join(KINDS_OF_LOSS[cfg.loss])} records (option `loss`)")
     report = validate_records(records, kind, path, cfg.data.on_bad_rows)
     if kind == "steps" and any(isinstance(v, bool) for r in report.records for v in r["labels"]):
         raise AlignkitError(f"{path}, field 'labels': segment training needs numeric scores, not true/false")
-    return report.records, kind
+    print_report(report, path, "reward")
+    return report
 
 
 def record_groups(record: dict, kind: str, loss: str) -> list[dict]:
@@ -95,17 +97,22 @@ def tokenize_reward_groups(groups: list[dict], tokenizer: Any, max_length: int) 
 
 
 def load_reward_data(cfg: Any, tokenizer: Any) -> dict[str, Any]:
-    """Training and held-out groups (tokenized), and the record kind."""
+    """Training and held-out groups (tokenized), the record kind, and counts: `prompts_extracted` (implicit
+    prompts), `skipped_rows` (with `data.on_bad_rows` skip) and `duplicate_rows` (rows of `data.path` that
+    repeat an earlier one; a split keeps copies on one side)."""
     if not cfg.data.path:
         raise AlignkitError("option `data.path` is required: preference, choice, ranking, rating, unpaired or "
                             "steps records (e.g. the train.jsonl of `alignkit label`)")
-    records, kind = _read(cfg.data.path, cfg)
-    records = records[: cfg.data.limit]
+    report = _read(cfg.data.path, cfg)
+    kind, records = report.kind, report.records[: cfg.data.limit]
+    extracted, skipped = report.prompts_extracted, report.n_skipped
     if cfg.data.eval_path:
-        eval_records, _ = _read(cfg.data.eval_path, cfg)
-    else:
+        held = _read(cfg.data.eval_path, cfg)
+        eval_records, extracted, skipped = held.records, extracted + held.prompts_extracted, skipped + held.n_skipped
+    else:  # copies of a record stay on one side
         records, eval_records = split_records(records, cfg.data.eval_fraction, cfg.run.seed)
-    out = {"kind": kind, "records": records}
+    out = {"kind": kind, "records": records, "prompts_extracted": extracted, "skipped_rows": skipped,
+           "duplicate_rows": report.n_duplicates}
     for name, part in (("train", records), ("eval", eval_records)):
         groups = [g for r in part for g in record_groups(r, kind, cfg.loss)]
         out[name] = tokenize_reward_groups(groups, tokenizer, cfg.data.max_length)

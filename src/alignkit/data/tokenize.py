@@ -11,6 +11,10 @@ SFT, reward models, DPO and PPO all tokenize through here, so the same rules hol
   prompt + response: tokenizing the joined string could merge tokens across the boundary.
 - One BOS. Segments are tokenized without special tokens; the tokens the tokenizer puts in front
   of a text (its BOS, if any) are prepended once, unless the template already rendered them.
+- Per-turn rendering. A template that renders earlier assistant turns differently from the last
+  (Qwen3 drops `<think>` blocks from the history) has no single rendering that extends turn by
+  turn. Then each assistant turn is its own example: the context rendered as the template renders
+  it before that turn (untrained), then that turn (trained) — `conversation_rows`.
 - Masks from positions. A token is trained when it lies in an assistant increment up to and
   including that turn's last EOS (template text after the EOS, e.g. a newline, is not). A turn
   without EOS is trained whole, and EOS is appended to the final turn when the template did not
@@ -53,9 +57,13 @@ def render(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bo
         raise AlignkitError(f"the chat template cannot render this conversation: {err}") from None
 
 
+class NotAPrefixError(AlignkitError):
+    """The chat template's rendering of a conversation does not extend that of a shorter one."""
+
+
 def _increment(longer: str, shorter: str, what: str) -> str:
     if not longer.startswith(shorter):
-        raise AlignkitError(
+        raise NotAPrefixError(
             f"the chat template does not render {what} as a prefix of the longer conversation, so the "
             "prompt tokens cannot be a strict prefix; use a template whose renderings extend each other"
         )
@@ -89,6 +97,47 @@ def conversation_segments(
         full = render(tokenizer, messages, add_generation_prompt=add_generation_prompt)
         segments.append((_increment(full, done, "the conversation"), False))
     return [(text, trained) for text, trained in segments if text]
+
+
+def conversation_rows(tokenizer: Any, messages: list[Message]) -> list[list[tuple[str, bool]]]:
+    """The segments of a conversation ending with an assistant turn, as one row or one row per assistant turn.
+
+    One row (`conversation_segments`) when the template's renderings extend each other turn by turn.
+    Otherwise (e.g. Qwen3's template, which drops `<think>` blocks from earlier assistant turns) row
+    k is the context before assistant turn k, rendered with the generation prompt exactly as
+    `encode_prompt` renders it (untrained), then turn k's increment (trained): each turn is trained
+    once, in the context the template gives it there.
+
+    Raises:
+        AlignkitError: The template cannot render the messages, or a turn's rendering does not
+            extend its context's even on its own.
+    """
+    try:
+        return [conversation_segments(tokenizer, messages)]
+    except NotAPrefixError:
+        pass
+    rows = []
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            context = context_segments(tokenizer, messages[:i])
+            before = "".join(text for text, _ in context)
+            after = render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+            row = [*context, (_increment(after, before, f"turn {i}"), True)]
+            rows.append([(text, trained) for text, trained in row if text])
+    return rows
+
+
+def context_segments(tokenizer: Any, messages: list[Message]) -> list[tuple[str, bool]]:
+    """The untrained segments of a context rendered with the generation prompt (what precedes a response).
+
+    Cut at its assistant turns like `conversation_segments`, or one piece when the template renders
+    earlier assistant turns differently from the last.
+    """
+    try:
+        segments = conversation_segments(tokenizer, messages, add_generation_prompt=True)
+    except NotAPrefixError:
+        segments = [(render(tokenizer, messages, add_generation_prompt=True), False)]
+    return [(text, False) for text, _ in segments if text]
 
 
 def _trained_flags(ids: list[int], eos_id: int | None) -> list[bool]:
@@ -133,23 +182,28 @@ def encode_segments(
     return ids, flags, len(ids) if last_start is None else last_start
 
 
-def record_segments(tokenizer: Any, record: dict[str, Any]) -> list[tuple[str, bool]]:
-    """The `(text, is_assistant)` segments of an `sft` record (plain strings, or the chat template)."""
+def record_rows(tokenizer: Any, record: dict[str, Any]) -> list[list[tuple[str, bool]]]:
+    """The `(text, is_assistant)` segments of an `sft` record, per row (see `conversation_rows`)."""
     if isinstance(record.get("prompt"), str):
-        return [(record["prompt"], False), (record["completion"], True)]
+        return [[(record["prompt"], False), (record["completion"], True)]]
     messages = record["messages"] if "messages" in record else [*record["prompt"], *record["completion"]]
-    return conversation_segments(tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages])
+    return conversation_rows(tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages])
+
+
+def record_segments(tokenizer: Any, record: dict[str, Any]) -> list[tuple[str, bool]]:
+    """The `(text, is_assistant)` segments of an `sft` record's last row: the final response in its context."""
+    return record_rows(tokenizer, record)[-1]
 
 
 def encode_prompt(tokenizer: Any, prompt: str | list[Message], prefix: list[int] | None = None) -> list[int]:
     """Ids of a prompt exactly as they begin `encode_example` of any response to it (BOS included).
 
-    A string is tokenized as is; a message list is rendered with the generation prompt.
+    A string is tokenized as is; a message list is rendered with the generation prompt (in one piece
+    when the template renders earlier assistant turns differently, as `conversation_rows` does).
     """
     if isinstance(prompt, str):
         return encode_segments(tokenizer, [(prompt, False)], final_eos=False, prefix=prefix)[0]
-    segments = conversation_segments(tokenizer, list(prompt), add_generation_prompt=True)
-    return encode_segments(tokenizer, segments, final_eos=False, prefix=prefix)[0]
+    return encode_segments(tokenizer, context_segments(tokenizer, list(prompt)), final_eos=False, prefix=prefix)[0]
 
 
 def encode_example(tokenizer: Any, record: dict[str, Any], *, train_on_prompt: bool = False,
@@ -158,8 +212,20 @@ def encode_example(tokenizer: Any, record: dict[str, Any], *, train_on_prompt: b
 
     With `train_on_prompt`, every token but the first is trained. Returns `{"input_ids", "labels",
     "prompt_length"}`; `prompt_length` counts the tokens before the final (last assistant) response.
+    With a template that needs one row per assistant turn (`conversation_rows`), this is the last
+    row, the final response in its context; `encode_examples` gives every row.
     """
-    segments = record_segments(tokenizer, record)
+    return _encode_row(tokenizer, record_segments(tokenizer, record), train_on_prompt, prefix)
+
+
+def encode_examples(tokenizer: Any, record: dict[str, Any], *, train_on_prompt: bool = False,
+                    prefix: list[int] | None = None) -> list[Example]:
+    """Every example of an `sft` record: one, or one per assistant turn (see `conversation_rows`)."""
+    return [_encode_row(tokenizer, row, train_on_prompt, prefix) for row in record_rows(tokenizer, record)]
+
+
+def _encode_row(tokenizer: Any, segments: list[tuple[str, bool]], train_on_prompt: bool,
+                prefix: list[int] | None) -> Example:
     ids, flags, prompt_length = encode_segments(tokenizer, segments, final_eos=True, prefix=prefix)
     if train_on_prompt:
         flags = [True] * len(ids)
@@ -194,7 +260,7 @@ def truncate_example(
 class TokenizedSFT:
     """The outcome of `tokenize_sft`: the examples and what happened to the others."""
 
-    examples: list[Example]  # in record order
+    examples: list[Example]  # in record order (one per assistant turn where the template needs it)
     truncated: int = 0  # shortened to fit `max_length` (policy "left")
     dropped: int = 0  # left out for being too long (policy "drop")
     skipped: list[tuple[int, str | None, str]] = field(default_factory=list)  # (row, field, reason), on_bad_rows=skip
@@ -204,7 +270,7 @@ def tokenize_sft(records: list[dict[str, Any]], tokenizer: Any, *, max_length: i
                  truncation: Literal["left", "drop"] = "left", train_on_prompt: bool = False,
                  source: str = "data", rows: list[int] | None = None,
                  on_bad_rows: Literal["error", "skip"] = "error") -> TokenizedSFT:
-    """Tokenize validated `sft` records and apply the truncation policy.
+    """Tokenize validated `sft` records and apply the truncation policy (to each example of a record).
 
     Args:
         records: Valid `sft` records (`validate_records(..., "sft")`).
@@ -227,20 +293,23 @@ def tokenize_sft(records: list[dict[str, Any]], tokenizer: Any, *, max_length: i
     for row, record in zip(rows, records, strict=True):
         field_name = "messages" if "messages" in record else "completion"
         try:
-            example = encode_example(tokenizer, record, train_on_prompt=train_on_prompt, prefix=prefix)
-            fitted, was_cut = truncate_example(example, max_length=max_length, policy=truncation,
-                                               keep_prefix=len(prefix))
-            if fitted is None and was_cut:
-                raise AlignkitError(f"the response is fully truncated by data.max_length={max_length} "
-                                    f"({len(example['input_ids'])} tokens)")
+            fits = []
+            for example in encode_examples(tokenizer, record, train_on_prompt=train_on_prompt, prefix=prefix):
+                fitted, was_cut = truncate_example(example, max_length=max_length, policy=truncation,
+                                                   keep_prefix=len(prefix))
+                if fitted is None and was_cut:
+                    raise AlignkitError(f"the response is fully truncated by data.max_length={max_length} "
+                                        f"({len(example['input_ids'])} tokens)")
+                fits.append((fitted, was_cut))
         except AlignkitError as err:
             if on_bad_rows == "error":
                 raise AlignkitError(f"{source}, row {row}, field '{field_name}': {err}") from None
             out.skipped.append((row, field_name, str(err)))
             continue
-        out.truncated += int(was_cut)
-        if fitted is None:
-            out.dropped += 1
-        else:
-            out.examples.append(fitted)
+        for fitted, was_cut in fits:
+            out.truncated += int(was_cut)
+            if fitted is None:
+                out.dropped += 1
+            else:
+                out.examples.append(fitted)
     return out

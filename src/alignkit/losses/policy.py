@@ -3,14 +3,22 @@
 Notation (Xiao & Zhu, Sec. 10.3.3): ``logprobs`` = log pi_theta(y_t | x, y_<t) of the sampled
 tokens, ``old_logprobs`` = the same under the policy that sampled them, ``advantages`` A_t.
 
-Reduction: every loss is a *token mean over the response mask*: the sum of per-token losses over
-all response tokens of the batch divided by ``num_tokens``, which defaults to the number of
-response tokens in this batch. Under gradient accumulation pass the token count of the whole
+Reduction: by default every loss is a *token mean over the response mask*: the sum of per-token
+losses over all response tokens of the batch divided by ``num_tokens``, which defaults to the number
+of response tokens in this batch. Under gradient accumulation pass the token count of the whole
 accumulated batch as ``num_tokens`` so that the summed micro-batch losses equal the full-batch
 loss, however the batch is split. Sequence-level advantages (shape B) are broadcast over tokens.
+
+The clipped losses (``ppo_policy_loss``, ``grpo_loss``) also take ``aggregation`` (see
+``aggregate``): ``token`` (the above), ``sequence`` (each response's token mean, then the mean over
+responses) or ``fixed_length`` (the token sum over responses x ``max_len``). Each is a sum of terms
+divided by a count (``aggregation_terms``), so the same protocol holds: pass the count of the whole
+accumulated batch as ``num_terms``.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 
@@ -18,6 +26,8 @@ from alignkit.losses.kl import kl_k3
 from alignkit.ops.masking import masked_mean, masked_sum
 
 Metrics = dict[str, torch.Tensor]
+Aggregation = Literal["token", "sequence", "fixed_length"]
+AGGREGATIONS: tuple[str, ...] = ("token", "sequence", "fixed_length")
 
 
 def _token_mean(x: torch.Tensor, mask: torch.Tensor, num_tokens: int | torch.Tensor | None) -> torch.Tensor:
@@ -33,14 +43,84 @@ def _per_token(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return advantages.unsqueeze(-1).expand_as(like) if advantages.dim() == 1 else advantages
 
 
+def aggregation_terms(response_mask: torch.Tensor, aggregation: Aggregation = "token", *,
+                      max_len: int | None = None) -> int:
+    """The number of terms a loss aggregated by ``aggregation`` divides its sum by (see ``aggregate``).
+
+    ``token``: the response tokens; ``sequence``: the responses (rows, B); ``fixed_length``:
+    B * ``max_len``. Counts add up over micro-batches and processes, so the count of a whole
+    accumulated batch is the sum of its parts'.
+
+    Shapes:
+        response_mask: B×T bool.
+        returns: a Python int.
+    """
+    if aggregation == "token":
+        return int(response_mask.sum())
+    if aggregation == "sequence":
+        return int(response_mask.shape[0])
+    if aggregation == "fixed_length":
+        if not max_len or max_len < response_mask.shape[1]:
+            raise ValueError(f"aggregation fixed_length needs max_len >= the response length "
+                             f"{response_mask.shape[1]}, got {max_len}")
+        return int(response_mask.shape[0]) * int(max_len)
+    raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {', '.join(AGGREGATIONS)}")
+
+
+def aggregate(
+    losses: torch.Tensor,
+    response_mask: torch.Tensor,
+    aggregation: Aggregation = "token",
+    *,
+    max_len: int | None = None,
+    num_terms: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reduce per-token losses to a scalar: a sum of terms over ``num_terms`` (``aggregation_terms``).
+
+    Equations, for B responses i with |o_i| response tokens and per-token losses l_{i,t}:
+        token         L = sum_i sum_t l_{i,t} / sum_i |o_i|
+                      (the token mean over the batch: DAPO, Yu et al. 2025, Sec. 3.3)
+        sequence      L = (1/B) sum_i (1/|o_i|) sum_t l_{i,t}
+                      (each response's token mean, then the mean over responses: GRPO, Shao et al.
+                      2024, Eq. 3; a row with no response token has mean 0)
+        fixed_length  L = sum_i sum_t l_{i,t} / (B * max_len)
+                      (a constant instead of 1/|o_i|: Dr. GRPO, Liu et al. 2025, "Understanding
+                      R1-Zero-Like Training", with max_len the generation budget, ``max_new_tokens``)
+    The terms are tokens, per-response means, and tokens again; ``num_terms`` (default: the count
+    of this batch) is the denominator, so micro-batches given the whole batch's count sum to the
+    whole batch's loss, however the rows are split (rows are never split).
+
+    Shapes:
+        losses: B×T per-token losses.
+        response_mask: B×T bool.
+        returns: a scalar.
+
+    Reduces as above; positions outside the mask are never read.
+    """
+    if num_terms is None:
+        num_terms = aggregation_terms(response_mask, aggregation, max_len=max_len)
+    if aggregation == "sequence":
+        total = masked_mean(losses, response_mask, dim=1).sum()  # sum over B of per-response token means
+    else:
+        total = masked_sum(losses, response_mask)
+    return total / max(num_terms, 1) if isinstance(num_terms, int) else total / num_terms.clamp(min=1)
+
+
+def _clip_bounds(cliprange: float, cliprange_low: float | None, cliprange_high: float | None) -> tuple[float, float]:
+    """(1 - eps_low, 1 + eps_high), each eps defaulting to ``cliprange``."""
+    low = cliprange if cliprange_low is None else cliprange_low
+    high = cliprange if cliprange_high is None else cliprange_high
+    return 1.0 - low, 1.0 + high
+
+
 def _clipped_surrogate(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, cliprange: float
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, bounds: tuple[float, float]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token PPO-clip loss, clipped indicator and k3 approx KL(old || new); all B×T."""
     log_ratio = logprobs - old_logprobs.detach()
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    clipped = -advantages * torch.clamp(ratio, bounds[0], bounds[1])
     losses = torch.maximum(unclipped, clipped)  # = -min(ratio A, clip(ratio) A)
     approx_kl = (ratio - 1.0) - log_ratio  # k3 with samples from the old policy
     return losses, (clipped > unclipped).to(logprobs.dtype), approx_kl.detach()
@@ -53,16 +133,23 @@ def ppo_policy_loss(
     response_mask: torch.Tensor,
     *,
     cliprange: float,
-    num_tokens: int | torch.Tensor | None = None,
+    cliprange_low: float | None = None,
+    cliprange_high: float | None = None,
+    aggregation: Aggregation = "token",
+    max_len: int | None = None,
+    num_terms: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """PPO clipped surrogate loss (Schulman et al. 2017, Eq. 7; Xiao & Zhu, Eq. 10.49-10.50).
 
     Equation, with rho_t = pi(y_t) / pi_old(y_t) = exp(logprobs - old_logprobs):
-        L = -mean_t min(rho_t * A_t, clip(rho_t, 1 - eps, 1 + eps) * A_t)
-    Xiao & Zhu's Eq. 10.50 writes the min over the ratios, min(rho, clip(rho)) * A; that agrees
-    with the above only for A >= 0. We implement the standard PPO form (min over the products),
-    which is the pessimistic bound for both signs of A. The KL penalty of Eq. 10.53 is applied
-    in the rewards (``kl_penalized_rewards``), as in Ziegler et al. 2019, not here.
+        L = -mean_t min(rho_t * A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) * A_t)
+    eps_low = ``cliprange_low`` and eps_high = ``cliprange_high`` both default to eps =
+    ``cliprange`` (symmetric, as in PPO); a larger eps_high is DAPO's clip-higher (Yu et al. 2025,
+    Sec. 3.1: 0.2 and 0.28), which lets the ratio of a token with A > 0 rise further before its
+    gradient stops. Xiao & Zhu's Eq. 10.50 writes the min over the ratios, min(rho, clip(rho)) * A;
+    that agrees with the above only for A >= 0. We implement the standard PPO form (min over the
+    products), which is the pessimistic bound for both signs of A. The KL penalty of Eq. 10.53 is
+    applied in the rewards (``kl_penalized_rewards``), as in Ziegler et al. 2019, not here.
 
     Shapes:
         logprobs, old_logprobs: B×T.
@@ -70,13 +157,15 @@ def ppo_policy_loss(
         response_mask: B×T bool.
         returns: scalar loss and metrics.
 
-    Reduces by the token mean over the response mask (see module docstring). Metrics:
-    ``loss/policy``, ``policy/clipfrac`` (fraction of tokens where the clip is active),
-    ``policy/approx_kl`` (k3 estimate of KL(pi_old || pi)).
+    Reduces by ``aggregate(..., aggregation, max_len=max_len, num_terms=num_terms)``: by default the
+    token mean over the response mask (see module docstring). Metrics: ``loss/policy``,
+    ``policy/clipfrac`` (fraction of tokens where the clip is active), ``policy/approx_kl`` (k3
+    estimate of KL(pi_old || pi)); both token means.
     """
     advantages = _per_token(advantages, logprobs)
-    losses, clipped, approx_kl = _clipped_surrogate(logprobs, old_logprobs, advantages, cliprange)
-    loss = _token_mean(losses, response_mask, num_tokens)
+    bounds = _clip_bounds(cliprange, cliprange_low, cliprange_high)
+    losses, clipped, approx_kl = _clipped_surrogate(logprobs, old_logprobs, advantages, bounds)
+    loss = aggregate(losses, response_mask, aggregation, max_len=max_len, num_terms=num_terms)
     metrics = {
         "loss/policy": loss.detach(),
         "policy/clipfrac": masked_mean(clipped, response_mask),
@@ -194,14 +283,22 @@ def grpo_loss(
     *,
     cliprange: float,
     kl_coef: float,
-    num_tokens: int | torch.Tensor | None = None,
+    cliprange_low: float | None = None,
+    cliprange_high: float | None = None,
+    aggregation: Aggregation = "sequence",
+    max_len: int | None = None,
+    num_terms: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """GRPO loss: PPO clipped surrogate plus a k3 KL penalty in the loss (Shao et al. 2024, Eq. 3).
 
-    Equation, with rho_t and the clip as in ``ppo_policy_loss`` and the k3 estimator of
-    KL(pi || pi_ref) (``kl_k3``):
-        L = mean_t [ -min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A) + beta * k3_t ]
-    A is the group-normalised sequence advantage (``grpo_advantages``), the same for every token.
+    Equation, with rho_t and the clip as in ``ppo_policy_loss`` (eps_low, eps_high default to
+    ``cliprange``) and the k3 estimator of KL(pi || pi_ref) (``kl_k3``), per token
+        l_{i,t} = -min(rho_t A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) A_i) + beta * k3_t
+    and L = aggregate(l) (``aggregate``): by default (``sequence``, Eq. 3) the mean over the
+    responses of each response's token mean, (1/G) sum_i (1/|o_i|) sum_t l_{i,t}, which weights
+    short responses' tokens more; ``token`` is DAPO's token mean over the batch, ``fixed_length``
+    Dr. GRPO's sum / (B * ``max_len``). A is the group-normalised sequence advantage
+    (``grpo_advantages``), the same for every token of a response.
 
     Shapes:
         logprobs, old_logprobs, ref_logprobs: B×T.
@@ -209,16 +306,16 @@ def grpo_loss(
         response_mask: B×T bool.
         returns: scalar loss and metrics.
 
-    Reduces by the token mean over the response mask of the whole batch. DeepSeekMath's Eq. 3
-    averages per sequence first (1/|o_i|), which weights short responses' tokens more; the token
-    mean does not. Metrics: ``loss/policy``, ``policy/clipfrac``, ``policy/approx_kl``,
+    Reduces by ``aggregate``; under accumulation pass the whole batch's ``aggregation_terms`` as
+    ``num_terms``. Metrics: ``loss/policy``, ``policy/clipfrac``, ``policy/approx_kl``,
     ``objective/kl_k3_token_mean`` (the token mean of k3 in the loss; not ``objective/kl``, which is
-    the per-response sequence KL everywhere).
+    the per-response sequence KL everywhere); the last three are token means whatever the aggregation.
     """
     advantages = _per_token(advantages, logprobs)
-    losses, clipped, approx_kl = _clipped_surrogate(logprobs, old_logprobs, advantages, cliprange)
+    bounds = _clip_bounds(cliprange, cliprange_low, cliprange_high)
+    losses, clipped, approx_kl = _clipped_surrogate(logprobs, old_logprobs, advantages, bounds)
     kl = kl_k3(logprobs, ref_logprobs.detach())  # B×T
-    loss = _token_mean(losses + kl_coef * kl, response_mask, num_tokens)
+    loss = aggregate(losses + kl_coef * kl, response_mask, aggregation, max_len=max_len, num_terms=num_terms)
     metrics = {
         "loss/policy": loss.detach(),
         "policy/clipfrac": masked_mean(clipped, response_mask),

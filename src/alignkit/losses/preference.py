@@ -70,7 +70,10 @@ def ipo_loss(
     """IPO loss (Azar et al. 2023, Eq. 17): regress the log-ratio gap onto 1 / (2 beta).
 
     Equation: h = log(pi(y_c)/pi_ref(y_c)) - log(pi(y_r)/pi_ref(y_r)),  L = mean (h - 1/(2 beta))^2,
-    beta being the paper's tau (regularisation strength).
+    beta being the paper's tau (regularisation strength). With sequence log-probs (summed over tokens,
+    as in the paper and OpenRLHF) the target gap 1/(2 beta) is in total nats; TRL passes per-token means
+    (log-probs divided by the response length), which makes it a gap per token. This function takes
+    whichever it is given (`DPOConfig.ipo_per_token` picks).
 
     Shapes:
         policy_chosen, policy_rejected, ref_chosen, ref_rejected: B sequence log-probs.
@@ -176,7 +179,9 @@ def kto_loss(
     """KTO loss on unpaired desirable / undesirable examples (Ethayarajh et al. 2024, Eq. 8).
 
     Equations, with r = log pi(y|x) - log pi_ref(y|x) and z0 = max(kl_ref, 0) the reference point
-    (an estimate of KL(pi || pi_ref), detached):
+    (an estimate of KL(pi || pi_ref), detached). As in the paper (Sec. 4.2), `kl_ref` is the mean
+    log-ratio over *mismatched* pairs (x_i, y_j), j != i, of the global batch, not over the batch's own
+    pairs; `alignkit.trainers.dpo.kto_reference_point` computes it:
         desirable:   L_i = lambda_D * (1 - Sigmoid(beta * (r - z0)))
         undesirable: L_i = lambda_U * (1 - Sigmoid(beta * (z0 - r)))
         L = mean_i L_i
@@ -226,15 +231,19 @@ def plackett_luce_dpo_loss(
         policy_logps, ref_logps: B×K sequence log-probs, each row ordered best first.
         mask: B×K bool, optional; False marks padding in shorter lists.
         returns: scalar loss and metrics (``rewards/chosen`` = first item, ``rewards/rejected``
-            = last item, ``rewards/accuracy`` = fraction of lists whose top reward is first).
+            = last present item, over lists with a present item; ``rewards/accuracy`` = fraction of
+            lists whose top reward is first).
 
     Reduces by the sum over ranking stages, then the mean over lists.
     """
     rewards = beta * (policy_logps - ref_logps.detach())  # B×K
     loss, pl_metrics = plackett_luce_loss(rewards, mask)
     present = torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask.to(torch.bool)
-    last = last_true_index(present).unsqueeze(1)  # B×1, last present item
-    metrics = _reward_metrics(rewards[:, 0], rewards.gather(1, last).squeeze(1))
+    # A list with no present item adds no term to the loss (as in `plackett_luce_loss`) and is left out
+    # of the reward metrics (its last index is -1).
+    rows = present.any(dim=1)  # B
+    last = last_true_index(present).clamp(min=0).unsqueeze(1)  # B×1, last present item
+    metrics = _reward_metrics(rewards[rows, 0], rewards.gather(1, last).squeeze(1)[rows])
     metrics["rewards/accuracy"] = pl_metrics["rewards/accuracy"]
     return loss, metrics
 

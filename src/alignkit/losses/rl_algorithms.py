@@ -6,7 +6,12 @@ KL-shaped rewards -> advantages -> epochs of minibatch updates); it picks the pa
 `ALGORITHMS` by name. Estimators and losses take tensors and keyword hyperparameters: each names
 the ones it reads and ignores any others (`**_`), so one call with every keyword serves them all.
 The trainer passes only what the stage's config holds for its algorithm (`RLConfig.targets_options`,
-`RLConfig.loss_options`) plus the current beta as `kl_coef`.
+`RLConfig.loss_options`) plus the current beta as `kl_coef` to the losses, and the scores of the whole
+batch (every process's) as `batch_scores` to the estimators.
+
+A loss is a mean over its minibatch of *terms* (`aggregation_terms`: response tokens by default; for
+GRPO's `aggregation` option, responses or responses x max_len); the trainer multiplies it back by the
+count to give the loop a sum, so any split of the batch gives the same loss.
 
 Notation as in `alignkit.losses.policy` and `alignkit.ops.advantages`: per-token ``rewards`` B×T
 (KL penalty on every token, score at the last one, from ``kl_penalized_rewards``), sequence
@@ -74,25 +79,28 @@ def rloo_targets(rewards, values, scores, response_mask, *, k, whiten, **_) -> T
     return _maybe_whiten(advantages, response_mask, whiten), torch.zeros_like(advantages)
 
 
-def group_targets(rewards, values, scores, response_mask, *, k, **_) -> Targets:
-    """GRPO: scores normalised within each prompt's group of k (Shao et al. 2024, Sec. 4.1.2).
+def group_targets(rewards, values, scores, response_mask, *, k, scale="group", batch_scores=None, **_) -> Targets:
+    """GRPO: scores centred within each prompt's group of k and scaled by `scale` (`grpo_advantages`):
+    the group's std (Shao et al. 2024, Sec. 4.1.2), the whole batch's, or none (Dr. GRPO).
 
     The KL penalty is in the loss, not the reward, so only the scores are used; not whitened again.
     """
-    advantages = _per_token(grpo_advantages(scores, k), response_mask)
+    advantages = _per_token(grpo_advantages(scores, k, scale=scale, batch_scores=batch_scores), response_mask)
     return advantages, torch.zeros_like(advantages)
 
 
 # ---------------------------------------------------------------------------------------------
-# Losses: (loss as a token mean over the minibatch's response tokens, metrics)
+# Losses: (loss as a mean over the minibatch's terms, by default its response tokens; metrics)
 # ---------------------------------------------------------------------------------------------
 
 
-def ppo_loss(logprobs, values, batch, *, cliprange, cliprange_value, value_coef, **_) -> tuple:
+def ppo_loss(logprobs, values, batch, *, cliprange, cliprange_value, value_coef, cliprange_low=None,
+             cliprange_high=None, **_) -> tuple:
     """PPO: clipped surrogate (Eq. 10.49-10.50) + value_coef * (optionally clipped) value MSE."""
     mask = batch["response_mask"]
     policy, metrics = ppo_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask,
-                                      cliprange=cliprange)
+                                      cliprange=cliprange, cliprange_low=cliprange_low,
+                                      cliprange_high=cliprange_high)
     value, value_metrics = value_loss(values, batch["old_values"], batch["returns"], mask,
                                       cliprange_value=cliprange_value)
     return policy + value_coef * value, {**metrics, **value_metrics}
@@ -112,20 +120,24 @@ def reinforce_baseline_loss(logprobs, values, batch, *, value_coef, **_) -> tupl
     return policy + value_coef * value, {**metrics, **value_metrics}
 
 
-def clipped_policy_loss(logprobs, values, batch, *, cliprange, **_) -> tuple:
+def clipped_policy_loss(logprobs, values, batch, *, cliprange, cliprange_low=None, cliprange_high=None,
+                        **_) -> tuple:
     """RLOO's policy loss: the clipped surrogate with the leave-one-out advantages, no critic.
 
     On-policy (one epoch, one minibatch) the ratio is 1 and its gradient equals REINFORCE's,
     -A * grad log pi; the clip only acts when a batch is reused for several updates.
     """
     return ppo_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], batch["response_mask"],
-                           cliprange=cliprange)
+                           cliprange=cliprange, cliprange_low=cliprange_low, cliprange_high=cliprange_high)
 
 
-def group_policy_loss(logprobs, values, batch, *, cliprange, kl_coef, **_) -> tuple:
-    """GRPO: clipped surrogate + kl_coef * k3 KL to the reference in the loss (Shao et al. 2024, Eq. 3)."""
+def group_policy_loss(logprobs, values, batch, *, cliprange, kl_coef, cliprange_low=None, cliprange_high=None,
+                      aggregation="sequence", max_len=None, **_) -> tuple:
+    """GRPO: clipped surrogate + kl_coef * k3 KL to the reference in the loss (Shao et al. 2024, Eq. 3),
+    reduced by `aggregation` (sequence: Eq. 3; token: DAPO; fixed_length: Dr. GRPO, see `aggregate`)."""
     return grpo_loss(logprobs, batch["old_logprobs"], batch["ref_logprobs"], batch["advantages"],
-                     batch["response_mask"], cliprange=cliprange, kl_coef=kl_coef)
+                     batch["response_mask"], cliprange=cliprange, kl_coef=kl_coef, cliprange_low=cliprange_low,
+                     cliprange_high=cliprange_high, aggregation=aggregation, max_len=max_len)
 
 
 @dataclass(frozen=True)

@@ -6,16 +6,29 @@ from safetensors only unless `--model.allow_unsafe_pickle` is set (unpickling ca
 code), and a local directory holding only pickle weights is refused before anything reads it;
 `trust_remote_code` is off unless the config turns it on; a problem the user can fix raises
 `AlignkitError` naming the path and the option.
+
+A local model is checked before and after the library reads it, so a bad file is named in one line
+rather than shown as a traceback: `config.json` must be a UTF-8 JSON object, the safetensors files
+that will be read must have a valid header, and the loaded weights must cover the model that
+`config.json` describes with the same shapes (nothing is silently re-initialised, except the new
+head of a sequence classifier). Pickle weights, when allowed, are read only by torch's weights-only
+loader: a file it refuses is reported, never unpickled another way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import pickle
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -52,6 +65,12 @@ alignkit builds response masks by tokenizing the prompt prefix and the response 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 """Weight-file suffixes whose loading unpickles (and so can run code)."""
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
+                   "vocab.txt", "tiktoken.model")
+"""Files one of which a tokenizer directory must hold (the vocabulary; `tokenizer_config.json` alone is not one)."""
+
+_JSON_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json",
+               "added_tokens.json", "generation_config.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _UNSAFE_OPTION = "--model.allow_unsafe_pickle"
@@ -103,12 +122,72 @@ def _explicit_weights_file(path: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """Read a JSON object from a file, with one-line errors that name the file.
+
+    Raises:
+        AlignkitError: If the file cannot be read, is not UTF-8 text, is not JSON or is not an object.
+    """
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+        data = json.loads(text)
+    except OSError as err:
+        raise AlignkitError(f"cannot read {path}: {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        raise AlignkitError(
+            f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); expected JSON"
+        ) from err
+    except json.JSONDecodeError as err:
+        raise AlignkitError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from err
+    if not isinstance(data, dict):
+        raise AlignkitError(f"{path} must hold a JSON object, not a {type(data).__name__}")
+    return data
+
+
+def check_safetensors_files(path: str | Path) -> None:
+    """Check the header of each safetensors file that loading a local model directory would read.
+
+    That is `model.safetensors`, or else the shards named by `model.safetensors.index.json` (which
+    must name existing files). Only headers are read (the tensors are memory-mapped, not loaded).
+
+    Raises:
+        AlignkitError: Naming the file that is corrupt, truncated, has an oversized header or is missing.
+    """
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    elif (path / "model.safetensors.index.json").is_file():
+        index = path / "model.safetensors.index.json"
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise AlignkitError(f"{index}: expected a non-empty `weight_map` object (tensor name -> shard file)")
+        files = [path / str(name) for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                raise AlignkitError(f"{index} names the shard {file.name}, which is not in {path}")
+    else:
+        return
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except SafetensorError as err:
+            raise AlignkitError(
+                f"{file} is not a readable safetensors file ({err}): it is truncated, corrupt or not safetensors"
+            ) from err
+        except OSError as err:
+            raise AlignkitError(f"cannot read {file}: {err.strerror or err}") from err
+
+
 def _resolve_source(name_or_path: str, option: str, allow_unsafe_pickle: bool) -> str:
     """Check a model/tokenizer source: an existing local directory (checked for safe weights) or a hub id."""
     if not name_or_path:
         raise AlignkitError(f"option `{option}` is empty: give a hub id or a local model directory")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        if (path / "config.json").is_file():
+            read_json_object(path / "config.json")
         if option == "--model.name_or_path":
             check_weight_files(path, allow_unsafe_pickle)
         return str(path)
@@ -151,9 +230,9 @@ def load_tokenizer(cfg: ModelConfig, *, padding_side: str = "right") -> PreTrain
         tokenizer = AutoTokenizer.from_pretrained(
             source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as err:
         raise AlignkitError(
-            f"cannot load a tokenizer from `{option}` {source}: {_explain(err, cfg)}"
+            f"cannot load a tokenizer from `{option}` {source}: {_explain_tokenizer(err, source, cfg)}"
         ) from err
     tokenizer.padding_side = padding_side
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -180,10 +259,12 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None =
         A `PreTrainedModel`, or a `peft.PeftModel` when `cfg.lora_r > 0`.
 
     Raises:
-        AlignkitError: If the source is missing, has only pickle weights, or is not a causal LM.
+        AlignkitError: If the source is missing, has only pickle weights (or pickle weights that torch's
+            weights-only loader refuses), a bad `config.json` or safetensors file, weights that do not
+            match `config.json`, or is not a causal LM.
     """
     model = _from_pretrained(AutoModelForCausalLM, cfg, "a causal language model", {})
-    _fit_to_tokenizer(model, tokenizer)
+    _fit_to_tokenizer(model, tokenizer, cfg.name_or_path)
     return _maybe_lora(model, cfg, task_type="CAUSAL_LM")
 
 
@@ -204,34 +285,157 @@ def load_sequence_classifier(
         A `PreTrainedModel`, or a `peft.PeftModel` (head fully trained) when `cfg.lora_r > 0`.
 
     Raises:
-        AlignkitError: If the source is missing, has only pickle weights, or has no classifier class.
+        AlignkitError: If the source is missing or broken (as for `load_causal_lm`), or has no
+            classifier class.
     """
     extra = {"num_labels": num_labels}
     model = _from_pretrained(AutoModelForSequenceClassification, cfg, "a sequence classifier", extra)
-    _fit_to_tokenizer(model, tokenizer)
+    _fit_to_tokenizer(model, tokenizer, cfg.name_or_path)
     return _maybe_lora(model, cfg, task_type="SEQ_CLS")
 
 
 def _from_pretrained(auto_cls: Any, cfg: ModelConfig, what: str, extra: dict[str, Any]) -> PreTrainedModel:
     option = "--model.name_or_path"
     source = _resolve_source(cfg.name_or_path, option, cfg.allow_unsafe_pickle)
+    local = Path(source) if Path(source).is_dir() else None
+    if local is not None:
+        check_safetensors_files(local)
     try:
-        return auto_cls.from_pretrained(
-            source,
-            revision=cfg.revision,
-            dtype=_DTYPES[cfg.dtype],
-            trust_remote_code=cfg.trust_remote_code,
-            # None: prefer safetensors, fall back to pickle files (only when the user allowed them).
-            use_safetensors=None if cfg.allow_unsafe_pickle else True,
-            **extra,
-        )
-    except (OSError, ValueError, KeyError) as err:
+        with _quiet_load_report():
+            model, info = auto_cls.from_pretrained(
+                source,
+                revision=cfg.revision,
+                dtype=_DTYPES[cfg.dtype],
+                trust_remote_code=cfg.trust_remote_code,
+                # None: prefer safetensors, fall back to pickle files (only when the user allowed them).
+                use_safetensors=None if cfg.allow_unsafe_pickle else True,
+                weights_only=True,  # pickle files, when allowed, hold tensors only: never arbitrary objects
+                # Mismatched shapes are reported by `_check_loading_info` (one line) instead of a RuntimeError.
+                ignore_mismatched_sizes=True,
+                output_loading_info=True,
+                **extra,
+            )
+    except pickle.UnpicklingError as err:
+        raise AlignkitError(_refused_pickle(source, local, err)) from err
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, StrictDataclassError) as err:
         raise AlignkitError(f"cannot load {what} from `{option}` {source}: {_explain(err, cfg)}") from err
+    _check_loading_info(model, info, source)
+    return model
+
+
+class _DropLoadReport(logging.Filter):
+    """Drops transformers' multi-line LOAD REPORT table; `_check_loading_info` says what matters in one line.
+
+    A report with CONVERSION entries is kept: the error that follows it refers to them.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return "LOAD REPORT" not in message or "CONVERSION" in message
+
+
+@contextlib.contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    logger = logging.getLogger("transformers.modeling_utils")
+    drop = _DropLoadReport()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def _check_loading_info(model: PreTrainedModel, info: dict[str, Any], source: str) -> None:
+    """Refuse weights that do not match the model `config.json` describes; note unused weights.
+
+    Parameters outside the backbone (`model.base_model_prefix`) are the task head: a sequence
+    classifier's missing head is newly initialised (a reward model starts from a causal LM), and a
+    head of another task in the files (`lm_head`, `score`) is not used. Anything else missing or of
+    another shape would leave part of the model random, so it is an error.
+    """
+    config = f"{source}/config.json" if Path(source).is_dir() else f"the config of {source}"
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda row: row[0])
+    if mismatched:
+        key, in_file, in_model = mismatched[0]
+        raise AlignkitError(
+            f"{config} does not match the weights in {source}: {len(mismatched)} tensor(s) have other shapes, "
+            f"e.g. `{key}` is {list(in_file)} in the weights but {list(in_model)} from the config "
+            "(was hidden_size, intermediate_size, vocab_size or a head count edited?)"
+        )
+    backbone = f"{model.base_model_prefix}." if model.base_model_prefix else ""
+    is_classifier = "ForSequenceClassification" in type(model).__name__
+
+    def in_head(key: str) -> bool:
+        return bool(backbone) and not key.startswith(backbone)
+
+    missing = sorted(k for k in info.get("missing_keys") or () if not (is_classifier and in_head(k)))
+    if missing:
+        raise AlignkitError(
+            f"{config} describes {len(missing)} weight(s) that are not in the weights of {source}, e.g. "
+            f"`{missing[0]}` (they would be random): was num_hidden_layers or another size edited?"
+        )
+    unused = sorted(k for k in info.get("unexpected_keys") or () if not in_head(k))
+    if unused:
+        print(f"note: {source}: {len(unused)} weight(s) in the files are not used by the model {config} "
+              f"describes, e.g. `{unused[0]}`")
+
+
+def _refused_pickle(source: str, local: Path | None, err: Exception) -> str:
+    """The one-line error for a pickle weight file that torch's weights-only loader refused."""
+    message = str(err)
+    reason = message.split("WeightsUnpickler error:", 1)[-1].strip() if "WeightsUnpickler error:" in message else ""
+    reason = reason.splitlines()[0].split(". ", 1)[0].strip() if reason else "it holds more than tensors"
+    file = _first_refused_pickle(local) if local is not None else None
+    where = str(file) if file is not None else f"a pickle weight file of {source}"
+    return (
+        f"{where}: torch's weights-only loader refused it ({reason}); alignkit never unpickles arbitrary "
+        f"objects, even with {_UNSAFE_OPTION} true. If you trust the file, convert it to safetensors yourself"
+    )
+
+
+def _first_refused_pickle(path: Path) -> Path | None:
+    """The first pickle weight file in `path` that torch's weights-only loader refuses (loaded on `meta`).
+
+    `pytorch_model*.bin` (what transformers reads) are tried first, then the other pickle files.
+    """
+    files = [p for p in path.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES)]
+    for file in sorted(files, key=lambda p: (not p.name.startswith("pytorch_model"), p.name)):
+        try:
+            torch.load(file, map_location="meta", weights_only=True)
+        except pickle.UnpicklingError:
+            return file
+        except Exception:  # another problem with this file: the refused one is what is looked for
+            continue
+    return None
+
+
+def _explain_tokenizer(err: Exception, source: str, cfg: ModelConfig) -> str:
+    """Name the bad or missing file of a local tokenizer directory, else shorten the library's message."""
+    path = Path(source)
+    if path.is_dir():
+        for name in _JSON_FILES:
+            if (path / name).is_file():
+                try:
+                    read_json_object(path / name)
+                except AlignkitError as bad:
+                    return str(bad)
+        if not any((path / name).is_file() for name in TOKENIZER_FILES) and not any(path.glob("*.tiktoken")):
+            held = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+            return (f"no tokenizer files in {path} (expected tokenizer.json, or tokenizer.model, vocab.json + "
+                    f"merges.txt, vocab.txt); it holds {held}. Give the tokenizer's directory with --model.tokenizer")
+    return _explain(err, cfg)
 
 
 def _explain(err: Exception, cfg: ModelConfig) -> str:
-    """The library's message, shortened, with the alignkit option that addresses it."""
+    """The library's message, shortened to one line, with the alignkit option that addresses it."""
     message = str(err)
+    if "\n" in message and "Unrecognized configuration class" not in message:
+        message = re.sub(r"\s*\n\s*", " ", message).strip()
+    message = message.replace("\x1b[1m", "").replace("\x1b[0m", "")
+    if isinstance(err, KeyError):
+        message = f"missing key {message} in its files"
+    if isinstance(err, StrictDataclassError):
+        message = f"config.json: {message}"
     if "Unrecognized configuration class" in message:
         # The first line names the config class; the rest lists every supported class.
         return message.splitlines()[0].replace("for this kind of AutoModel", "for")
@@ -242,11 +446,16 @@ def _explain(err: Exception, cfg: ModelConfig) -> str:
     return message
 
 
-def _fit_to_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> None:
-    """Resize embeddings to the tokenizer (if it grew) and record its special-token ids in the configs."""
+def _fit_to_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, source: str) -> None:
+    """Resize embeddings to the tokenizer (if it is larger, with a note) and record its special-token ids."""
     if tokenizer is None:
         return
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        why = (f" (the tokenizer's pad token {PAD_TOKEN} was added)"
+               if len(tokenizer) == rows + 1 and tokenizer.pad_token == PAD_TOKEN else "")
+        print(f"note: the model {source} has {rows} token embeddings but its tokenizer has {len(tokenizer)} "
+              f"tokens{why}: resizing the embeddings to {len(tokenizer)} (the new rows start untrained)")
         model.resize_token_embeddings(len(tokenizer))
     record_special_token_ids(model, tokenizer)
 
@@ -287,3 +496,9 @@ def _maybe_lora(model: PreTrainedModel, cfg: ModelConfig, task_type: str) -> tor
         return get_peft_model(model, lora)
     except ValueError as err:
         raise AlignkitError(f"option `--model.lora_target_modules` {cfg.lora_target_modules}: {err}") from err
+
+
+def remote_code_plan(models: dict[str, tuple[str, bool]]) -> str:
+    """The run plan's line on remote code: which models (label -> (path, trusted)) may run their own code."""
+    trusted = [f"{label} ({path})" for label, (path, trust) in models.items() if path and trust]
+    return ("may run: " + ", ".join(trusted)) if trusted else "none (no model runs its repository's code)"

@@ -88,21 +88,41 @@ def rloo_advantages(scores: torch.Tensor, k: int) -> torch.Tensor:
     return (grouped - baseline).reshape(-1)
 
 
-def grpo_advantages(scores: torch.Tensor, k: int, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
-    """Group-normalised advantages of GRPO (Shao et al. 2024, DeepSeekMath, Sec. 4.1.2).
+def grpo_advantages(
+    scores: torch.Tensor,
+    k: int,
+    eps: float = 1e-4,
+    scale: str = "group",
+    batch_scores: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Group-relative advantages of GRPO (Shao et al. 2024, DeepSeekMath, Sec. 4.1.2) and two variants.
 
-    Equation: A_i = (s_i - mean_j s_j) / (std_j s_j + eps) over the k samples of one prompt, with
-    the unbiased (k - 1) standard deviation. With ``scale=False`` only the mean is subtracted,
-    A_i = s_i - mean_j s_j (the unscaled variant of Liu et al. 2025, "Dr. GRPO").
+    Equations, over the k samples j of the prompt of sample i, with unbiased (n - 1) standard
+    deviations:
+        scale = "group":  A_i = (s_i - mean_j s_j) / (std_j s_j + eps)       (GRPO, Sec. 4.1.2)
+        scale = "batch":  A_i = (s_i - mean_j s_j) / (std(batch scores) + eps)
+                          (the group mean, one std of the scores of the whole batch: Liu et al.
+                          2025, "Part I: Tricks or Traps?"; TRL's scale_rewards="batch")
+        scale = "none":   A_i = s_i - mean_j s_j
+                          (Liu et al. 2025, "Dr. GRPO": the group std over-weights prompts whose
+                          samples agree, i.e. ones that are too easy or too hard)
+    The batch std is taken over ``batch_scores`` when given (the scores of every process, so that
+    every process divides by the same figure), else over ``scores``.
 
     Shapes:
         scores: B sequence-level scores, prompt-major: B = n_prompts * k.
+        batch_scores: N >= 2 scores (the global batch) or None.
         returns: B advantages (same layout).
 
     No reduction. A group with equal scores gets advantage 0 (``eps`` avoids 0/0).
     """
     grouped = _groups(scores, k)  # n_prompts × k
     centred = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale:
+    if scale == "group":
         centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        pool = scores if batch_scores is None else batch_scores
+        centred = centred / (pool.detach().to(grouped.dtype).reshape(-1).std() + eps)
+    elif scale != "none":
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
     return centred.reshape(-1)

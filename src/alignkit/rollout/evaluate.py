@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from alignkit.accel import Backend
-from alignkit.rollout.generate import sample, tokenize_prompts
+from alignkit.rollout.generate import sample, stop_token_ids, tokenize_prompts
 from alignkit.rollout.types import Rollout
 
 Scorer = Callable[[list[str], list[str]], torch.Tensor]
@@ -108,7 +108,7 @@ def evaluate_policy(
     for start in range(0, len(prompts), batch_size):
         prompt_ids, prompt_mask = tokenize_prompts(tokenizer, prompts[start : start + batch_size])
         rollout = sample(policy, prompt_ids.to(device), prompt_mask.to(device), generator=generator,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, backend=backend,
+                         eos_token_id=stop_token_ids(tokenizer, policy), pad_token_id=tokenizer.pad_token_id, backend=backend,
                          **sampling)
         exact, k1 = sequence_kl(policy, ref, rollout, temperature=sampling.get("temperature", 1.0))
         texts += rollout.texts(tokenizer)

@@ -20,30 +20,47 @@ from itertools import dropwhile
 import torch
 
 from alignkit.accel import Backend, resolve
+from alignkit.data.tokenize import render
 from alignkit.ops.masking import mask_positions
 from alignkit.rollout.sampling import draw_token
 from alignkit.rollout.types import Rollout
 
 
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """The ids that end a response: the tokenizer's EOS and every id of the model's generation config.
+
+    Chat models often end a turn with a token other than the tokenizer's EOS and list several in
+    `generation_config.eos_token_id` (e.g. `<|im_end|>`, `<end_of_turn>`, `<|eot_id|>`); sampling stops
+    at any of them, and the response mask (hence the reward and KL index) ends at the first.
+    """
+    ids = [tokenizer.eos_token_id]
+    config = getattr(model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    ids += list(extra) if isinstance(extra, (list, tuple)) else [extra]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
 def tokenize_prompts(
-    tokenizer, prompts: list[str], *, chat: bool = False
+    tokenizer, prompts: list[str | list[dict[str, str]]], *, chat: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenize prompts for generation: left-padded ids and mask, exactly one leading BOS.
 
-    With `chat=True` each prompt becomes one user message rendered by the tokenizer's chat template
-    with the generation prompt appended. The BOS rule: when the tokenizer has a BOS distinct from its
+    A conversation prompt (a list of `{role, content}` messages, TRL's conversational prompt-only
+    format) is rendered by the tokenizer's chat template with the generation prompt appended; with
+    `chat=True` so is each string prompt, as one user message. The BOS rule: when the tokenizer has a BOS distinct from its
     EOS, each row starts with exactly one BOS (added if missing, duplicates from a template that
     writes its own BOS removed); tokenizers without a BOS (or with BOS == EOS, like GPT-2) get none.
 
     Shapes:
         returns: (prompt_ids B×P long, left-padded with the pad id; prompt_mask B×P bool).
     """
-    if chat:
-        messages = [[{"role": "user", "content": p}] for p in prompts]
-        prompts = [
-            tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages
-        ]
-    rows = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    texts = [
+        p if isinstance(p, str) and not chat else render(
+            tokenizer, [{"role": "user", "content": p}] if isinstance(p, str)
+            else [{"role": m["role"], "content": m["content"]} for m in p], add_generation_prompt=True)
+        for p in prompts
+    ]
+    rows = tokenizer(texts, add_special_tokens=True)["input_ids"]
     bos = tokenizer.bos_token_id
     if bos is not None and bos != tokenizer.eos_token_id:
         rows = [[bos, *dropwhile(lambda t: t == bos, row)] for row in rows]

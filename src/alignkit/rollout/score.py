@@ -21,6 +21,7 @@ import torch
 
 from alignkit.accel import Backend, resolve
 from alignkit.data.collate import right_pad, to_device
+from alignkit.data.prompts import prompt_text
 from alignkit.data.reward_groups import encode_scored
 from alignkit.data.segments import parse_segmentation, segment_ids, segment_sequence
 from alignkit.data.tokenize import special_prefix
@@ -129,6 +130,7 @@ def _prompt_groups(prompts: list[Any]) -> torch.Tensor:
 class GoldScorer:
     """A world's gold scorer as a scorer: gold(prompt + separator + response), e.g. P(positive) in [0, 1].
 
+    A conversation prompt (or response) is scored as its message contents, one per line (`prompt_text`).
     With `memo`, scores are remembered by text, so a text scored twice (labels, then evaluation) costs once.
     """
 
@@ -140,7 +142,7 @@ class GoldScorer:
         _check_batch(prompts, responses)
         if not prompts:
             return torch.empty(0)
-        texts = [f"{p}{self.separator}{r}" for p, r in zip(prompts, responses, strict=True)]
+        texts = [f"{prompt_text(p)}{self.separator}{prompt_text(r)}" for p, r in zip(prompts, responses, strict=True)]
         known = self.memo if self.memo is not None else {}
         todo = list(dict.fromkeys(t for t in texts if t not in known))
         if todo:

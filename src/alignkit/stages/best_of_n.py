@@ -8,7 +8,9 @@ over all N'-subsets, `alignkit.rollout.best_of_n`) and the analytic KL log N' - 
 
 Run directory: `config.yaml`; `samples.jsonl` (`{prompt, responses, scores, gold, best}` per prompt);
 `best.jsonl` (`{prompt, completion, score, gold}`: the winners, SFT data for rejection sampling;
-prompts whose best response is empty are left out); `summary.json` (the curve and counts).
+prompts whose best response is empty are left out); `summary.json` (the curve and counts). A
+conversation prompt (message list) is rendered with the chat template; it is written as given, and
+each response after it as an assistant turn, so the files are valid records again.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from alignkit.accel import resolve
 from alignkit.config import ModelConfig, RunConfig, SamplingConfig, require_world
 from alignkit.data.formats import validate_records
 from alignkit.data.load import load_records
+from alignkit.data.prompts import with_assistant_turns
 from alignkit.errors import AlignkitError
 from alignkit.models.load import load_causal_lm, load_tokenizer
 from alignkit.rollout.best_of_n import best_index, best_of_n_curve
-from alignkit.rollout.generate import sample, tokenize_prompts
+from alignkit.rollout.generate import sample, stop_token_ids, tokenize_prompts
 from alignkit.rollout.score import load_scorer
 from alignkit.trainers.rundir import prepare_run_dir, resolve_output_dir, write_json_atomic
 
@@ -75,8 +78,6 @@ def load_prompts(cfg: Any, world: Any) -> list[Any]:
     prompts = prompts[: cfg.max_prompts] if cfg.max_prompts > 0 else prompts
     if not prompts:
         raise AlignkitError(f"no prompts left after `prompt_offset` {cfg.prompt_offset}")
-    if any(not isinstance(p, str) for p in prompts):
-        raise AlignkitError("best-of-n samples from string prompts; conversation (message list) prompts are not supported")
     return prompts
 
 
@@ -90,7 +91,7 @@ def generate_samples(model: Any, tokenizer: Any, prompts: list[str], cfg: BestOf
     for start in range(0, len(flat), cfg.batch_size):
         ids, mask = tokenize_prompts(tokenizer, flat[start : start + cfg.batch_size])
         rollout = sample(model, ids.to(device), mask.to(device), **cfg.sampling.kwargs(), generator=gen,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=stop_token_ids(tokenizer, model), pad_token_id=tokenizer.pad_token_id,
                          backend=resolve(cfg.run.accel))
         texts += rollout.texts(tokenizer)
         if cfg.run.progress:
@@ -131,10 +132,10 @@ def _write_outputs(out_dir: Path, prompts: list[str], samples: list[list[str]], 
         row = {"prompt": prompt, "responses": samples[i], "scores": scores[i].tolist(), "best": b}
         if gold is not None:
             row["gold"] = gold[i].tolist()
-        rows.append(row)
+        rows.append(with_assistant_turns(row))
         if samples[i][b].strip():
             winner = {"prompt": prompt, "completion": samples[i][b], "score": float(scores[i, b])}
-            winners.append(winner | ({"gold": float(gold[i, b])} if gold is not None else {}))
+            winners.append(with_assistant_turns(winner | ({"gold": float(gold[i, b])} if gold is not None else {})))
     for name, items in (("samples.jsonl", rows), ("best.jsonl", winners)):
         tmp = out_dir / f".{name}.tmp"
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items))

@@ -1,10 +1,13 @@
 """`alignkit eval`: every policy on the same held-out prompts with the same sample settings.
 
-For each policy (`label=path`), one response per held-out prompt is sampled with the same seed,
-and scored: mean gold reward with a 95% confidence interval (mean +- 1.96 s / sqrt(n)), proxy
+The prompts are a built world's held-out prompts (`world`) or any file of `{prompt}` records
+(`prompts`); the scorer is the world's gold (`gold:<world>`, the default with a world) or a reward
+model / ensemble directory (`scorer`). For each policy (`label=path`), one response per prompt is
+sampled with the same seed, and scored: the scorer's mean with a 95% confidence interval (mean +-
+1.96 s / sqrt(n); `gold_reward` / `gold_ci95` for a world's gold, else `score` / `score_ci95`), proxy
 reward (the reward model), KL to the reference (`alignkit.rollout.evaluate`: exact per position,
 and the k1 estimate mean of log pi(y|x) - log pi_ref(y|x)), win rate against reference samples
-judged by the gold scorer (ties count 1/2), distinct-1/2 and mean length.
+judged by the scorer (ties count 1/2), distinct-1/2 and mean length.
 
 Best-of-N runs (`alignkit best-of-n` on the same held-out prompts) are evaluated from their saved
 samples without sampling again: for each N, the expected figures of the winner of a random N-subset
@@ -28,6 +31,8 @@ from tqdm.auto import tqdm
 
 from alignkit.accel import resolve
 from alignkit.config import ModelConfig, RunConfig, SamplingConfig, require_world
+from alignkit.data.formats import validate_records
+from alignkit.data.load import load_records
 from alignkit.errors import AlignkitError
 from alignkit.models.load import load_causal_lm, load_tokenizer
 from alignkit.rollout.best_of_n import analytic_kl, expected_best_of_n
@@ -42,8 +47,15 @@ class EvalConfig:
 
     run: RunConfig = field(default_factory=lambda: RunConfig(report_to=[]))
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    world: str = "sentiment"
-    """Built world whose held-out prompts and gold scorer are used."""
+    world: str = ""
+    """Built world (e.g. `sentiment`) whose held-out prompts and gold scorer are used, unless `prompts` /
+    `scorer` replace them."""
+    prompts: str = ""
+    """Prompts to evaluate on instead of the world's held-out ones: a file, dataset directory (`DIR:split`)
+    or hub id of `{prompt}` records (strings or conversations)."""
+    scorer: str = ""
+    """What scores the responses: `gold:<world>`, or a reward model (or ensemble) directory; default: the
+    world's gold scorer."""
     policies: list[str] = field(default_factory=list)
     """Policies as `label=model_dir` (or a bare directory, labelled by its parent directory's name)."""
     reference: str = ""
@@ -55,7 +67,7 @@ class EvalConfig:
     best_of_n_headline: int = 16
     """The N reported under the best-of-N label itself; every N of the run's curve is also reported as `<label>-nN`."""
     n_prompts: int = 256
-    """Held-out prompts (the first N of the world's; >= 256 keeps the noise of the mean near +-0.03)."""
+    """Prompts evaluated (the first N; >= 256 keeps the noise of the sentiment world's mean near +-0.03)."""
     batch_size: int = 64
     """Prompts per generation batch."""
 
@@ -92,9 +104,11 @@ def win_rate(golds: list[float], ref_golds: list[float]) -> float:
     return sum(wins) / len(wins) if wins else float("nan")
 
 
-def _figures(golds: list[float], ref_golds: list[float], proxies: list[float] | None) -> dict[str, float]:
+def _figures(golds: list[float], ref_golds: list[float], proxies: list[float] | None,
+             key: str = "gold") -> dict[str, float]:
     gold, ci = mean_ci(golds)
-    out = {"gold_reward": gold, "gold_ci95": ci, "win_rate_vs_ref": win_rate(golds, ref_golds)}
+    name = "gold_reward" if key == "gold" else key
+    out = {name: gold, f"{key}_ci95": ci, "win_rate_vs_ref": win_rate(golds, ref_golds)}
     if proxies:
         out["proxy_reward"] = sum(proxies) / len(proxies)
     return out
@@ -108,15 +122,18 @@ class _Evaluator:
         ref_dir = cfg.reference or first_policy
         self.tokenizer = load_tokenizer(ModelConfig(name_or_path=ref_dir), padding_side="left")
         self.ref = self.backend.freeze(load_causal_lm(ModelConfig(name_or_path=ref_dir), self.tokenizer))
-        self.prompts = world.prompts("heldout")[: cfg.n_prompts]
+        self.prompts = eval_prompts(cfg, world)
         if len(self.prompts) < cfg.n_prompts:
-            print(f"[eval] only {len(self.prompts)} held-out prompts (asked for {cfg.n_prompts})", flush=True)
-        self.gold = load_scorer(f"gold:{cfg.world}", world=world)
+            print(f"[eval] only {len(self.prompts)} prompts (asked for {cfg.n_prompts})", flush=True)
+        self.scorer_spec = cfg.scorer or f"gold:{cfg.world}"
+        # the figure's name: `gold` for a world's gold scorer, `score` for a reward model
+        self.key = "gold" if self.scorer_spec.startswith("gold:") else "score"
+        self.gold = load_scorer(self.scorer_spec, world=world, backend=self.backend)
         self.proxy = load_scorer(cfg.reward_model, backend=self.backend) if cfg.reward_model else None
         self.sampling = cfg.sampling.kwargs()
         # The reference's own samples (another seed) are what every policy's responses are compared with.
         _, samples = self._sample(self.ref, cfg.run.seed + 1, proxy=False)
-        self.ref_gold = [s["gold"] for s in samples]
+        self.ref_gold = [s["gold"] for s in samples]  # `gold`: evaluate_policy's name for the scorer
 
     def _sample(self, policy: Any, seed: int, proxy: bool = True) -> tuple[dict[str, float], list[dict[str, Any]]]:
         return evaluate_policy(policy, self.ref, self.tokenizer, self.prompts, scorer=self.proxy if proxy else None,
@@ -133,26 +150,29 @@ class _Evaluator:
         metrics, samples = self._sample(model, self.cfg.run.seed)
         golds = [s["gold"] for s in samples]
         proxies = [s["reward"] for s in samples] if self.proxy else None
-        figures = {**_figures(golds, self.ref_gold, proxies), "kl": metrics["eval/kl"], "kl_k1": metrics["eval/kl_k1"],
+        figures = {**_figures(golds, self.ref_gold, proxies, self.key), "kl": metrics["eval/kl"], "kl_k1": metrics["eval/kl_k1"],
                    "length": metrics["eval/length"], "distinct_1": metrics["eval/distinct_1"],
                    "distinct_2": metrics["eval/distinct_2"], "eos_fraction": metrics["eval/eos_fraction"],
                    "path": path, "kind": "policy", "eval_seconds": time.perf_counter() - t0}
-        rows = [{"method": label, "index": i, "prompt": s["prompt"], "response": s["response"], "gold": s["gold"],
+        rows = [{"method": label, "index": i, "prompt": s["prompt"], "response": s["response"], self.key: s["gold"],
                  "proxy": s.get("reward"), "length": self.length(s["response"])} for i, s in enumerate(samples)]
         return figures, rows
 
 
 def _best_of_n(ev: _Evaluator, label: str, run_dir: str) -> tuple[dict[str, dict], list[dict[str, Any]]]:
     """Figures per N (and the headline N's rows) from a best-of-N run's saved samples."""
+    if ev.key != "gold":
+        raise AlignkitError(f"option `best_of_n` ({label}): best-of-N runs are evaluated from their saved gold "
+                            f"scores, so `scorer` must be a world's gold (got {ev.scorer_spec!r})")
     path = Path(run_dir) / "samples.jsonl"
     if not path.is_file():
         raise AlignkitError(f"option `best_of_n`: {path} does not exist (run `alignkit best-of-n` first)")
-    by_prompt = {row["prompt"]: row for row in map(json.loads, path.read_text().splitlines()) if row}
-    missing = [p for p in ev.prompts if p not in by_prompt]
+    by_prompt = {_key(row["prompt"]): row for row in map(json.loads, path.read_text().splitlines()) if row}
+    missing = [p for p in ev.prompts if _key(p) not in by_prompt]
     if missing:
         raise AlignkitError(f"{path}: {len(missing)} of the {len(ev.prompts)} held-out prompts were not sampled "
                             f"(e.g. {missing[0]!r}); run best-of-n on the world's held-out split, >= {len(ev.prompts)} prompts")
-    rows = [by_prompt[p] for p in ev.prompts]
+    rows = [by_prompt[_key(p)] for p in ev.prompts]
     if "gold" not in rows[0]:
         raise AlignkitError(f"{path}: no gold scores; run best-of-n with `world` set and `gold: true`")
     scores = torch.tensor([r["scores"] for r in rows])  # P×N, the proxy that picks
@@ -182,14 +202,30 @@ def _best_of_n(ev: _Evaluator, label: str, run_dir: str) -> tuple[dict[str, dict
     return out, samples
 
 
+def _key(prompt: Any) -> str:
+    """A prompt (string or conversation) as a dictionary key."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
+def eval_prompts(cfg: EvalConfig, world: Any) -> list[Any]:
+    """The first `n_prompts` of option `prompts`' records, else of the world's held-out prompts."""
+    if cfg.prompts:
+        records = validate_records(load_records(cfg.prompts), "prompt", cfg.prompts).records
+        prompts = [r["prompt"] for r in records]
+    else:
+        prompts = world.prompts("heldout")
+    return prompts[: cfg.n_prompts]
+
+
 def run(cfg: EvalConfig, world: Any = None) -> dict[str, Any]:
     """Evaluate every policy and best-of-N run; write `eval.json` and `samples.jsonl`; return the summary.
 
     `world`: the loaded world of option `world` (held-out prompts, gold scorer).
     """
     world = require_world(cfg, world)
-    if world is None:
-        raise AlignkitError("option `world` is required: the world whose held-out prompts and gold scorer evaluate")
+    if world is None and not (cfg.prompts and cfg.scorer):
+        raise AlignkitError("eval needs prompts and a scorer: set `world` (its held-out prompts and gold scorer), "
+                            "or `prompts` (a file of {prompt} records) and `scorer` (a reward model directory)")
     policies, bon_runs = parse_labelled(cfg.policies), parse_labelled(cfg.best_of_n)
     if not policies:
         raise AlignkitError("option `policies` is empty: give `label=model_dir` items (the first is the default reference)")
@@ -198,27 +234,31 @@ def run(cfg: EvalConfig, world: Any = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     torch.manual_seed(cfg.run.seed)
     ev = _Evaluator(cfg, policies[0][1], world)
-    print(f"[eval] {len(policies)} policies + {len(bon_runs)} best-of-N runs on {len(ev.prompts)} held-out prompts of "
-          f"{cfg.world} (T={cfg.sampling.temperature}, <= {cfg.sampling.max_new_tokens} tokens, seed {cfg.run.seed})",
-          flush=True)
+    source = cfg.prompts or f"{cfg.world}'s held-out split"
+    print(f"[eval] {len(policies)} policies + {len(bon_runs)} best-of-N runs on {len(ev.prompts)} prompts of "
+          f"{source}, scored by {ev.scorer_spec} (T={cfg.sampling.temperature}, <= {cfg.sampling.max_new_tokens} "
+          f"tokens, seed {cfg.run.seed})", flush=True)
     methods: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
     for label, path in _progress(policies, cfg.run.progress):
         methods[label], samples = ev.policy(label, path)
         rows += samples
-        print(f"[eval] {label}: gold {methods[label]['gold_reward']:.3f}, KL {methods[label]['kl']:.2f}", flush=True)
+        figure = methods[label]["gold_reward" if ev.key == "gold" else "score"]
+        print(f"[eval] {label}: {ev.key} {figure:.3f}, KL {methods[label]['kl']:.2f}", flush=True)
     for label, run_dir in bon_runs:
         found, samples = _best_of_n(ev, label, run_dir)
         methods.update(found)
         rows += samples
-    settings = {"world": cfg.world, "n_prompts": len(ev.prompts), "max_new_tokens": cfg.sampling.max_new_tokens,
+    settings = {"world": cfg.world, "prompts": cfg.prompts or f"{cfg.world}:heldout", "scorer": ev.scorer_spec,
+                "n_prompts": len(ev.prompts), "max_new_tokens": cfg.sampling.max_new_tokens,
                 "temperature": cfg.sampling.temperature, "sampling": cfg.sampling.kwargs(), "seed": cfg.run.seed,
                 "reference": cfg.reference or policies[0][1],
                 "reward_model": cfg.reward_model, "reference_win_rate": "vs reference samples drawn with seed + 1"}
     write_json_atomic(out_dir / "eval.json", {"settings": settings, "methods": methods})
     (out_dir / "samples.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     summary = {"stage": "eval", "output_dir": str(out_dir), "n_methods": len(methods), "n_prompts": len(ev.prompts),
-               "gold": {k: v["gold_reward"] for k, v in methods.items()}, "wall_time_s": time.perf_counter() - t0}
+               ev.key: {k: v["gold_reward" if ev.key == "gold" else "score"] for k, v in methods.items()},
+               "wall_time_s": time.perf_counter() - t0}
     write_json_atomic(out_dir / "summary.json", summary)
     return summary
 

@@ -5,6 +5,8 @@ prompt and its responses form a query `{id, prompt, responses}`, and the labeler
 chosen format (pairs, best-of-K choices, rankings, ratings, or per-segment `steps` labels; see
 `alignkit.feedback.labelers`).
 Queries whose responses are empty, or identical where they must differ, are skipped and counted.
+A prompt may be a conversation (a message list): it is rendered with the policy's chat template and
+kept as given in the records, whose responses are then assistant turns.
 Prompts are drawn (shuffled by `run.seed`) until `budget` records are labelled.
 
 Run directory: `queries.jsonl` (every query, with its split), `train.jsonl` and `heldout.jsonl` (the
@@ -31,11 +33,12 @@ from alignkit.accel import resolve
 from alignkit.config import ModelConfig, RunConfig, SamplingConfig, require_world
 from alignkit.data.formats import validate_records
 from alignkit.data.load import load_records
+from alignkit.data.prompts import with_assistant_turns
 from alignkit.data.segments import parse_segmentation, split_text
 from alignkit.errors import AlignkitError
 from alignkit.feedback.labelers import make_labeler
 from alignkit.models.load import load_causal_lm, load_tokenizer
-from alignkit.rollout.generate import sample, tokenize_prompts
+from alignkit.rollout.generate import sample, stop_token_ids, tokenize_prompts
 from alignkit.rollout.score import GoldScorer, load_scorer
 from alignkit.trainers.rundir import prepare_run_dir, resolve_output_dir, write_json_atomic
 
@@ -120,12 +123,9 @@ class Sampler:
 
     def __call__(self, prompts: list[Any]) -> list[list[str]]:
         c, tok = self.cfg, self.tokenizer
-        chat = isinstance(prompts[0], list)
-        texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if chat else p
-                 for p in prompts]
-        ids, mask = tokenize_prompts(tok, texts)
+        ids, mask = tokenize_prompts(tok, prompts)  # a conversation prompt: chat template + generation prompt
         rollout = sample(self.model, ids.repeat_interleave(c.k, dim=0), mask.repeat_interleave(c.k, dim=0),
-                         **c.sampling.kwargs(), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         **c.sampling.kwargs(), eos_token_id=stop_token_ids(tok, self.model), pad_token_id=tok.pad_token_id,
                          generator=self.generator, backend=self.backend)
         self.n_tokens += int(rollout.lengths.sum())
         responses = rollout.texts(tok)
@@ -212,8 +212,8 @@ def _label_into(records: list[dict], batch: list[dict], labeler: Any, fmt: str, 
     for answer in labeler(good, fmt):
         if answer is None:
             stats["unanswered"] = stats.get("unanswered", 0) + 1
-        else:
-            records.extend(answer if isinstance(answer, list) else [answer])
+        else:  # after a conversation prompt, each sampled response is an assistant turn
+            records.extend(with_assistant_turns(r) for r in (answer if isinstance(answer, list) else [answer]))
 
 
 def heldout_gold_records(queries: list[dict], gold: Any) -> list[dict]:
@@ -222,7 +222,8 @@ def heldout_gold_records(queries: list[dict], gold: Any) -> list[dict]:
     if not pairs:
         return []
     scores = gold([p for p, _ in pairs], [r for _, r in pairs]).tolist()
-    return [{"prompt": p, "response": r, "score": s} for (p, r), s in zip(pairs, scores, strict=True)]
+    return [with_assistant_turns({"prompt": p, "response": r, "score": s})
+            for (p, r), s in zip(pairs, scores, strict=True)]
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

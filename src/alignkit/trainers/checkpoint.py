@@ -9,21 +9,34 @@ A checkpoint `checkpoints/step-N/` holds
 It is written to `checkpoints/.tmp-step-N/`, fsynced and renamed into place after `COMPLETE` is
 written (`alignkit.atomic.move_into_place`), so a crash mid-write never leaves a directory named
 `step-N`, and a directory without `COMPLETE` is never loaded. Nothing is unpickled when loading.
+
+Failures it survives:
+- a full disk mid-write: the temporary directory is deleted and one line says what, where and how
+  much space it needed (`alignkit.atomic.raise_if_disk_full`); older checkpoints are untouched;
+- a newest checkpoint whose files are torn or truncated although `COMPLETE` is there (a disk that
+  lied, a copy cut short): `load_newest` checks every file before loading anything and falls back
+  to the previous complete checkpoint with a warning naming the bad one;
+- a kill while pruning: a checkpoint is renamed out of the `step-*` namespace (one atomic rename)
+  before it is deleted, so a half-deleted directory is never named `step-N`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from alignkit.atomic import move_into_place
+from alignkit.atomic import is_disk_full, move_into_place, raise_if_disk_full
 from alignkit.errors import AlignkitError
 
 MARKER = "COMPLETE"
@@ -92,33 +105,60 @@ def save_checkpoint(
     is_main: bool = True,
     barrier: Any = None,
 ) -> Path:
-    """Write checkpoint `step-N` atomically; every rank calls it (rank-local RNG files)."""
+    """Write checkpoint `step-N` atomically; every rank calls it (rank-local RNG files).
+
+    A full disk raises an `AlignkitError` naming the checkpoint, the space it needs and the space
+    free, after deleting the temporary directory (the previous checkpoints are untouched).
+    """
     final = ckpt_root / f"step-{step}"
     tmp = ckpt_root / f".tmp-step-{step}"
-    if is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    if barrier:
-        barrier()
-    rng_tensors, rng_meta = rng_state()
-    save_file(rng_tensors, tmp / f"rng-{rank}.safetensors")
-    (tmp / f"rng-{rank}.json").write_text(json.dumps(rng_meta))
-    if barrier:
-        barrier()
-    if is_main:
-        save_model(model, str(tmp / "model.safetensors"))
-        opt_tensors, opt_meta = _optimizer_to_files(optimizer)
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
-        (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
-        state = {"step": step, "scheduler": scheduler.state_dict(), "stage": stage_state or {}}
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
-        (tmp / "config.yaml").write_text(config_yaml)
-        (tmp / MARKER).write_text(str(step))
-        move_into_place(tmp, final)  # fsyncs every file and the directories, then renames
+    try:
+        if is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        if barrier:
+            barrier()
+        rng_tensors, rng_meta = rng_state()
+        save_file(rng_tensors, tmp / f"rng-{rank}.safetensors")
+        (tmp / f"rng-{rank}.json").write_text(json.dumps(rng_meta))
+        if barrier:
+            barrier()
+        if is_main:
+            _write_main_files(tmp, step, model, optimizer, scheduler, stage_state, config_yaml)
+            move_into_place(tmp, final)  # fsyncs every file and the directories, then renames
+    except Exception as err:
+        if is_main and is_disk_full(err):  # free what it took; other errors leave it for a look (and clean_stale)
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(ckpt_root)
+        raise_if_disk_full(
+            err, f"checkpoint step-{step}", tmp, need_bytes=_state_bytes(model, optimizer),
+            advice=(f"the previous checkpoint {previous[-1]} is intact: free space and rerun with --run.resume"
+                    if previous else "no earlier checkpoint: free space and run again"))
+        raise
     if barrier:
         barrier()
     return final
+
+
+def _write_main_files(tmp: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      scheduler: Any, stage_state: dict | None, config_yaml: str) -> None:
+    save_model(model, str(tmp / "model.safetensors"))
+    opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+    state = {"step": step, "scheduler": scheduler.state_dict(), "stage": stage_state or {}}
+    (tmp / "trainer_state.json").write_text(json.dumps(state))
+    (tmp / "config.yaml").write_text(config_yaml)
+    (tmp / MARKER).write_text(str(step))
+
+
+def _state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the model's and the optimizer's tensors: about the size of a checkpoint."""
+    n = sum(t.numel() * t.element_size() for t in model.state_dict().values() if torch.is_tensor(t))
+    for slots in optimizer.state.values():
+        n += sum(v.numel() * v.element_size() for v in slots.values() if torch.is_tensor(v))
+    return n
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -130,13 +170,99 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 
 
 def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints, and stale temp dirs."""
+    """Delete all but the newest `keep_last` complete checkpoints, and stale temp dirs.
+
+    Each is first renamed to `.step-N.old-prune-<pid>` (one atomic rename, out of the `step-*` names
+    that `list_checkpoints` reads), then deleted: a kill mid-delete leaves a hidden directory that the
+    next prune or run start removes, never a half-deleted `step-N` with its marker.
+    """
     done = list_checkpoints(ckpt_root)
     for old in done[: max(0, len(done) - keep_last)]:
-        shutil.rmtree(old, ignore_errors=True)
-    # `.tmp-step-N`: a write that did not finish; `.step-N.old-*`: a replaced one a crash left behind.
-    for stale in [*ckpt_root.glob(".tmp-step-*"), *ckpt_root.glob(".step-*.old-*")]:
-        shutil.rmtree(stale, ignore_errors=True)
+        doomed = old.with_name(f".{old.name}.old-prune-{os.getpid()}")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    clean_stale(ckpt_root)
+
+
+def clean_stale(ckpt_root: Path) -> list[Path]:
+    """Delete `.tmp-step-N` (a write that did not finish) and `.step-N.old-*` (a replaced or pruned one).
+
+    Call it from the main process of the run holding the run dir's lock, between writes.
+    """
+    if not ckpt_root.is_dir():
+        return []
+    stale = sorted([*ckpt_root.glob(".tmp-step-*"), *ckpt_root.glob(".step-*.old-*")])
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def verify_checkpoint(path: Path, rank: int = 0) -> None:
+    """Check that every file of checkpoint `path` is whole (parses; tensors fit the file) before loading it.
+
+    Raises `AlignkitError` naming the bad file.
+    """
+    if not (path / MARKER).is_file():
+        raise AlignkitError(f"checkpoint {path} is incomplete (no {MARKER} marker): it was interrupted")
+    rng = path / f"rng-{rank}.safetensors"
+    rng = rng if rng.is_file() else path / "rng-0.safetensors"
+    for file in (path / "model.safetensors", path / "optimizer.safetensors", rng):
+        try:
+            with safe_open(str(file), framework="pt") as fh:  # header parsed, tensor extents checked
+                fh.keys()
+        except Exception as err:  # safetensors raises its own error type for a torn header or file
+            raise AlignkitError(f"checkpoint file {file} is unreadable or truncated ({err})") from None
+    for file in (path / "optimizer.json", path / "trainer_state.json", rng.with_suffix(".json")):
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise AlignkitError(f"checkpoint file {file} is unreadable or truncated ({err})") from None
+
+
+def load_newest(
+    ckpt_root: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rank: int = 0,
+) -> tuple[Path, dict] | None:
+    """Load the newest complete checkpoint whose files are whole; None if there is none.
+
+    A checkpoint marked complete whose files are torn is skipped with a warning naming it, and the
+    one before it tried. A checkpoint that does not fit the model is an error (not skipped).
+    """
+    found = list_checkpoints(ckpt_root)
+    for path in reversed(found):
+        try:
+            verify_checkpoint(path, rank)
+        except AlignkitError as err:
+            print(f"warning: skipping checkpoint {path}: {err}; trying the one before it", file=sys.stderr)
+            continue
+        return path, load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, rank=rank)
+    if found:
+        raise AlignkitError(f"no readable checkpoint in {ckpt_root}: all {len(found)} are torn (see the warnings)")
+    return None
+
+
+def apply_lr_override(path: Path, lr: float, optimizer: torch.optim.Optimizer, scheduler: Any) -> float:
+    """After loading checkpoint `path`: if its saved `optim.lr` differs from `lr` (an override the run
+    dir allowed, `run.resume_override`), scale the restored schedule's base rates and the current rates
+    by `lr / saved`, so the new learning rate applies. Returns the factor (1.0: unchanged)."""
+    try:
+        saved = (yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}).get("optim", {}).get("lr")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return 1.0
+    if not isinstance(saved, int | float) or not saved or saved == lr:
+        return 1.0
+    factor = lr / saved
+    if hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [base * factor for base in scheduler.base_lrs]
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * factor
+        if "initial_lr" in group:
+            group["initial_lr"] = group["initial_lr"] * factor
+    return factor
 
 
 def load_checkpoint(

@@ -34,15 +34,25 @@ import torch
 from alignkit.accel import Backend
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig, SamplingConfig, require_world
 from alignkit.data.collate import to_device
-from alignkit.data.formats import detect_format, validate_records
+from alignkit.data.formats import choose_format, print_report, validate_records
 from alignkit.data.load import load_records, split_records
-from alignkit.data.preference_groups import collate_preference_groups, tokenize_preference_groups
+from alignkit.data.preference_groups import (
+    collate_preference_groups,
+    mismatched_groups,
+    tokenize_preference_groups,
+)
 from alignkit.errors import AlignkitError
 from alignkit.losses.preference import PREFERENCE_LOSSES
-from alignkit.models.load import load_causal_lm, load_tokenizer
+from alignkit.models.load import load_causal_lm, load_tokenizer, remote_code_plan
 from alignkit.rollout.evaluate import evaluate_policy
 from alignkit.rollout.score import load_scorer
-from alignkit.trainers.dpo_forward import Reference, response_logps
+from alignkit.trainers.dpo_forward import (
+    Reference,
+    kto_log_ratio_sum,
+    kto_reference_point,
+    response_logps,
+    set_kto_reference_point,
+)
 from alignkit.trainers.loop import TrainLoop
 from alignkit.trainers.online_dpo import online_inputs, sample_round
 
@@ -63,6 +73,9 @@ class DPOConfig:
     """The loss: sigmoid (DPO), ipo, cdpo, simpo, orpo, kto (unpaired data) or plackett_luce (rankings)."""
     beta: float = 0.1
     """KL strength beta of the implicit reward beta * log(pi / pi_ref) (IPO's tau; SimPO's beta; ORPO's lambda)."""
+    ipo_per_token: bool = False
+    """ipo: divide each response's log-probs by its token count (TRL's form), so the target gap 1/(2 beta) is
+    per token; default: summed log-probs (Azar et al. 2023, Eq. 17; OpenRLHF), a gap in total nats."""
     label_smoothing: float = 0.0
     """cdpo: probability that a preference label is flipped."""
     simpo_gamma: float = 0.5
@@ -73,6 +86,9 @@ class DPOConfig:
     """kto: weight lambda_U of undesirable examples."""
     ref_model: str = ""
     """Reference model directory; default: the initial policy (with LoRA: the base, adapters disabled)."""
+    ref_trust_remote_code: bool = False
+    """Run the Python code shipped with `ref_model` (its own switch: `model.trust_remote_code` covers only the
+    policy, and a reference that is the initial policy). Only for repositories you trust."""
     precompute_ref: bool = False
     """Compute the reference log-probs once over the data before training (then free the reference)."""
     truncation: Literal["left", "drop"] = "left"
@@ -109,6 +125,7 @@ class GroupLogps:
     n_tokens: torch.Tensor  # B×K response tokens
     mask: torch.Tensor  # B×K bool, False for filler slots
     labels: torch.Tensor | None  # B bool (KTO)
+    kto_z0: torch.Tensor | None = None  # scalar: KTO's reference point of the global batch
 
     @property
     def avg(self) -> torch.Tensor:
@@ -117,10 +134,8 @@ class GroupLogps:
 
 
 def _kto_inputs(s: GroupLogps, cfg: DPOConfig) -> dict:
-    # Reference point z0: the batch's mean log-ratio, a detached estimate of KL(pi || pi_ref).
-    kl_ref = (s.policy[:, 0] - s.ref[:, 0]).mean().detach()
     return dict(policy_logps=s.policy[:, 0], ref_logps=s.ref[:, 0], labels=s.labels, beta=cfg.beta,
-                kl_ref=kl_ref, desirable_weight=cfg.kto_desirable_weight,
+                kl_ref=s.kto_z0, desirable_weight=cfg.kto_desirable_weight,
                 undesirable_weight=cfg.kto_undesirable_weight)
 
 
@@ -129,9 +144,15 @@ def _pair(s: GroupLogps) -> dict:
                 ref_rejected=s.ref[:, 1])
 
 
+def _per_token_pair(s: GroupLogps) -> dict:
+    n = s.n_tokens.clamp(min=1)
+    return dict(policy_chosen=s.avg[:, 0], policy_rejected=s.avg[:, 1], ref_chosen=s.ref[:, 0] / n[:, 0],
+                ref_rejected=s.ref[:, 1] / n[:, 1])
+
+
 LOSS_INPUTS: dict[str, Callable[[GroupLogps, DPOConfig], dict]] = {
     "sigmoid": lambda s, c: dict(**_pair(s), beta=c.beta),
-    "ipo": lambda s, c: dict(**_pair(s), beta=c.beta),
+    "ipo": lambda s, c: dict(**(_per_token_pair(s) if c.ipo_per_token else _pair(s)), beta=c.beta),
     "cdpo": lambda s, c: dict(**_pair(s), beta=c.beta, label_smoothing=c.label_smoothing),
     "simpo": lambda s, c: dict(chosen_avg_logps=s.avg[:, 0], rejected_avg_logps=s.avg[:, 1], beta=c.beta,
                                gamma=c.simpo_gamma),
@@ -153,7 +174,11 @@ def make_loss_fn(cfg: DPOConfig, reference: Reference | None,
         ref = None
         if cfg.loss not in REFERENCE_FREE:
             ref = batch["ref_logps"].to(policy) if "ref_logps" in batch else reference.logps(batch)
-        logps = GroupLogps(policy, ref, n_tokens, batch["group_mask"], batch.get("kto_labels"))
+        z0 = None
+        if cfg.loss == "kto":  # the trainer sets z0 over the global batch; alone, a batch is its own
+            z0 = batch["kto_z0"] if "kto_z0" in batch else kto_reference_point(
+                kto_log_ratio_sum(model, reference, batch, backend), batch["n_terms"])
+        logps = GroupLogps(policy, ref, n_tokens, batch["group_mask"], batch.get("kto_labels"), z0)
         value, metrics = loss(**LOSS_INPUTS[cfg.loss](logps, cfg))
         return value * batch["n_terms"], metrics
 
@@ -165,16 +190,34 @@ def make_loss_fn(cfg: DPOConfig, reference: Reference | None,
 # ---------------------------------------------------------------------------------------------
 
 
-def _read(path: str, cfg: DPOConfig, tokenizer: Any) -> tuple[list[dict], int]:
-    """Validated, tokenized groups of a file and the number of bad rows skipped."""
-    records = load_records(path)[: cfg.data.limit]
-    kind = detect_format(records[0]) if isinstance(records[0], dict) else "preference"
+def collate_groups(groups: list[dict], pad_id: int, loss: str, kl_groups: list[dict] | None = None) -> dict:
+    """`collate_preference_groups`, plus for KTO the mismatched pairs of its reference point (`kl_batch`).
+
+    `kl_groups`: those pairs when formed over a larger set (evaluation); default: within `groups`.
+    """
+    batch = collate_preference_groups(groups, pad_id)
+    if loss == "kto":
+        batch["kl_batch"] = collate_preference_groups(kl_groups or mismatched_groups(groups), pad_id)
+    return batch
+
+
+def _read(path: str, cfg: DPOConfig, tokenizer: Any) -> tuple[list[dict], int, int]:
+    """Validated, tokenized groups of a file, the number of bad rows skipped, and of implicit prompts extracted.
+
+    Each group has its source `row` and `first_row`, the first row with the same content (its own row
+    when it repeats none).
+    """
+    records = load_records(path, on_bad_rows=cfg.data.on_bad_rows)[: cfg.data.limit]
+    # the kinds this stage reads decide, over all rows: HuggingFaceH4's {prompt, chosen, rejected, messages} is
+    # preference data, and a row lacking `rejected` is named with that field
+    kind = choose_format(records, ("preference", "ranking", "unpaired"))
     report = validate_records(records, kind, path, cfg.data.on_bad_rows)
-    bad = {row for row, _, _ in report.skipped}
-    rows = [r for r in range(1, len(records) + 1) if r not in bad]
+    print_report(report, path, "dpo")
     out = tokenize_preference_groups(report.records, kind, cfg.loss, tokenizer, max_length=cfg.data.max_length,
-                          truncation=cfg.truncation, source=path, rows=rows, on_bad_rows=cfg.data.on_bad_rows)
-    return out.groups, report.n_skipped + len(out.skipped) + out.dropped
+                          truncation=cfg.truncation, source=path, rows=report.rows, on_bad_rows=cfg.data.on_bad_rows)
+    for g in out.groups:
+        g["first_row"] = report.duplicate_of.get(g["row"], g["row"])
+    return out.groups, report.n_skipped + len(out.skipped) + out.dropped, report.prompts_extracted
 
 
 def load_preference_data(cfg: DPOConfig, tokenizer: Any) -> dict[str, Any]:
@@ -182,18 +225,20 @@ def load_preference_data(cfg: DPOConfig, tokenizer: Any) -> dict[str, Any]:
     if not cfg.data.path:
         raise AlignkitError("option `data.path` is required (offline DPO): a file of {prompt, chosen, rejected}, "
                             "{prompt, responses} or {prompt, completion, label} records; or set `rounds` > 0")
-    groups, skipped = _read(cfg.data.path, cfg, tokenizer)
+    groups, skipped, extracted = _read(cfg.data.path, cfg, tokenizer)
     if cfg.data.eval_path:
-        train, (held, more) = groups, _read(cfg.data.eval_path, cfg, tokenizer)
-        skipped += more
-    else:  # split by source row, so both halves of a converted record stay on one side
-        rows = sorted({g["row"] for g in groups})
-        keep = set(split_records(rows, cfg.data.eval_fraction, cfg.run.seed)[0])
+        train, (held, more, more_extracted) = groups, _read(cfg.data.eval_path, cfg, tokenizer)
+        skipped, extracted = skipped + more, extracted + more_extracted
+    else:  # split by source row, so both halves of a converted record (and all copies of a row) stay on one side
+        first_row = {g["row"]: g["first_row"] for g in groups}
+        keep = set(split_records(sorted(first_row), cfg.data.eval_fraction, cfg.run.seed, key=first_row.get)[0])
         train = [g for g in groups if g["row"] in keep]
         held = [g for g in groups if g["row"] not in keep]
     if not train:
         raise AlignkitError(f"{cfg.data.path}: no training examples left after validation and truncation")
-    return {"train": train, "eval": held[:512], "skipped": skipped}
+    duplicates = len({g["row"] for g in groups if g["first_row"] != g["row"]})
+    return {"train": train, "eval": held[:512], "skipped": skipped, "prompts_extracted": extracted,
+            "duplicates": duplicates}
 
 
 def precompute_reference(reference: Reference, groups: list[dict], pad_id: int, batch_size: int,
@@ -258,7 +303,9 @@ def make_evaluator(loop: TrainLoop, cfg: DPOConfig, tokenizer: Any, reference: R
     """`evaluate()`: held-out preference metrics, plus gold reward and KL on the world's held-out prompts."""
     device, pad = loop.accelerator.device, tokenizer.pad_token_id
     size = cfg.optim.per_device_batch_size
-    batches = [to_device(collate_preference_groups(eval_groups[i : i + size], pad), device)
+    # KTO: mismatched pairs over the whole held-out set (a single held-out group is paired with itself)
+    kl = mismatched_groups(eval_groups) if cfg.loss == "kto" and len(eval_groups) > 1 else eval_groups
+    batches = [to_device(collate_groups(eval_groups[i : i + size], pad, cfg.loss, kl[i : i + size]), device)
                for i in range(0, len(eval_groups), size)]
     prompts, gold = [], None
     if _policy_eval_on(cfg):
@@ -266,6 +313,8 @@ def make_evaluator(loop: TrainLoop, cfg: DPOConfig, tokenizer: Any, reference: R
         gold = load_scorer(f"gold:{cfg.world}", world=world)
 
     def evaluate() -> dict[str, float]:
+        if cfg.loss == "kto" and batches:  # every process evaluates every held-out group: no reduction
+            set_kto_reference_point(loop.accelerator.unwrap_model(loop.model), reference, batches, loop.backend)
         metrics = preference_eval(loop, batches, loss_fn) if batches else {}
         if prompts and loop.accelerator.is_main_process:
 
@@ -295,6 +344,13 @@ def _check(cfg: DPOConfig) -> None:
     if cfg.rounds > 0 and (cfg.samples_per_prompt < 2 or (cfg.samples_per_prompt != 2 and cfg.loss != "plackett_luce")):
         raise AlignkitError(f"option `samples_per_prompt`: online {cfg.loss} needs 2 (K > 2 only with "
                             f"loss plackett_luce), got {cfg.samples_per_prompt}")
+    if cfg.loss == "kto" and cfg.optim.per_device_batch_size < 2:
+        raise AlignkitError("option `optim.per_device_batch_size`: loss kto needs >= 2 (its reference point pairs "
+                            f"each prompt with another example's response in the batch), got "
+                            f"{cfg.optim.per_device_batch_size}")
+    if cfg.loss == "kto" and cfg.precompute_ref:
+        raise AlignkitError("option `precompute_ref`: not available with loss kto (its reference point needs the "
+                            "reference on the mismatched pairs of each batch)")
     if cfg.rounds > 0 and cfg.precompute_ref:
         raise AlignkitError("option `precompute_ref` is for offline data; online rounds compute the reference on the fly")
 
@@ -306,7 +362,9 @@ def load_reference(cfg: DPOConfig, policy: Any, tokenizer: Any, device: torch.de
         return None
     if cfg.model.lora_r > 0 and not cfg.ref_model:
         return Reference(None, policy, backend)
-    ref_cfg = ModelConfig(**{**vars(cfg.model), "lora_r": 0, "name_or_path": cfg.ref_model or cfg.model.name_or_path})
+    trust = cfg.ref_trust_remote_code if cfg.ref_model else cfg.model.trust_remote_code  # trust is per model path
+    ref_cfg = ModelConfig(**{**vars(cfg.model), "lora_r": 0, "name_or_path": cfg.ref_model or cfg.model.name_or_path,
+                             "trust_remote_code": trust})
     ref = backend.freeze(load_causal_lm(ref_cfg, tokenizer).to(device))
     return Reference(ref, policy, backend)
 
@@ -320,14 +378,19 @@ def _steps_per_round(cfg: DPOConfig, global_batch: int) -> int:
     return cfg.optim.max_steps or max(1, math.ceil(cfg.optim.epochs * cfg.prompts_per_round / global_batch))
 
 
-def _plan(cfg: DPOConfig, train: list[dict], loop: TrainLoop, eval_groups: list[dict], skipped: int) -> dict:
+def _plan(cfg: DPOConfig, train: list[dict], loop: TrainLoop, eval_groups: list[dict], skipped: int,
+          extracted: int = 0) -> dict:
     n_tokens = sum(len(r["input_ids"]) for g in train for r in g["responses"])
     ref = ("none (reference-free)" if cfg.loss in REFERENCE_FREE else "precomputed" if cfg.precompute_ref
            else "LoRA base, adapters disabled" if cfg.model.lora_r > 0 and not cfg.ref_model else "frozen copy")
     plan = {"loss": f"{cfg.loss}, beta={cfg.beta}; reference: {ref}",
             "tokens": f"{n_tokens:,} tokens in {len(train)} groups ({n_tokens / max(1, len(train)):.1f} per group; "
                       "all responses of a group in one forward pass)",
-            "data": f"{len(eval_groups)} held-out groups; {skipped} rows skipped or dropped"}
+            "data": f"{len(eval_groups)} held-out groups; {skipped} rows skipped or dropped",
+            "remote code": remote_code_plan({"policy": (cfg.model.name_or_path, cfg.model.trust_remote_code),
+                                             "reference": (cfg.ref_model, cfg.ref_trust_remote_code)})}
+    if extracted:
+        plan["prompt"] = f"extracted from chosen/rejected (implicit prompt), {extracted} records"
     if cfg.rounds:
         plan["online"] = (f"{cfg.rounds} rounds x {_steps_per_round(cfg, loop.global_batch)} steps; "
                           f"{cfg.prompts_per_round} prompts x {cfg.samples_per_prompt} samples per round, "
@@ -366,7 +429,7 @@ def run(cfg: DPOConfig, world: Any = None) -> dict[str, Any]:
             reference = None  # no longer needed: frees the reference model
     loss_fn = make_loss_fn(cfg, reference, loop.backend)
     loop.print_plan(n_examples=len(train) or cfg.prompts_per_round,
-                    extra=_plan(cfg, train, loop, data["eval"], data["skipped"]))
+                    extra=_plan(cfg, train, loop, data["eval"], data["skipped"], data.get("prompts_extracted", 0)))
     evaluate = make_evaluator(loop, cfg, tokenizer, reference, data["eval"], loss_fn, world)
     start = loop.resume()
     if start == 0:
@@ -377,8 +440,11 @@ def run(cfg: DPOConfig, world: Any = None) -> dict[str, Any]:
     for _ in range(start, loop.total_steps):
         if cfg.rounds and (not train or loop.step % per_round == 0):
             train = _round_groups(loop, cfg, tokenizer, labeler, prompts, loop.step // per_round)
-        micro = [to_device(collate_preference_groups([train[i] for i in idx], pad), device)
+        micro = [to_device(collate_groups([train[i] for i in idx], pad, cfg.loss), device)
                  for idx in loop.micro_batch_indices(len(train), loop.step)]
+        if cfg.loss == "kto":  # z0 over the global batch: every micro-batch, every process
+            set_kto_reference_point(loop.accelerator.unwrap_model(loop.model), reference, micro, loop.backend,
+                                    lambda totals: loop.accelerator.reduce(totals, "sum"))
         metrics = loop.update(micro, loss_fn)
         if cfg.run.eval_every and loop.step % cfg.run.eval_every == 0 and loop.step < loop.total_steps:
             metrics.update(evaluate())
@@ -388,5 +454,6 @@ def run(cfg: DPOConfig, world: Any = None) -> dict[str, Any]:
     first = loop.stage_state.get("first_eval", {})
     summary = {"loss": cfg.loss, "beta": cfg.beta, "groups": len(data["train"]), "eval_groups": len(data["eval"]),
                "rounds": cfg.rounds, "skipped_rows": data["skipped"],
+               "duplicate_rows": data.get("duplicates", 0),
                "first": first, "final": final, **final}
     return loop.finish(tokenizer, summary, merge_lora=cfg.model.save_merged)

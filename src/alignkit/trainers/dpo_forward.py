@@ -1,7 +1,9 @@
-"""The DPO forward pass: sequence log-probs of a group batch, and the frozen reference that computes them."""
+"""The DPO forward pass: sequence log-probs of a group batch, the frozen reference that computes them, and
+KTO's reference point z0 (from the same forward passes over mismatched pairs)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,3 +48,40 @@ class Reference:
     def logps(self, batch: dict) -> torch.Tensor:
         """Reference sequence log-probs of a group batch, B×K."""
         return response_logps(self, batch, self.backend)[0]
+
+
+def kto_log_ratio_sum(model: Any, reference: Reference, batch: dict, backend: Backend) -> torch.Tensor:
+    """Sum over a batch's mismatched pairs (`batch["kl_batch"]`) of log pi(y_j|x_i) - log pi_ref(y_j|x_i).
+
+    No gradients: KTO's reference point is a constant of the loss. Shapes: returns a scalar.
+    """
+    with torch.no_grad():
+        policy = response_logps(model, batch["kl_batch"], backend)[0][:, 0]  # B
+        return (policy - reference.logps(batch["kl_batch"])[:, 0]).float().sum()
+
+
+def kto_reference_point(log_ratio_sum: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z0 (Ethayarajh et al. 2024, Sec. 4.2), detached.
+
+    Equation: z0 = max(0, (1/m) sum_i log(pi(y_j(i)|x_i) / pi_ref(y_j(i)|x_i))), over the m mismatched
+    pairs (x_i, y_j(i)), j(i) = i - 1 within each micro-batch (`mismatched_groups`), of the global batch
+    (every micro-batch of the step on every process: the trainer sums `log_ratio_sum` and `count`
+    over them first). An estimate of KL(pi || pi_ref) on prompts the responses were not written for.
+    """
+    return (log_ratio_sum / torch.as_tensor(count, dtype=log_ratio_sum.dtype).clamp(min=1)).clamp(min=0).detach()
+
+
+def set_kto_reference_point(model: Any, reference: Reference, batches: list[dict], backend: Backend,
+                            reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """Work out z0 over `batches` (summed across processes by `reduce`) and store it as `batch["kto_z0"]`."""
+    if not batches:
+        totals = torch.zeros(2)
+    else:
+        device = batches[0]["input_ids"].device
+        totals = torch.stack([sum(kto_log_ratio_sum(model, reference, b, backend) for b in batches),
+                              torch.tensor(float(sum(b["n_terms"] for b in batches)), device=device)])
+    totals = reduce(totals) if reduce is not None else totals
+    z0 = kto_reference_point(totals[0], totals[1])
+    for batch in batches:
+        batch["kto_z0"] = z0
+    return float(z0)

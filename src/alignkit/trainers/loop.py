@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +37,18 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from alignkit.accel import resolve
+from alignkit.data.collate import to_device
 from alignkit.errors import AlignkitError
+from alignkit.models.load import remote_code_plan
 from alignkit.models.save import save_pretrained_atomic
 from alignkit.trainers import checkpoint as ckpt
 from alignkit.trainers.rundir import (
     MetricsLogger,
     config_yaml,
     prepare_run_dir,
+    release_run_lock,
     resolve_output_dir,
+    save_final,
     write_json_atomic,
 )
 
@@ -86,6 +91,24 @@ def global_batch_indices(n_examples: int, global_batch: int, step: int, seed: in
 def shard_indices(indices: list[int], micro: int, accum: int, world: int, rank: int) -> list[list[int]]:
     """This process's micro-batches: chunk `a * world + rank` of the global batch for each a."""
     return [indices[(a * world + rank) * micro : (a * world + rank + 1) * micro] for a in range(accum)]
+
+
+def eval_batch_indices(n_items: int, batch_size: int, world: int, rank: int) -> list[tuple[list[int], bool]]:
+    """This process's held-out batches as (item indices, counted), the same number on every process.
+
+    Items rank, rank + world, ... are this process's, in batches of `batch_size`. Every process gets
+    ceil(ceil(n_items / world) / batch_size) batches: one whose share is shorter (fewer items than
+    processes, or an uneven split) gets padding batches `([0], False)` for the rest. They run the
+    forward pass like the others but their loss is not counted, because a forward pass of a wrapped
+    model holds collectives (DDP's buffer broadcast, FSDP's and ZeRO-3's parameter gathers) that
+    every process must reach, as it must the final reduction. No items: no batches anywhere.
+    """
+    if n_items <= 0:
+        return []
+    n_batches = math.ceil(math.ceil(n_items / world) / batch_size)
+    mine = list(range(rank, n_items, world))
+    out = [(mine[i : i + batch_size], True) for i in range(0, len(mine), batch_size)]
+    return out + [([0], False)] * (n_batches - len(out))
 
 
 def build_optimizer(model: torch.nn.Module, optim: Any) -> torch.optim.Optimizer:
@@ -136,7 +159,7 @@ class TrainLoop:
             total_steps = cfg.optim.max_steps or max(1, math.ceil(cfg.optim.epochs * n_examples / self.global_batch))
         self.total_steps = total_steps
         if acc.is_main_process:
-            prepare_run_dir(self.out_dir, cfg, resume=cfg.run.resume)
+            prepare_run_dir(self.out_dir, cfg, resume=cfg.run.resume, check_config=True)  # locks the dir
         acc.wait_for_everyone()
         set_seed(cfg.run.seed)
         optim = cfg.optim
@@ -168,6 +191,21 @@ class TrainLoop:
         return shard_indices(indices, o.per_device_batch_size, o.grad_accum_steps, self.world,
                              self.accelerator.process_index)
 
+    def eval_batches(self, items: Sequence[Any], collate: Callable[[list], dict], batch_size: int) -> list[dict]:
+        """This process's share of the held-out `items`, collated and on the device, for `evaluate`.
+
+        Every process gets the same number of batches (`eval_batch_indices`); a padding batch has
+        `n_terms` 0 and `padding` True, so `evaluate` runs its forward pass and does not count it.
+        """
+        out = []
+        for indices, counted in eval_batch_indices(len(items), batch_size, self.world,
+                                                   self.accelerator.process_index):
+            batch = collate([items[i] for i in indices])
+            if not counted:
+                batch = {**batch, "n_terms": 0, "padding": True}
+            out.append(to_device(batch, self.accelerator.device))
+        return out
+
     def print_plan(self, *, n_examples: int, extra: dict[str, Any] | None = None) -> None:
         """Print batch sizes, steps, epochs and data size before step 0."""
         o = self.cfg.optim
@@ -178,7 +216,11 @@ class TrainLoop:
             f"  data: {n_examples} training examples; {self.total_steps} optimizer steps = "
             f"{self.total_steps * self.global_batch / max(1, n_examples):.2f} epochs",
         ]
-        lines += [f"  {k}: {v}" for k, v in (extra or {}).items()]
+        extra = dict(extra or {})
+        model = getattr(self.cfg, "model", None)
+        if "remote code" not in extra and model is not None:  # stages with more models say it themselves
+            extra["remote code"] = remote_code_plan({"model": (model.name_or_path, model.trust_remote_code)})
+        lines += [f"  {k}: {v}" for k, v in extra.items()]
         lines.append(f"  accel: {self.backend.describe()} (option run.accel={self.cfg.run.accel})")
         self.accelerator.print("\n".join(lines))
 
@@ -187,14 +229,15 @@ class TrainLoop:
         """Restore the newest complete checkpoint when `run.resume`; return the step to start at."""
         start = 0
         if self.cfg.run.resume:
-            found = ckpt.list_checkpoints(self.out_dir / "checkpoints")
+            found = ckpt.load_newest(  # skips (with a warning) a newest checkpoint whose files are torn
+                self.out_dir / "checkpoints", model=self.accelerator.unwrap_model(self.model),
+                optimizer=self.optimizer, scheduler=self.scheduler, rank=self.accelerator.process_index,
+            )
             if found:
-                state = ckpt.load_checkpoint(
-                    found[-1], model=self.accelerator.unwrap_model(self.model), optimizer=self.optimizer,
-                    scheduler=self.scheduler, rank=self.accelerator.process_index,
-                )
+                path, state = found
                 start, self.stage_state = state["step"], state["stage"]
-                self.accelerator.print(f"[{self.stage}] resumed from {found[-1]} (step {start})")
+                ckpt.apply_lr_override(path, self.cfg.optim.lr, self.optimizer, self.scheduler)
+                self.accelerator.print(f"[{self.stage}] resumed from {path} (step {start})")
             else:
                 self.accelerator.print(f"[{self.stage}] --resume: no checkpoint in {self.out_dir}, starting fresh")
         self.step = start
@@ -315,16 +358,21 @@ class TrainLoop:
                    "final_dir": str(self.out_dir / "final"),
                    "wall_time_s": time.perf_counter() - self._t0, "accel": self.backend.describe(), **summary}
         if acc.is_main_process:
-            save_pretrained_atomic(model if model is not None else acc.unwrap_model(self.model), tokenizer,
-                                   self.out_dir / "final",
-                                   merge_lora=merge_lora)
+            final_model = model if model is not None else acc.unwrap_model(self.model)
+            save_final(lambda d: save_pretrained_atomic(final_model, tokenizer, d, merge_lora=merge_lora),
+                       self.out_dir, need_bytes=sum(p.numel() * p.element_size() for p in final_model.parameters()))
             write_json_atomic(self.out_dir / "summary.json", summary)
+            release_run_lock(self.out_dir)
         acc.wait_for_everyone()
         return summary
 
 
 def evaluate(loop: TrainLoop, batches: list[dict], loss_fn: Any) -> float:
-    """Sum of per-term losses over `batches` / number of terms, over all processes."""
+    """Sum of per-term losses over `batches` / number of terms, over all processes.
+
+    Every process must call it with the same number of batches (`TrainLoop.eval_batches` pads them):
+    each forward pass and the final reduction are collectives. Padding batches are not counted.
+    """
     acc = loop.accelerator
     model = loop.model
     model.eval()
@@ -333,7 +381,9 @@ def evaluate(loop: TrainLoop, batches: list[dict], loss_fn: Any) -> float:
     with torch.no_grad():
         for batch in batches:
             loss_sum, _ = loss_fn(model, batch)
-            total += loss_sum.float()
-            terms += batch["n_terms"]
+            if not batch.get("padding"):
+                total += loss_sum.float()
+                terms += batch["n_terms"]
     model.train()
-    return (acc.reduce(total, "sum") / acc.reduce(terms, "sum").clamp(min=1)).item()
+    both = acc.reduce(torch.stack([total, terms]), "sum")  # one collective for both sums
+    return (both[0] / both[1].clamp(min=1)).item()

@@ -16,7 +16,7 @@ from alignkit.data.formats import validate_records
 from alignkit.data.load import load_records
 from alignkit.errors import AlignkitError
 from alignkit.feedback.labelers import ScorerLabeler
-from alignkit.rollout.generate import sample, tokenize_prompts
+from alignkit.rollout.generate import sample, stop_token_ids, tokenize_prompts
 from alignkit.rollout.score import load_scorer
 
 
@@ -46,7 +46,7 @@ def sample_round(policy: Any, cfg: Any, tokenizer: Any, labeler: Any, prompts: l
         ids, mask = tokenize_prompts(tokenizer, [p for p in part for _ in range(k)])
         rollout = sample(policy, ids.to(device), mask.to(device),
                          **cfg.sampling.kwargs(), generator=gen,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, backend=backend)
+                         eos_token_id=stop_token_ids(tokenizer, policy), pad_token_id=tokenizer.pad_token_id, backend=backend)
         texts = rollout.texts(tokenizer)
         for i, prompt in enumerate(part):
             responses = texts[i * k : (i + 1) * k]

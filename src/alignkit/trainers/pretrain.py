@@ -105,12 +105,10 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         "tokens": f"{blocks.numel():,} training tokens in blocks of {cfg.block_size}; "
                   f"{loop.global_batch * cfg.block_size:,} tokens per optimizer step"})
 
-    def eval_batches() -> list[dict]:
-        acc = loop.accelerator
-        mine = eval_blocks[acc.process_index :: acc.num_processes]
-        step = o.per_device_batch_size
-        return [{"input_ids": mine[i : i + step].to(acc.device), "n_terms": mine[i : i + step, 1:].numel()}
-                for i in range(0, len(mine), step)]
+    def eval_batches() -> list[dict]:  # this process's share, as many batches on every process
+        return loop.eval_batches(eval_blocks, lambda rows: {"input_ids": torch.stack(rows),
+                                                            "n_terms": len(rows) * (cfg.block_size - 1)},
+                                 o.per_device_batch_size)
 
     start = loop.resume()
     for _ in range(start, loop.total_steps):

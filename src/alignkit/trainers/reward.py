@@ -246,7 +246,10 @@ def train_one(cfg: RewardConfig, tokenizer: Any, train: list[dict], data: dict, 
     n_items = sum(len(g["items"]) for g in train)
     loop.print_plan(n_examples=len(train), extra={
         "data": f"{len(train)} training groups ({n_items} sequences, loss `{cfg.loss}`), {len(data['eval'])} "
-                f"held-out groups, {len(gold)} gold-scored samples, {len(norm_rows)} normalisation samples"})
+                f"held-out groups, {len(gold)} gold-scored samples, {len(norm_rows)} normalisation samples; "
+                f"{data.get('skipped_rows', 0)} bad rows skipped, {data.get('duplicate_rows', 0)} repeated rows",
+        **({"prompt": f"extracted from chosen/rejected (implicit prompt), {data['prompts_extracted']} records"}
+           if data.get("prompts_extracted") else {})})
     backend = loop.backend
     loss_fn, pad = make_loss_fn(cfg, backend), tokenizer.pad_token_id
     start = loop.resume()
@@ -329,6 +332,7 @@ def run(cfg: RewardConfig) -> dict[str, Any]:
         summary = _assemble_ensemble(cfg, out_dir, members, gold)
     if cfg.budget_curve:
         summary["budget_curve"] = _budget_curve(cfg, tokenizer, data, gold, norm_rows, out_dir, summary)
+    summary["skipped_rows"], summary["duplicate_rows"] = data["skipped_rows"], data["duplicate_rows"]
     summary["total_wall_time_s"] = time.perf_counter() - t0
     write_json_atomic(out_dir / "summary.json", summary)
     return summary

@@ -29,33 +29,25 @@ with a fixed seed and reports gold/RM reward, exact KL to the reference, length 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import math
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import torch
 
-from alignkit.accel import Backend, resolve
-from alignkit.config import require_world
-from alignkit.data.load import load_records, split_records
 from alignkit.errors import AlignkitError
-from alignkit.losses.kl import AdaptiveKLController, FixedKLController, kl_k3, kl_penalized_rewards
-from alignkit.losses.rl_algorithms import ALGORITHMS, Algorithm
-from alignkit.models.load import load_causal_lm, load_tokenizer
-from alignkit.models.value_head import AdapterDisabledReference, load_value_model
+from alignkit.losses.kl import kl_k3, kl_penalized_rewards
+from alignkit.losses.policy import aggregation_terms
+from alignkit.losses.rl_algorithms import Algorithm
 from alignkit.ops.masking import masked_mean, masked_var
 from alignkit.rollout.evaluate import evaluate_policy
-from alignkit.rollout.generate import sample, tokenize_prompts
-from alignkit.rollout.logprobs import response_values, sequence_logprobs
-from alignkit.rollout.rewards import ScoreNormalizer, score_index, shape_scores
-from alignkit.rollout.score import load_scorer
+from alignkit.rollout.generate import sample, stop_token_ids, tokenize_prompts
+from alignkit.rollout.logprobs import sequence_logprobs
+from alignkit.rollout.rewards import score_index, shape_scores
 from alignkit.rollout.types import Rollout
-from alignkit.trainers.loop import TrainLoop, global_batch_indices
+from alignkit.trainers.loop import global_batch_indices
 from alignkit.trainers.rl_config import (  # noqa: F401 - the stage configs, importable from here too
     A2CConfig,
     ActorCriticConfig,
@@ -65,197 +57,13 @@ from alignkit.trainers.rl_config import (  # noqa: F401 - the stage configs, imp
     RLConfig,
     RLOOConfig,
 )
-
-# ---------------------------------------------------------------------------------------------
-# Models and state
-# ---------------------------------------------------------------------------------------------
-
-
-class ActorCritic(torch.nn.Module):
-    """The trained models as one module (one optimizer, one checkpoint): policy and value model (or None)."""
-
-    def __init__(self, policy: torch.nn.Module, value: torch.nn.Module | None,
-                 value_lr: float | None = None, backend: Backend | None = None) -> None:
-        super().__init__()
-        self.policy, self.value, self.value_lr = policy, value, value_lr
-        self.backend = backend or resolve()  # computes the policy's log-probs (alignkit.accel)
-
-    def optimizer_groups(self, lr: float) -> list[dict[str, Any]]:
-        """AdamW groups: the policy at `lr`, the value model at `value_lr` (default `lr`)."""
-        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad]}]
-        if self.value is not None:
-            groups.append({"params": list(self.value.parameters()), "lr": self.value_lr or lr})
-        return groups
-
-    def forward(self, rollout: Rollout, temperature: float, with_entropy: bool = False) -> tuple:
-        """(logprobs B×R, entropy B×R or None, values B×R or None) of the rollout's response tokens."""
-        out = sequence_logprobs(self.policy, rollout, temperature=temperature, with_entropy=with_entropy,
-                                backend=self.backend)
-        logprobs, entropy = out if with_entropy else (out, None)
-        return logprobs, entropy, self.values(rollout)
-
-    def values(self, rollout: Rollout) -> torch.Tensor | None:
-        """V B×R of the rollout's response tokens (None without a value model)."""
-        return response_values(self.value, rollout) if self.value is not None else None
-
-
-@dataclass
-class RLContext:
-    """What a step reads: config, algorithm, loop, models, scorers, prompts, KL controller, normaliser."""
-
-    cfg: RLConfig
-    algo: Algorithm
-    loop: TrainLoop
-    tokenizer: Any
-    policy: torch.nn.Module
-    ref: Any
-    scorer: Any
-    gold: Any
-    prompts: list[str]
-    eval_prompts: list[str]
-    kl_ctl: AdaptiveKLController | FixedKLController
-    normalizer: ScoreNormalizer
-    summary: dict[str, Any] = field(default_factory=dict)
-
-    def sampling(self) -> dict[str, Any]:
-        """Keyword arguments of `sample` (and `evaluate_policy`) from the config."""
-        return self.cfg.sampling.kwargs()
-
-    def state_dict(self) -> dict[str, Any]:
-        """What changes during training besides the weights: beta, the normaliser, the first evaluation."""
-        return {"kl_ctl": self.kl_ctl.state_dict(), "normalizer": self.normalizer.state_dict(),
-                "summary": self.summary}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            self.kl_ctl.load_state_dict(state["kl_ctl"])
-            self.normalizer.load_state_dict(state["normalizer"])
-            self.summary = dict(state.get("summary", {}))
+from alignkit.trainers.rl_setup import RLContext, print_plan, setup
 
 
 def step_seed(seed: int, step: int, rank: int, purpose: str) -> int:
     """A 63-bit seed, a pure function of (seed, step, rank, purpose): resumed steps draw the same numbers."""
     digest = hashlib.blake2b(f"{seed}/{step}/{rank}/{purpose}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1
-
-
-def _check(cfg: RLConfig) -> Algorithm:
-    """The algorithm of `cfg`, after checking the options that depend on each other."""
-    algo = ALGORITHMS[cfg.algorithm]
-    if algo.critic != isinstance(cfg, ActorCriticConfig):  # the value model's options are on its config
-        raise AlignkitError(f"algorithm {cfg.algorithm} needs its own stage config (`alignkit {cfg.algorithm}`), "
-                            f"not {type(cfg).__name__}")
-    if (cfg.reward.model is None) == (cfg.reward.gold_world is None):
-        raise AlignkitError("set exactly one of `reward.model` (a reward model directory) and "
-                            "`reward.gold_world` (a built world whose gold scorer is the reward)")
-    if algo.grouped and cfg.samples_per_prompt < 2:
-        raise AlignkitError(f"algorithm {cfg.algorithm} needs `samples_per_prompt` >= 2, "
-                            f"got {cfg.samples_per_prompt}")
-    batch = cfg.prompts_per_step * cfg.samples_per_prompt
-    if cfg.epochs < 1 or not 1 <= cfg.minibatches <= batch:
-        raise AlignkitError("options: need `epochs` >= 1 and 1 <= `minibatches` <= prompts_per_step x "
-                            f"samples_per_prompt = {batch}")
-    if cfg.optim.max_steps < 1:
-        raise AlignkitError("option `optim.max_steps` (the number of RL steps) must be >= 1")
-    return algo
-
-
-def _load_prompts(cfg: RLConfig, world: Any) -> tuple[list[str], list[str]]:
-    """Training and held-out prompts, from `world` or `data.path` / `data.eval_path` ({prompt} records)."""
-    if world is not None:
-        return world.prompts("train")[: cfg.data.limit], world.prompts("heldout")
-    if not cfg.data.path:
-        raise AlignkitError("give prompts: `world` (e.g. sentiment) or `data.path` (records with a `prompt` "
-                            "string)")
-
-    def texts(records: list[dict], source: str) -> list[str]:
-        for row, rec in enumerate(records, start=1):
-            if not isinstance(rec.get("prompt"), str) or not rec["prompt"]:
-                raise AlignkitError(f"{source}, row {row}, field 'prompt': expected a non-empty string")
-        return [rec["prompt"] for rec in records]
-
-    records = load_records(cfg.data.path)[: cfg.data.limit]
-    if cfg.data.eval_path:
-        return texts(records, cfg.data.path), texts(load_records(cfg.data.eval_path), cfg.data.eval_path)
-    train, held = split_records(records, cfg.data.eval_fraction, cfg.run.seed)
-    return texts(train, cfg.data.path), texts(held, cfg.data.path)
-
-
-def _load_scorers(cfg: RLConfig, backend: Backend, world: Any) -> tuple[Any, Any]:
-    """(reward scorer, gold scorer or None). The gold scorer is the reward when `reward.gold_world` is set."""
-    gold_world = cfg.reward.gold_world or cfg.world
-    gold = load_scorer(f"gold:{gold_world}", world=world) if gold_world else None
-    if cfg.reward.gold_world:
-        return gold, gold
-    return load_scorer(cfg.reward.model, batch_size=cfg.reward.batch_size, backend=backend), gold
-
-
-def _load_models(cfg: RLConfig, tokenizer: Any, backend: Backend) -> tuple[torch.nn.Module, Any, Any]:
-    """(policy, reference, value model or None), all with dropout off; the reference frozen by the backend.
-
-    Only the algorithms with a critic (`ActorCriticConfig`: PPO, A2C, REINFORCE) get a value model.
-    """
-    policy = load_causal_lm(cfg.model, tokenizer).eval()
-    if cfg.model.lora_r > 0:
-        ref = AdapterDisabledReference(policy)  # no second copy of the base weights
-    else:
-        ref = backend.freeze(load_causal_lm(dataclasses.replace(cfg.model, lora_r=0), tokenizer))
-    value = None
-    if isinstance(cfg, ActorCriticConfig):
-        init = cfg.value_model if cfg.value_model != "auto" else ("reward" if cfg.reward.model else "policy")
-        if init == "reward" and not cfg.reward.model:
-            raise AlignkitError("`value_model reward` needs `reward.model`; use --value_model policy")
-        source = cfg.reward.model if init == "reward" else cfg.model.name_or_path
-        value = load_value_model(source, init, tokenizer, cfg.model)
-    return policy, ref, value
-
-
-def setup(cfg: RLConfig, world: Any = None) -> RLContext:
-    """Load prompts, scorers and models; build the loop, the KL controller and the normaliser."""
-    algo = _check(cfg)
-    tokenizer = load_tokenizer(cfg.model, padding_side="left")
-    world = require_world(cfg, world)
-    prompts, eval_prompts = _load_prompts(cfg, world if cfg.world else None)
-    if not prompts:
-        raise AlignkitError("no training prompts")
-    backend = resolve(cfg.run.accel)  # the loop's too (same device choice as its accelerator)
-    scorer, gold = _load_scorers(cfg, backend, world)
-    policy, ref, value = _load_models(cfg, tokenizer, backend)
-    model = ActorCritic(policy, value, cfg.value_lr if isinstance(cfg, ActorCriticConfig) else None, backend)
-    loop = TrainLoop(cfg.algorithm, cfg, model, total_steps=cfg.optim.max_steps)
-    k = cfg.kl
-    kl_ctl = (AdaptiveKLController(k.coef, target=k.target, horizon=k.horizon) if k.adaptive
-              else FixedKLController(k.coef))
-    return RLContext(cfg=cfg, algo=algo, loop=loop, tokenizer=tokenizer, policy=policy, ref=ref,
-                     scorer=scorer, gold=gold, prompts=prompts, eval_prompts=eval_prompts[: cfg.eval_prompts],
-                     kl_ctl=kl_ctl,
-                     normalizer=ScoreNormalizer(cfg.reward.normalize))
-
-
-def print_plan(ctx: RLContext) -> None:
-    """Print rollout and update sizes, steps, data and models before step 0."""
-    c, loop = ctx.cfg, ctx.loop
-    batch = c.prompts_per_step * c.samples_per_prompt
-    minibatch = math.ceil(batch / c.minibatches)
-    lines = [
-        f"[{c.algorithm}] run dir: {loop.out_dir}",
-        f"  rollout: {c.prompts_per_step} prompts x {c.samples_per_prompt} samples x {loop.world} device(s)"
-        " = "
-        f"{batch * loop.world} responses per step, <= {c.sampling.max_new_tokens} new tokens each",
-        f"  update: {c.epochs} epoch(s) x {c.minibatches} minibatch(es) of ~{minibatch} responses "
-        f"(micro-batches of {c.optim.per_device_batch_size}) = {c.epochs * c.minibatches} optimizer steps "
-        "per step",
-        f"  data: {len(ctx.prompts)} training prompts, {loop.total_steps} steps = "
-        f"{loop.total_steps * c.prompts_per_step * loop.world / len(ctx.prompts):.2f} epochs; "
-        f"{len(ctx.eval_prompts)} held-out prompts per evaluation",
-        f"  models: policy {c.model.name_or_path}{f' (LoRA r={c.model.lora_r})' if c.model.lora_r else ''}, "
-        f"reference {'= policy without adapters' if c.model.lora_r else 'a frozen copy'}, "
-        f"value model {'yes' if ctx.algo.critic else 'none'}; reward "
-        f"{c.reward.model or 'gold:' + str(c.reward.gold_world)}",
-        f"  KL: beta {ctx.kl_ctl.value:g} "
-        f"({f'adaptive, target {c.kl.target:g} nats' if c.kl.adaptive else 'fixed'})",
-    ]
-    loop.accelerator.print("\n".join(lines))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +82,7 @@ def generate_rollout(ctx: RLContext, step: int) -> tuple[Rollout, list[str], lis
                                                                          "rollout"))
     rollout = sample(ctx.policy, prompt_ids.repeat_interleave(k, 0).to(acc.device),
                      prompt_mask.repeat_interleave(k, 0).to(acc.device), generator=generator,
-                     eos_token_id=ctx.tokenizer.eos_token_id, pad_token_id=ctx.tokenizer.pad_token_id,
+                     eos_token_id=stop_token_ids(ctx.tokenizer, ctx.policy), pad_token_id=ctx.tokenizer.pad_token_id,
                      backend=ctx.loop.backend, **ctx.sampling())
     return rollout, [p for p in mine for _ in range(k)], rollout.texts(ctx.tokenizer)
 
@@ -337,7 +145,8 @@ def rl_step(ctx: RLContext) -> dict[str, Any]:
         scores, exp["old_logprobs"], exp["ref_logprobs"], mask,
         kl_coef=beta if ctx.algo.kl_in_reward else 0.0, last_index=score_index(rollout.response_ids, mask))
     exp["advantages"], exp["returns"] = ctx.algo.targets(  # 5. advantages and value targets
-        rewards, exp["old_values"], scores, mask, **c.targets_options())
+        rewards, exp["old_values"], scores, mask, batch_scores=ctx.loop.accelerator.gather(scores),
+        **c.targets_options())
     exp["response_mask"], exp["scores"] = mask, scores
     update_metrics = update_epochs(ctx, rollout, exp, step, beta)  # 6. epochs of minibatch updates
     kl_metrics["objective/kl"] = update_kl_coef(ctx, kl_metrics["objective/kl"], rollout.batch_size)  # 7. beta
@@ -385,17 +194,24 @@ def rollout_metrics(rollout: Rollout, exp: dict[str, torch.Tensor]) -> dict[str,
             "rollout/hash": digest}
 
 
-def _minibatch(rollout: Rollout, exp: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, Any]:
-    """Rows `index` of the rollout and its per-sample tensors, with `n_terms` = their response tokens."""
+def _minibatch(rollout: Rollout, exp: dict[str, torch.Tensor], index: torch.Tensor,
+               loss_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Rows `index` of the rollout and its per-sample tensors, with `n_terms` = the number of terms their
+    loss averages (`aggregation_terms` of the loss's `aggregation`: by default their response tokens)."""
+    options = loss_options or {}
     batch: dict[str, Any] = {name: tensor[index] for name, tensor in exp.items()}
     batch["rollout"] = rollout.select(index)
-    batch["n_terms"] = int(batch["response_mask"].sum())
+    batch["n_terms"] = aggregation_terms(batch["response_mask"], options.get("aggregation", "token"),
+                                         max_len=options.get("max_len"))
     return batch
 
 
 def rl_loss(model: torch.nn.Module, batch: dict[str, Any], *, algo: Algorithm, cfg: RLConfig,
             kl_coef: float, parity_out: list | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The algorithm's loss on one micro-batch, as a SUM over its response tokens (`TrainLoop.update`).
+    """The algorithm's loss on one micro-batch, as a SUM over its terms (`TrainLoop.update`): the loss is a
+    mean over the micro-batch's `n_terms` terms (tokens, or responses for GRPO's sequence aggregation), so
+    loss x n_terms summed over micro-batches and processes, divided once by their total, is the loss of
+    the whole minibatch however it is split.
 
     With `parity_out` (the step's first minibatch, before any update) the largest difference between
     these log-probs and the sampler's is appended to it: the log-prob parity check.
@@ -410,12 +226,13 @@ def rl_loss(model: torch.nn.Module, batch: dict[str, Any], *, algo: Algorithm, c
 
 def update_epochs(ctx: RLContext, rollout: Rollout, exp: dict[str, torch.Tensor], step: int,
                   kl_coef: float) -> dict[str, float]:
-    """`epochs` passes over the batch in shuffled minibatches, one optimizer step each; mean metrics."""
+    """`epochs` passes over the batch in `minibatches` shuffled near-equal minibatches (`minibatch_sizes`), one
+    optimizer step each, accumulated over micro-batches of `optim.per_device_batch_size`; mean metrics."""
     c, loop = ctx.cfg, ctx.loop
     seed = step_seed(c.run.seed, step, loop.accelerator.process_index, "shuffle")
     generator = torch.Generator().manual_seed(seed)
-    size = math.ceil(rollout.batch_size / c.minibatches)
     micro = c.optim.per_device_batch_size
+    loss_options = c.loss_options()
     loss_fn = partial(rl_loss, algo=ctx.algo, cfg=c, kl_coef=kl_coef)
     approx_kl_limit = c.approx_kl_limit()
     history: list[dict[str, float]] = []
@@ -424,9 +241,9 @@ def update_epochs(ctx: RLContext, rollout: Rollout, exp: dict[str, torch.Tensor]
     for _ in range(c.epochs):
         order = torch.randperm(rollout.batch_size, generator=generator).to(rollout.response_ids.device)
         epoch = []
-        for start in range(0, rollout.batch_size, size):
-            index = order[start : start + size]
-            parts = [_minibatch(rollout, exp, index[i : i + micro]) for i in range(0, len(index), micro)]
+        for index in order.tensor_split(c.minibatches):  # exactly `minibatches`, sizes as minibatch_sizes
+            parts = [_minibatch(rollout, exp, index[i : i + micro], loss_options)
+                     for i in range(0, len(index), micro)]
             first = not history and not epoch
             epoch.append(loop.update(parts, partial(loss_fn, parity_out=parity) if first else loss_fn,
                                      advance=False))

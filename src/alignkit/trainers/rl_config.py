@@ -10,12 +10,21 @@ stage's config adds only what its algorithm reads, so its `--help` lists nothing
     rloo       -                                  -      yes                -    -                yes
     grpo       -                                  -      -                  -    -                yes
 
-`target_approx_kl` goes with `cliprange`. A2C (TD error: GAE with lam = 0) and REINFORCE (reward-to-go:
-lam = 1) fix lambda; their losses have no ratio to pi_old, hence no clip and no approximate KL to stop
-on, and their value loss is unclipped. RLOO sums the KL-shaped rewards undiscounted; GRPO's
-group-normalised advantages are not whitened again. The trainer reads the algorithm's options through
-`targets_options`, `loss_options` and `approx_kl_limit`, and the value model's only from an
-`ActorCriticConfig`.
+`target_approx_kl`, `cliprange_low` and `cliprange_high` (DAPO's clip-higher) go with `cliprange`. A2C (TD
+error: GAE with lam = 0) and REINFORCE (reward-to-go: lam = 1) fix lambda; their losses have no ratio to
+pi_old, hence no clip and no approximate KL to stop on, and their value loss is unclipped. RLOO sums the
+KL-shaped rewards undiscounted; GRPO's group-relative advantages are not whitened again, and only GRPO has
+`advantage_scaling` and `loss_aggregation` (the other losses are token means). The trainer reads the
+algorithm's options through `targets_options`, `loss_options` and `approx_kl_limit`, and the value model's
+only from an `ActorCriticConfig`.
+
+Defaults follow each algorithm's paper, cited in the field's docstring (its `--help`); departures from it
+are options.
+
+Batch sizes: a step samples prompts_per_step x samples_per_prompt responses per device; each of `epochs`
+passes splits them into `minibatches` minibatches (one optimizer step each), whose rows are run through
+the model in micro-batches of `optim.per_device_batch_size` and accumulated. The accumulation count
+follows from those three, so `optim.grad_accum_steps` must stay 1 here (`RLOptimConfig`).
 """
 
 from __future__ import annotations
@@ -34,6 +43,9 @@ class RewardSourceConfig:
 
     model: str | None = None
     """Reward model directory (or ensemble directory), scored by `alignkit.rollout.score.load_scorer`."""
+    trust_remote_code: bool = False
+    """Run the Python code shipped with `reward.model` when a value model is initialised from it (its own
+    switch: `model.trust_remote_code` covers only the policy). The scorer never runs a reward model's code."""
     gold_world: str | None = None
     """Use this built world's gold scorer as the reward (e.g. `sentiment`), when there is no reward model."""
     normalize: Literal["initial", "running", "none"] = "initial"
@@ -61,6 +73,24 @@ class KLConfig:
 
 
 @dataclass
+class RLOptimConfig(OptimConfig):
+    """Optimizer, schedule and micro-batch size of an RL stage (the `optim` part; see the module docstring)."""
+
+    warmup_steps: int = 0
+    """Linear warm-up from 0 over this many RL steps (the schedule moves once per rollout batch)."""
+    per_device_batch_size: int = 8
+    """Responses per forward pass on each device (micro-batch): each minibatch's micro-batches are accumulated
+    into one optimizer step (global batch per optimizer step = the minibatch x devices)."""
+    grad_accum_steps: int = 1
+    """Not used by the RL stages and must be 1: the accumulation count follows from the minibatch size
+    (prompts_per_step x samples_per_prompt / `minibatches`) and `per_device_batch_size`."""
+    epochs: float = 1.0
+    """Not used by the RL stages (`max_steps` counts the RL steps; `epochs` at the top level is PPO's K)."""
+    max_steps: int = 0
+    """RL steps to run (rollout batches; each makes `epochs` x `minibatches` optimizer steps); >= 1."""
+
+
+@dataclass
 class RLConfig:
     """RL from a reward with a KL penalty: what PPO, A2C, REINFORCE, RLOO and GRPO all read (one loop).
 
@@ -70,7 +100,7 @@ class RLConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(log_every=1))
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+    optim: RLOptimConfig = field(default_factory=lambda: RLOptimConfig(
         lr=3e-5, scheduler="constant", max_steps=100, per_device_batch_size=64, max_grad_norm=1.0))
     reward: RewardSourceConfig = field(default_factory=RewardSourceConfig)
     kl: KLConfig = field(default_factory=KLConfig)
@@ -94,7 +124,8 @@ class RLConfig:
     epochs: int = 4
     """Passes over each rollout batch (K of PPO)."""
     minibatches: int = 4
-    """Minibatches (optimizer steps) per pass; micro-batches of `optim.per_device_batch_size` within."""
+    """Minibatches (optimizer steps) per pass, of near-equal size; each is accumulated over micro-batches of
+    `optim.per_device_batch_size`."""
     eval_prompts: int = 256
     """Held-out prompts per evaluation (0: no evaluation)."""
     eval_batch_size: int = 64
@@ -140,7 +171,12 @@ class PPOConfig(ActorCriticConfig):
     lam: float = 0.95
     """GAE lambda."""
     cliprange: float = 0.2
-    """Ratio clip epsilon of the surrogate."""
+    """Ratio clip epsilon of the surrogate (0.2: Schulman et al. 2017, Sec. 6.1)."""
+    cliprange_low: float | None = None
+    """Lower ratio clip: the ratio is clipped to [1 - cliprange_low, 1 + cliprange_high] (None: `cliprange`)."""
+    cliprange_high: float | None = None
+    """Upper ratio clip (None: `cliprange`); above `cliprange_low` it is DAPO's clip-higher (Yu et al. 2025,
+    Sec. 3.1: 0.28 with 0.2)."""
     cliprange_value: float | None = 0.2
     """Value clip around the old values (None: unclipped MSE)."""
     target_approx_kl: float | None = None
@@ -150,7 +186,8 @@ class PPOConfig(ActorCriticConfig):
         return {"gamma": self.gamma, "lam": self.lam, "whiten": self.whiten_advantages}
 
     def loss_options(self) -> dict[str, Any]:
-        return {"cliprange": self.cliprange, "cliprange_value": self.cliprange_value,
+        return {"cliprange": self.cliprange, "cliprange_low": self.cliprange_low,
+                "cliprange_high": self.cliprange_high, "cliprange_value": self.cliprange_value,
                 "value_coef": self.value_coef}
 
     def approx_kl_limit(self) -> float | None:
@@ -210,17 +247,25 @@ class RLOOConfig(RLConfig):
     minibatches: int = 1
     """Minibatches (optimizer steps) per pass."""
     cliprange: float = 0.2
-    """Ratio clip epsilon of the surrogate (acts only when a batch is reused for several updates)."""
+    """Ratio clip epsilon of the surrogate (acts only when a batch is reused for several updates; 0.2 as in PPO,
+    Schulman et al. 2017, Sec. 6.1)."""
+    cliprange_low: float | None = None
+    """Lower ratio clip: the ratio is clipped to [1 - cliprange_low, 1 + cliprange_high] (None: `cliprange`)."""
+    cliprange_high: float | None = None
+    """Upper ratio clip (None: `cliprange`); above `cliprange_low` it is DAPO's clip-higher (Yu et al. 2025,
+    Sec. 3.1: 0.28 with 0.2)."""
     target_approx_kl: float | None = None
     """Stop the epochs of a step early when an epoch's mean approx KL(pi_old || pi) exceeds this."""
-    whiten_advantages: bool = True
-    """Normalise the leave-one-out advantages to mean 0, variance 1 over each rollout batch."""
+    whiten_advantages: bool = False
+    """Normalise the leave-one-out advantages to mean 0, variance 1 over each rollout batch's response tokens (a
+    departure: Ahmadian et al. 2024, Eq. 8, use the leave-one-out advantages as they are, the default)."""
 
     def targets_options(self) -> dict[str, Any]:
         return {"k": self.samples_per_prompt, "whiten": self.whiten_advantages}
 
     def loss_options(self) -> dict[str, Any]:
-        return {"cliprange": self.cliprange}
+        return {"cliprange": self.cliprange, "cliprange_low": self.cliprange_low,
+                "cliprange_high": self.cliprange_high}
 
     def approx_kl_limit(self) -> float | None:
         return self.target_approx_kl
@@ -237,15 +282,31 @@ class GRPOConfig(RLConfig):
     minibatches: int = 1
     """Minibatches (optimizer steps) per pass."""
     cliprange: float = 0.2
-    """Ratio clip epsilon of the surrogate."""
+    """Ratio clip epsilon of the surrogate (Shao et al. 2024, Eq. 3, take PPO's clip; 0.2: Schulman et al.
+    2017, Sec. 6.1)."""
+    cliprange_low: float | None = None
+    """Lower ratio clip: the ratio is clipped to [1 - cliprange_low, 1 + cliprange_high] (None: `cliprange`)."""
+    cliprange_high: float | None = None
+    """Upper ratio clip (None: `cliprange`); above `cliprange_low` it is DAPO's clip-higher (Yu et al. 2025,
+    Sec. 3.1: 0.28 with 0.2)."""
     target_approx_kl: float | None = None
     """Stop the epochs of a step early when an epoch's mean approx KL(pi_old || pi) exceeds this."""
+    advantage_scaling: Literal["group", "batch", "none"] = "group"
+    """Divide each group-centred score by its group's std (GRPO: Shao et al. 2024, Sec. 4.1.2, the default),
+    by the std of the whole batch's scores (all devices), or not at all (Dr. GRPO: Liu et al. 2025)."""
+    loss_aggregation: Literal["sequence", "token", "fixed_length"] = "sequence"
+    """How the per-token losses are averaged: each response's token mean, then the mean over responses (GRPO:
+    Shao et al. 2024, Eq. 3, the default); the token mean over the batch (DAPO: Yu et al. 2025, Sec. 3.3); or
+    the token sum / (responses x `sampling.max_new_tokens`) (Dr. GRPO: Liu et al. 2025)."""
 
     def targets_options(self) -> dict[str, Any]:
-        return {"k": self.samples_per_prompt}  # already normalised per group: not whitened again
+        # Centred (and scaled) per group already: not whitened again.
+        return {"k": self.samples_per_prompt, "scale": self.advantage_scaling}
 
     def loss_options(self) -> dict[str, Any]:
-        return {"cliprange": self.cliprange}
+        return {"cliprange": self.cliprange, "cliprange_low": self.cliprange_low,
+                "cliprange_high": self.cliprange_high, "aggregation": self.loss_aggregation,
+                "max_len": self.sampling.max_new_tokens}
 
     def approx_kl_limit(self) -> float | None:
         return self.target_approx_kl

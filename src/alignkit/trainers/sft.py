@@ -25,7 +25,7 @@ import torch
 
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig, SamplingConfig
 from alignkit.data.collate import collate_packed, collate_padded, left_pad, to_device
-from alignkit.data.formats import validate_records
+from alignkit.data.formats import ValidationReport, print_report, validate_records
 from alignkit.data.load import load_records, split_records
 from alignkit.data.tokenize import encode_prompt, tokenize_sft
 from alignkit.errors import AlignkitError
@@ -33,6 +33,7 @@ from alignkit.losses.sft import token_nll_sum
 from alignkit.models.load import load_causal_lm, load_tokenizer
 from alignkit.models.logits import labelled_logits
 from alignkit.ops.logprobs import IGNORE_INDEX
+from alignkit.rollout.generate import stop_token_ids
 from alignkit.trainers.loop import TrainLoop, evaluate
 
 
@@ -63,13 +64,11 @@ class SFTConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def _validated(path: str, cfg: SFTConfig) -> tuple[list[dict], list[int], int]:
-    """Valid `sft` records of `path` with their 1-based row numbers, and the count of skipped rows."""
-    records = load_records(path)
-    report = validate_records(records, "sft", path, cfg.data.on_bad_rows)
-    bad = {row for row, _, _ in report.skipped}
-    rows = [r for r in range(1, len(records) + 1) if r not in bad]
-    return report.records, rows, report.n_skipped
+def _validated(path: str, cfg: SFTConfig) -> ValidationReport:
+    """Valid `sft` records of `path` with their 1-based rows, the skipped rows and the repeated ones (warned of)."""
+    report = validate_records(load_records(path, on_bad_rows=cfg.data.on_bad_rows), "sft", path, cfg.data.on_bad_rows)
+    print_report(report, path, "sft")
+    return report
 
 
 def load_sft_data(cfg: SFTConfig, tokenizer: Any) -> dict[str, Any]:
@@ -77,20 +76,22 @@ def load_sft_data(cfg: SFTConfig, tokenizer: Any) -> dict[str, Any]:
 
     Returns:
         `train` and `eval` (tokenized examples), `eval_prompts` (for samples, with references) and
-        counts `truncated`, `dropped`, `skipped_rows` (invalid or untokenizable rows skipped).
+        counts `truncated`, `dropped`, `skipped_rows` (invalid or untokenizable rows skipped) and
+        `duplicate_rows` (rows of `data.path` that repeat an earlier row; a split keeps copies together).
     """
     d = cfg.data
     if not d.path:
         raise AlignkitError("option `data.path` is required: a file or dataset of {prompt, completion} or "
                             "{messages} records")
-    records, rows, skipped = _validated(d.path, cfg)
-    pairs = list(zip(rows, records, strict=True))[: d.limit]
+    report = _validated(d.path, cfg)
+    pairs, skipped = list(zip(report.rows, report.records, strict=True))[: d.limit], report.n_skipped
     if d.eval_path:
-        eval_records, eval_rows, eval_skipped = _validated(d.eval_path, cfg)
-        eval_pairs, skipped = list(zip(eval_rows, eval_records, strict=True)), skipped + eval_skipped
-    else:
-        pairs, eval_pairs = split_records(pairs, d.eval_fraction, cfg.run.seed)
-    out: dict[str, Any] = {"truncated": 0, "dropped": 0, "skipped_rows": skipped}
+        held = _validated(d.eval_path, cfg)
+        eval_pairs, skipped = list(zip(held.rows, held.records, strict=True)), skipped + held.n_skipped
+    else:  # copies of a record stay on one side
+        pairs, eval_pairs = split_records(pairs, d.eval_fraction, cfg.run.seed, key=lambda pair: pair[1])
+    out: dict[str, Any] = {"truncated": 0, "dropped": 0, "skipped_rows": skipped,
+                           "duplicate_rows": report.n_duplicates}
     for name, part, source in (("train", pairs, d.path), ("eval", eval_pairs, d.eval_path or d.path)):
         result = tokenize_sft(
             [rec for _, rec in part], tokenizer, max_length=d.max_length, truncation=cfg.truncation,
@@ -138,10 +139,8 @@ def sft_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
 
 
 def eval_batches(loop: TrainLoop, examples: list[dict], collate: Callable, batch_size: int) -> list[dict]:
-    """This process's share of the held-out examples, collated in batches."""
-    acc = loop.accelerator
-    mine = examples[acc.process_index :: acc.num_processes]
-    return [to_device(collate(mine[i : i + batch_size]), acc.device) for i in range(0, len(mine), batch_size)]
+    """This process's share of the held-out examples, collated in batches (as many on every process)."""
+    return loop.eval_batches(examples, collate, batch_size)
 
 
 def sample_generations(model: Any, tokenizer: Any, prompts: list[tuple[Any, Any]], *, sampling: SamplingConfig,
@@ -157,24 +156,26 @@ def sample_generations(model: Any, tokenizer: Any, prompts: list[tuple[Any, Any]
         out = model.generate(
             input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
             do_sample=True, **sampling.kwargs(),
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(tokenizer, model),
         )
     model.train(was_training)
     new = out[:, batch["input_ids"].size(1):].tolist()
-    return [{"prompt": prompt, "completion": tokenizer.decode(_until_eos(tokens, tokenizer.eos_token_id),
+    stops = stop_token_ids(tokenizer, model)
+    return [{"prompt": prompt, "completion": tokenizer.decode(_until_eos(tokens, stops),
                                                                skip_special_tokens=True),
              "reference": reference} for (prompt, reference), tokens in zip(prompts, new, strict=True)]
 
 
-def _until_eos(tokens: list[int], eos_id: int | None) -> list[int]:
-    return tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
+def _until_eos(tokens: list[int], stops: list[int]) -> list[int]:
+    """The tokens before the first end token."""
+    return next((tokens[:t] for t, token in enumerate(tokens) if token in stops), tokens)
 
 
 def evaluate_and_sample(loop: TrainLoop, cfg: SFTConfig, tokenizer: Any, batches: list[dict],
                         prompts: list[tuple[Any, Any]]) -> dict[str, float]:
     """Held-out response loss and perplexity; samples written to `samples/step-N.jsonl` (main process)."""
     metrics: dict[str, float] = {}
-    if batches or loop.accelerator.num_processes > 1:
+    if batches:  # on every process or none: `eval_batches` pads a process without held-out examples
         loss = evaluate(loop, batches, sft_loss)
         metrics = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
     if prompts and loop.accelerator.is_main_process:
@@ -200,7 +201,7 @@ def _plan(data: dict[str, Any], loop: TrainLoop, cfg: SFTConfig) -> dict[str, st
                   f"~{mean * loop.global_batch:,.0f} tokens per optimizer step",
         "data": f"{len(data['eval'])} held-out examples; {data['truncated']} truncated, {data['dropped']} "
                 f"dropped (truncation={cfg.truncation}, max_length={cfg.data.max_length}), "
-                f"{data['skipped_rows']} bad rows skipped",
+                f"{data['skipped_rows']} bad rows skipped, {data.get('duplicate_rows', 0)} repeated rows",
         "model": f"{'LoRA r=' + str(cfg.model.lora_r) if cfg.model.lora_r > 0 else 'full fine-tuning'}"
                  f"{', packing' if cfg.packing else ''}",
     }
@@ -240,6 +241,7 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
     summary = {
         "examples": len(train), "eval_examples": len(data["eval"]), "truncated": data["truncated"],
         "dropped": data["dropped"], "skipped_rows": data["skipped_rows"],
+        "duplicate_rows": data.get("duplicate_rows", 0),
         "first_eval_loss": loop.stage_state.get("first_eval_loss"), "last_eval_loss": final.get("eval/loss"),
         **final,
     }

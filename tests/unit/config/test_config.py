@@ -1,6 +1,6 @@
 """Config parsing: YAML + command line, dotted keys, types, unknown-key errors, help text."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import pytest
 import yaml
@@ -91,10 +91,11 @@ def test_missing_config_file_is_named(tmp_path):
 def test_help_lists_every_field_with_default_and_doc():
     text = format_help(StageConfig)
     assert "--beta float (default: 0.1)" in text and "KL coefficient." in text
-    assert "--optim.lr float (default: 0.0001)" in text
+    assert "--optim.lr float (default: 0.0001; > 0)" in text
     assert field_docs(OptimConfig)["lr"] == "Peak learning rate of AdamW."
-    for name in RunConfig.__dataclass_fields__:
-        assert f"--run.{name} " in text
+    for f in fields(RunConfig):
+        assert f"--run.{f.name} " in text
+    assert "LIMITS" not in text
 
 
 @dataclass
@@ -107,7 +108,7 @@ class CustomDefaults:
 def test_a_stage_s_part_defaults_survive_partial_settings(tmp_path):
     cfg = resolve_config(CustomDefaults, write(tmp_path, {"optim": {"max_steps": 5}}), ["--optim.epochs", "2"])
     assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.max_steps, cfg.optim.epochs) == (1e-3, 50, 5, 2.0)
-    assert "--optim.lr float (default: 0.001)" in format_help(CustomDefaults)
+    assert "--optim.lr float (default: 0.001; > 0)" in format_help(CustomDefaults)
 
 
 def test_saved_config_round_trips(tmp_path):

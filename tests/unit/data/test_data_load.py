@@ -95,15 +95,52 @@ def test_saved_dataset_directory(tmp_path):
     assert load_records(str(tmp_path / "ds")) == RECORDS
 
 
-def test_saved_dataset_dict_picks_split(tmp_path):
+@pytest.fixture
+def dataset_dict_dir(tmp_path):
     dataset_dict = datasets.DatasetDict(
         {"train": datasets.Dataset.from_list(RECORDS[:2]), "test": datasets.Dataset.from_list(RECORDS[2:])}
     )
     dataset_dict.save_to_disk(str(tmp_path / "dd"))
-    assert load_records(str(tmp_path / "dd")) == RECORDS[:2]
-    assert load_records(str(tmp_path / "dd"), split="test") == RECORDS[2:]
+    return tmp_path / "dd"
+
+
+def test_saved_dataset_dict_picks_split(dataset_dict_dir):
+    assert load_records(str(dataset_dict_dir), split="test") == RECORDS[2:]
     with pytest.raises(AlignkitError, match="no split 'validation'; available splits: train, test"):
-        load_records(str(tmp_path / "dd"), split="validation")
+        load_records(str(dataset_dict_dir), split="validation")
+
+
+def test_saved_dataset_dict_split_named_in_the_source_as_for_hub_ids(dataset_dict_dir, monkeypatch):
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("a local directory, not the hub"))
+    assert load_records(f"{dataset_dict_dir}:test") == RECORDS[2:]
+    assert load_records(f"{dataset_dict_dir}:train") == RECORDS[:2]
+    assert load_records(f"{dataset_dict_dir}:test", split="train") == RECORDS[2:]  # the source's split wins
+    with pytest.raises(AlignkitError, match="no split 'validation'; available splits: train, test"):
+        load_records(f"{dataset_dict_dir}:validation")
+
+
+def test_saved_dataset_dict_without_a_split_is_an_error_not_the_train_split(dataset_dict_dir):
+    """`--data.eval_path DIR` used to read `train` again: held-out data = training data."""
+    with pytest.raises(AlignkitError, match=r"a DatasetDict with splits train, test; name one as DIR:SPLIT") as info:
+        load_records(str(dataset_dict_dir))
+    assert f"{dataset_dict_dir}:train" in str(info.value)
+
+
+def test_plain_saved_dataset_needs_no_split_and_refuses_one(tmp_path):
+    datasets.Dataset.from_list(RECORDS).save_to_disk(str(tmp_path / "ds"))
+    assert load_records(str(tmp_path / "ds"), split="test") == RECORDS  # a caller's default split is ignored
+    with pytest.raises(AlignkitError, match="a single saved Dataset, without splits"):
+        load_records(f"{tmp_path / 'ds'}:test")
+
+
+def test_dir_split_whose_dir_does_not_exist_is_a_hub_id(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda name, split: calls.append((name, split)) or datasets.Dataset.from_list(RECORDS))
+    assert load_records("org/name:test") == RECORDS and calls == [("org/name", "test")]
+    (tmp_path / "org").mkdir()  # a parent that exists does not make `org/name` local
+    assert load_records("org/name:test") == RECORDS and calls[-1] == ("org/name", "test")
 
 
 def test_directory_that_is_not_a_dataset(tmp_path):
@@ -179,7 +216,7 @@ def test_unsupported_suffix_and_empty_file(tmp_path):
 def test_non_utf8_file(tmp_path):
     path = tmp_path / "latin.jsonl"
     path.write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
-    with pytest.raises(AlignkitError, match=r"latin\.jsonl: not UTF-8 text"):
+    with pytest.raises(AlignkitError, match=r"latin\.jsonl, line 1: not UTF-8 text"):
         load_records(str(path))
 
 

@@ -196,3 +196,54 @@ def test_a_given_prefix_saves_the_tokenizer_calls_and_changes_nothing():
     tok.calls = 0
     assert encode_example(tok, record, prefix=prefix) == plain
     assert tok.calls == calls - 2  # only the prompt and the completion
+
+
+# Like Qwen3's template: an assistant turn before the last user turn loses its <think>...</think> block.
+THINK_DROPPING_TEMPLATE = (
+    "{%- set ns = namespace(last_user=-1) -%}"
+    "{%- for m in messages -%}{%- if m['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- for m in messages -%}{%- set content = m['content'] -%}"
+    "{%- if m['role'] == 'assistant' and loop.index0 < ns.last_user and '</think>' in content -%}"
+    "{%- set content = content.split('</think>')[-1] -%}{%- endif -%}"
+    "{{ '<' + m['role'] + '>\n' + content + eos_token + '\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<assistant>\n' }}{%- endif -%}"
+)
+THINKING = [
+    {"role": "user", "content": "how are you?"},
+    {"role": "assistant", "content": "<think>hmm</think>I am fine."},
+    {"role": "user", "content": "The movie?"},
+    {"role": "assistant", "content": "<think>recall</think>It was wonderful!"},
+]
+
+
+@pytest.fixture(scope="module")
+def think_tok():
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = THINK_DROPPING_TEMPLATE
+    return tokenizer
+
+
+def test_template_dropping_think_from_history_trains_one_row_per_assistant_turn(think_tok):
+    with pytest.raises(AlignkitError, match="prefix"):  # no single rendering extends turn by turn
+        conversation_segments(think_tok, THINKING)
+    out = tokenize_sft([{"messages": THINKING}], think_tok, max_length=512)
+    assert len(out.examples) == 2 and not out.skipped
+    for i, ex in zip([1, 3], out.examples, strict=True):
+        context = encode_prompt(think_tok, THINKING[:i])  # the context as the template renders it before turn i
+        assert ex["input_ids"][: len(context)] == context and ex["prompt_length"] == len(context)
+        assert all(label == IGNORE_INDEX for label in ex["labels"][: len(context)])  # earlier turns not trained
+        assert [think_tok.decode(s) for s in trained_spans(ex)] == [THINKING[i]["content"] + "<|eos|>"]
+        assert ex["input_ids"].count(think_tok.bos_token_id) == 1 and ex["input_ids"][0] == think_tok.bos_token_id
+    history = think_tok.decode(out.examples[1]["input_ids"][: out.examples[1]["prompt_length"]])
+    assert "I am fine." in history and "hmm" not in history  # the history without its <think> block
+    assert encode_example(think_tok, {"messages": THINKING}) == out.examples[1]  # the final response's row
+
+
+def test_think_dropping_template_keeps_preference_prompts_strict_prefixes(think_tok):
+    from alignkit.data.preference_groups import encode_group
+
+    responses = [[{"role": "assistant", "content": c}] for c in ("<think>a</think>Great.", "Bad.")]
+    examples, prompt_length = encode_group(think_tok, THINKING[:3], responses)
+    assert prompt_length == len(encode_prompt(think_tok, THINKING[:3]))
+    assert [think_tok.decode(s) for s in trained_spans(examples[0])] == ["<think>a</think>Great.<|eos|>"]

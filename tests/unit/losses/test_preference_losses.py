@@ -112,6 +112,18 @@ def test_kto_reference_point_is_clamped_at_zero():
     )
 
 
+def test_plackett_luce_dpo_treats_a_list_with_no_present_item_like_plackett_luce():
+    policy, ref = torch.tensor([[-1.0, -2.0], [-3.0, -4.0]]), torch.zeros(2, 2)
+    mask = torch.tensor([[True, True], [False, False]])
+    loss, metrics = plackett_luce_dpo_loss(policy, ref, beta=1.0, mask=mask)
+    expected, _ = plackett_luce_loss(policy, mask)
+    assert_close(loss, expected)
+    # the empty list adds no term but counts in the mean over lists: -log Sigmoid(1) / 2
+    assert_close(loss, torch.tensor(-math.log(1 / (1 + math.exp(-1.0))) / 2))
+    assert_close(metrics["rewards/chosen"], torch.tensor(-1.0))  # the first list's only
+    assert_close(metrics["rewards/rejected"], torch.tensor(-2.0))
+
+
 def test_plackett_luce_dpo_k2_equals_dpo():
     pc, pr, rc, rr = _random_logps(4)
     listwise, metrics = plackett_luce_dpo_loss(torch.stack([pc, pr], 1), torch.stack([rc, rr], 1), beta=0.1)

@@ -28,7 +28,7 @@ def test_adapter_disabled_reference_is_the_base_model():
 
 
 def test_actor_critic_gives_the_value_model_its_own_learning_rate():
-    from alignkit.trainers.rl import ActorCritic
+    from alignkit.trainers.rl_setup import ActorCritic
 
     lm = build_tiny_llama(300)
     value = ValueModel(build_tiny_llama(300).model, torch.nn.Linear(32, 1))

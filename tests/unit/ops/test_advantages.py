@@ -105,7 +105,28 @@ def test_grpo_by_hand():
     scores = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
     expected = torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]) / torch.tensor([1.0001, 1.0001, 1.0001, 1, 1, 1])
     assert_close(grpo_advantages(scores, k=3), expected)
-    assert_close(grpo_advantages(scores, k=3, scale=False), torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]))
+    assert_close(grpo_advantages(scores, k=3, scale="none"), torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]))
+
+
+def test_grpo_advantage_scalings_by_hand():
+    # Groups (1, 2, 3) and (4, 6, 8): means 2 and 6, centred (-1, 0, 1, -2, 0, 2); eps = 0.
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0, 6.0, 8.0])
+    centred = torch.tensor([-1.0, 0.0, 1.0, -2.0, 0.0, 2.0])
+    # group: unbiased stds 1 and 2 -> (-1, 0, 1, -1, 0, 1) (Shao et al.).
+    assert_close(grpo_advantages(scores, k=3, eps=0.0, scale="group"), torch.tensor([-1.0, 0, 1, -1, 0, 1]))
+    # batch: one std of all six scores: mean 4, squared deviations 9+4+1+0+4+16 = 34, 34/5 = 6.8,
+    # std 2.607681 -> centred / 2.607681 = (-0.383482, 0, 0.383482, -0.766965, 0, 0.766965).
+    assert_close(grpo_advantages(scores, k=3, eps=0.0, scale="batch"),
+                 torch.tensor([-0.383482, 0.0, 0.383482, -0.766965, 0.0, 0.766965]))
+    # batch with the scores of the whole batch (another process's six 4s): mean 4, 34/11 = 3.090909,
+    # std 1.758098 -> centred / 1.758098.
+    everyone = torch.cat([scores, torch.full((6,), 4.0)])
+    assert_close(grpo_advantages(scores, k=3, eps=0.0, scale="batch", batch_scores=everyone),
+                 centred / 1.758098)
+    # none (Dr. GRPO): the centred scores.
+    assert_close(grpo_advantages(scores, k=3, scale="none"), centred)
+    with pytest.raises(ValueError, match="scale"):
+        grpo_advantages(scores, k=3, scale="std")
 
 
 def test_group_advantages_reject_bad_layouts():

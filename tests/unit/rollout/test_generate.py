@@ -7,8 +7,9 @@ import torch
 from tests.conftest import TINY_PROMPTS as PROMPTS
 from tests.conftest import build_tiny_llama, build_tiny_tokenizer
 
-from alignkit.rollout.generate import sample, tokenize_prompts
+from alignkit.rollout.generate import sample, stop_token_ids, tokenize_prompts
 from alignkit.rollout.logprobs import sequence_logprobs
+from alignkit.rollout.rewards import score_index
 from alignkit.rollout.sampling import filter_logits
 from alignkit.rollout.types import Rollout
 
@@ -236,3 +237,38 @@ def test_concat_of_different_widths_keeps_logprobs(model, tokenizer, prompts):
     recomputed = sequence_logprobs(model, both)
     assert (recomputed - both.logprobs).abs().max() < 1e-5
     assert both.texts(tokenizer)[1:] == long.texts(tokenizer)
+
+
+def test_sampling_stops_at_any_end_token_of_the_generation_config(tokenizer, prompts):
+    """A chat model ending turns with a second token (`<|im_end|>`-like) listed in its generation config."""
+    turn_end = tokenizer.convert_tokens_to_ids("e")  # stands in for an end-of-turn token
+    m = build_tiny_llama(len(tokenizer), tie_word_embeddings=False).eval()
+    with torch.no_grad():
+        m.lm_head.weight[turn_end] *= 0
+        bias = torch.zeros(len(tokenizer))
+        bias[turn_end] = 5.0  # the end-of-turn token is likely, the tokenizer's EOS is not
+        m.lm_head.bias = torch.nn.Parameter(bias)
+    m.generation_config.eos_token_id = [tokenizer.eos_token_id, turn_end]
+    stops = stop_token_ids(tokenizer, m)
+    assert stops == [tokenizer.eos_token_id, turn_end]
+    rollout = sample(m, *prompts, max_new_tokens=30, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
+                     generator=torch.Generator().manual_seed(0))
+    assert rollout.ends_with_eos.all() and rollout.response_ids.shape[1] < 30
+    index = score_index(rollout.response_ids, rollout.response_mask)
+    for i in range(rollout.batch_size):
+        ids = rollout.response_ids[i]
+        first = int((ids == turn_end).nonzero()[0])
+        assert index[i] == first == int(rollout.lengths[i]) - 1  # reward and KL end at the first end token
+        assert (ids[first + 1 :] == tokenizer.pad_token_id).all()
+    # the tokenizer's EOS alone would not have stopped these rows
+    alone = sample(m, *prompts, max_new_tokens=30, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0))
+    assert not alone.ends_with_eos.all()
+
+
+def test_stop_token_ids_of_a_model_without_a_list():
+    tok = build_tiny_tokenizer()
+    assert stop_token_ids(tok) == [tok.eos_token_id]
+    m = build_tiny_llama(len(tok))
+    m.generation_config.eos_token_id = tok.eos_token_id
+    assert stop_token_ids(tok, m) == [tok.eos_token_id]

@@ -16,12 +16,18 @@ from alignkit.data.preference_groups import (
     collate_preference_groups,
     encode_group,
     fit_group,
+    mismatched_groups,
     tokenize_preference_groups,
 )
 from alignkit.errors import AlignkitError
-from alignkit.losses.preference import dpo_loss
-from alignkit.trainers.dpo import DPOConfig, make_loss_fn
-from alignkit.trainers.dpo_forward import Reference, response_logps
+from alignkit.losses.preference import dpo_loss, kto_loss
+from alignkit.trainers.dpo import DPOConfig, collate_groups, make_loss_fn
+from alignkit.trainers.dpo_forward import (
+    Reference,
+    kto_reference_point,
+    response_logps,
+    set_kto_reference_point,
+)
 
 BACKEND = CpuBackend()  # what a CPU run uses (the backends agree: tests/unit/accel/test_backends.py)
 
@@ -144,7 +150,7 @@ def test_kto_from_preferences_and_unpaired_labels(tok_model):
     tokenizer, model = tok_model
     groups = _groups(tokenizer, loss="kto")
     assert [g["label"] for g in groups] == [True, False] * 3
-    batch = collate_preference_groups(groups, tokenizer.pad_token_id)
+    batch = collate_groups(groups, tokenizer.pad_token_id, "kto")
     assert batch["kto_labels"].tolist() == [True, False] * 3
     reference = Reference(copy.deepcopy(model), model, BACKEND)
     loss_sum, _ = make_loss_fn(DPOConfig(loss="kto"), reference, BACKEND)(model, batch)
@@ -173,7 +179,7 @@ def test_wrong_record_kind_for_the_loss_is_an_error(tok_model):
 def test_every_loss_runs_through_the_forward_with_gradients(tok_model, loss):
     tokenizer, model = tok_model
     policy = copy.deepcopy(model).train()
-    batch = collate_preference_groups(_groups(tokenizer, loss=loss), tokenizer.pad_token_id)
+    batch = collate_groups(_groups(tokenizer, loss=loss), tokenizer.pad_token_id, loss)
     reference = None if loss in ("simpo", "orpo") else Reference(model, policy, BACKEND)  # reference-free losses
     loss_sum, metrics = make_loss_fn(DPOConfig(loss=loss, label_smoothing=0.1), reference, BACKEND)(policy, batch)
     assert torch.isfinite(loss_sum) and {"rewards/chosen", "rewards/accuracy"} <= set(metrics)
@@ -248,3 +254,95 @@ def test_packed_rows_reach_a_lora_reference_and_not_a_model_that_cannot_take_the
                      atol=1e-5, rtol=0)
         assert_close(response_logps(Wrapped(policy), batch, cpu)[0], expected, atol=1e-5, rtol=0)
         assert_close(response_logps(flash, batch, cpu)[0], expected, atol=1e-5, rtol=0)
+
+
+def test_mismatched_groups_pair_each_prompt_with_the_previous_groups_response():
+    # prompts [1, 2] / [1, 3, 3] (untrained labels), responses [7, 8] / [9] (trained)
+    ignore = -100
+    groups = [{"responses": [{"input_ids": [1, 2, 7, 8], "labels": [ignore, ignore, 7, 8]}], "label": True, "row": 1},
+              {"responses": [{"input_ids": [1, 3, 3, 9], "labels": [ignore, ignore, ignore, 9]}], "label": False,
+               "row": 2},
+              {"responses": [{"input_ids": [1, 4, 5], "labels": [ignore, ignore, 5]}], "label": True, "row": 3}]
+    kl = mismatched_groups(groups)
+    assert [g["responses"][0]["input_ids"] for g in kl] == [[1, 2, 5], [1, 3, 3, 7, 8], [1, 4, 9]]
+    assert [g["responses"][0]["labels"] for g in kl] == [[ignore, ignore, 5], [ignore, ignore, ignore, 7, 8],
+                                                         [ignore, ignore, 9]]
+    assert [g["row"] for g in kl] == [1, 2, 3]
+    with pytest.raises(ValueError, match="at least 2"):
+        mismatched_groups(groups[:1])
+
+
+def test_kto_reference_point_by_hand():
+    assert_close(kto_reference_point(torch.tensor(3.0), 4), torch.tensor(0.75))
+    assert_close(kto_reference_point(torch.tensor(-2.0), 4), torch.tensor(0.0))  # clamped at 0
+    assert not kto_reference_point(torch.tensor(3.0, requires_grad=True), 4).requires_grad
+
+
+def _seq_logp(model, ids, labels):
+    """log pi(response | prompt) by a plain forward of one unpadded sequence."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    return sum(logits[t - 1, ids[t]].item() for t in range(1, len(ids)) if labels[t] != -100)
+
+
+def test_kto_z0_is_the_mean_log_ratio_over_mismatched_pairs_of_the_global_batch(tok_model):
+    """Ethayarajh et al.: x_i with y_(i-1), mean log pi/pi_ref over every micro-batch, clamped, detached."""
+    tokenizer, model = tok_model
+    policy = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    reference = Reference(model, policy, BACKEND)
+    groups = _groups(tokenizer, loss="kto")  # 6 unpaired examples
+    micro = [collate_groups(groups[:4], tokenizer.pad_token_id, "kto"),
+             collate_groups(groups[4:], tokenizer.pad_token_id, "kto")]
+    z0 = set_kto_reference_point(policy, reference, micro, BACKEND)
+    ratios = []
+    for part in (groups[:4], groups[4:]):  # pairs are formed within each micro-batch
+        for b, g in enumerate(part):
+            prompt = [i for i, lab in zip(g["responses"][0]["input_ids"], g["responses"][0]["labels"],
+                                          strict=True) if lab == -100]
+            other = part[b - 1]["responses"][0]
+            start = len([lab for lab in other["labels"] if lab == -100])
+            ids = prompt + other["input_ids"][start:]
+            labels = [-100] * len(prompt) + other["labels"][start:]
+            ratios.append(_seq_logp(policy, ids, labels) - _seq_logp(model, ids, labels))
+    expected = max(0.0, sum(ratios) / len(ratios))
+    assert expected > 0  # the perturbation moves the policy away from the reference
+    assert z0 == pytest.approx(expected, rel=1e-4)
+    assert all(b["kto_z0"].item() == pytest.approx(z0) for b in micro)
+    # the loss reads that z0, not the matched pairs' mean
+    loss_sum, _ = make_loss_fn(DPOConfig(loss="kto"), reference, BACKEND)(policy, micro[0])
+    pol, n = response_logps(policy, micro[0], BACKEND)
+    expected_loss, _ = kto_loss(pol[:, 0], reference.logps(micro[0])[:, 0], micro[0]["kto_labels"], beta=0.1,
+                                kl_ref=z0)
+    assert_close(loss_sum / 4, expected_loss)
+
+
+@pytest.mark.parametrize(("options", "match"), [
+    ({"optim": {"per_device_batch_size": 1}}, "per_device_batch_size"),
+    ({"precompute_ref": True}, "precompute_ref"),
+])
+def test_kto_options_that_cannot_form_its_reference_point_are_errors(options, match):
+    from alignkit.config import OptimConfig
+    from alignkit.trainers.dpo import _check
+
+    cfg = DPOConfig(loss="kto", **{k: v for k, v in options.items() if k != "optim"})
+    if "optim" in options:
+        cfg.optim = OptimConfig(**options["optim"])
+    with pytest.raises(AlignkitError, match=match):
+        _check(cfg)
+
+
+def test_ipo_per_token_divides_each_log_prob_by_its_length():
+    from alignkit.trainers.dpo import LOSS_INPUTS, GroupLogps
+
+    # chosen: 4 tokens, log-ratio (-8) - (-12) = 4 -> 1 per token; rejected: 2 tokens, (-6) - (-4) = -2 -> -1
+    s = GroupLogps(policy=torch.tensor([[-8.0, -6.0]]), ref=torch.tensor([[-12.0, -4.0]]),
+                   n_tokens=torch.tensor([[4.0, 2.0]]), mask=torch.ones(1, 2, dtype=torch.bool), labels=None)
+    from alignkit.losses.preference import ipo_loss
+
+    # beta 0.25: target 2. Summed: (4 + 2 - 2)^2 = 16; per token: (1 + 1 - 2)^2 = 0
+    assert_close(ipo_loss(**LOSS_INPUTS["ipo"](s, DPOConfig(loss="ipo", beta=0.25)))[0], torch.tensor(16.0))
+    per_token = DPOConfig(loss="ipo", beta=0.25, ipo_per_token=True)
+    assert_close(ipo_loss(**LOSS_INPUTS["ipo"](s, per_token))[0], torch.tensor(0.0))

@@ -86,4 +86,28 @@ def test_no_trackers_writes_only_metrics_jsonl(tmp_path):
     loop.resume()
     loop.logger.log(1, {"loss": 1.5})
     loop.close()
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.jsonl"]
+    # `.lock`: the run's directory lock (released when the run finishes or its process ends)
+    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == ["config.yaml", "metrics.jsonl"]
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_resume_drops_a_torn_last_line_and_rows_after_the_checkpoint(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "eval/loss": 2.0}\n{"step": 5, "loss": 1.5}\n{"step": 10, "loss": 1.2}\n'
+                    '{"step": 12, "lo')  # killed (or the disk filled) in the middle of a write
+    MetricsLogger(tmp_path, enabled=True, resume_step=10).close()
+    assert [r["step"] for r in _rows(path)] == [0, 5, 10]
+    assert "dropped 1 unreadable line" in capsys.readouterr().err
+
+
+def test_resume_before_the_first_checkpoint_starts_the_metrics_again(tmp_path):
+    """A run killed before its first checkpoint resumes from step 0 and logs step 0 again: one step-0 row."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "eval/loss": 2.0}\n{"step": 1, "loss": 1.9}\n')
+    logger = MetricsLogger(tmp_path, enabled=True, resume_step=0)
+    logger.log(0, {"eval/loss": 2.0})
+    logger.close()
+    assert [r["step"] for r in _rows(path)] == [0]
