@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import build_tiny_llama
+from tests.conftest import build_tiny_llama, build_tiny_tokenizer
 
 from alignkit.config import resolve_config
 from alignkit.errors import AlignkitError
@@ -129,4 +129,9 @@ def test_nonfinite_loss_names_step_and_leaves_weights(tmp_path, mode):
     if mode == "skip":  # the next step trains again
         loop.update([batch], nan_at_step_2)
         assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+        assert loop.stage_state["skipped_steps"] == 1  # checkpointed with the stage state
+        tokenizer = build_tiny_tokenizer()
+        summary = loop.finish(tokenizer, {})
+        assert summary["skipped_steps"] == 1
+        return
     loop.close()

@@ -318,6 +318,8 @@ class TrainLoop:
         if self.cfg.run.on_nonfinite == "stop":
             self.close()
             raise AlignkitError(msg + ". Lower optim.lr, check the data, or pass --run.on_nonfinite skip")
+        # counted in the checkpointed stage state, so a resumed run's summary still has every skip
+        self.stage_state["skipped_steps"] = self.stage_state.get("skipped_steps", 0) + 1
         self.accelerator.print(f"[{self.stage}] warning: {msg}; step skipped")
 
     def end_step(self, metrics: dict[str, float], *, force_log: bool = False) -> None:
@@ -356,7 +358,8 @@ class TrainLoop:
         acc.wait_for_everyone()
         summary = {"stage": self.stage, "steps": self.step, "output_dir": str(self.out_dir),
                    "final_dir": str(self.out_dir / "final"),
-                   "wall_time_s": time.perf_counter() - self._t0, "accel": self.backend.describe(), **summary}
+                   "wall_time_s": time.perf_counter() - self._t0, "accel": self.backend.describe(),
+                   "skipped_steps": self.stage_state.get("skipped_steps", 0), **summary}
         if acc.is_main_process:
             final_model = model if model is not None else acc.unwrap_model(self.model)
             save_final(lambda d: save_pretrained_atomic(final_model, tokenizer, d, merge_lora=merge_lora),

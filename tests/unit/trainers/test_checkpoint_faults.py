@@ -280,3 +280,31 @@ def test_a_full_disk_everywhere_at_final_says_the_weights_are_lost(tmp_path, mon
     with pytest.raises(AlignkitError, match=r"^disk full while writing the final model .*fallback .* failed too.*"
                                             r"--run.save_every"):
         rundir.save_final(enospc, tmp_path / "run")
+
+
+class _Payload:
+    """Unpickling this creates `path`: the proof that a pickle ran."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_pickles_dropped_into_a_checkpoint_never_run_on_resume(tmp_path):
+    """A checkpoint is safetensors + JSON only: pickle files planted in it are never opened."""
+    import pickle
+
+    root = tmp_path / "checkpoints"
+    two_checkpoints(root)
+    marker = tmp_path / "PICKLE_RAN"
+    for name in ("optimizer.pt", "pytorch_model.bin", "scheduler.pt", "rng_state.pth", "trainer_state.pkl"):
+        (root / "step-2" / name).write_bytes(pickle.dumps(_Payload(marker)))
+    torch.save({"x": _Payload(marker)}, root / "step-2" / "training_args.bin")
+    model, opt, sched = make_state(seed=5)
+    path, state = ckpt.load_newest(root, model=model, optimizer=opt, scheduler=sched)
+    assert path == root / "step-2" and state["step"] == 2
+    assert not marker.exists()
+    pickle.loads((root / "step-2" / "optimizer.pt").read_bytes())  # the payload is live: unpickled, it runs
+    assert marker.exists()
