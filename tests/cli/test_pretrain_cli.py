@@ -139,3 +139,31 @@ def test_two_processes_match_one(tmp_path, tiny_llama_dir, corpus):
     summary_one = json.loads((one / "summary.json").read_text())
     summary_two = json.loads((two / "summary.json").read_text())
     assert summary_two["eval/loss"] == pytest.approx(summary_one["eval/loss"], abs=1e-5)
+
+
+def test_two_live_runs_cannot_share_a_directory(tmp_path, tiny_llama_dir, corpus):
+    """A second `alignkit pretrain` (fresh, then --run.resume) on a running run's directory is refused."""
+    import time
+
+    out = tmp_path / "shared"
+    first = subprocess.Popen([PY, "-m", "alignkit.cli", *pretrain_args(tiny_llama_dir, corpus, out,
+                                                                        "--optim.max_steps", "100000",
+                                                                        "--run.save_every", "5")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any((out / "checkpoints").glob("step-*")) and time.monotonic() < deadline:
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.2)
+        for extra in ([], ["--run.resume"]):
+            res = cli(pretrain_args(tiny_llama_dir, corpus, out, "--optim.max_steps", "3", *extra))
+            assert res.returncode == 2 and "Traceback" not in res.stderr
+            assert f"is in use by another run (pid {first.pid}" in res.stderr
+        assert first.poll() is None  # the first run was not disturbed
+    finally:
+        first.kill()
+        first.wait()
+    # killed, it holds nothing: its directory resumes
+    res = cli(pretrain_args(tiny_llama_dir, corpus, out, "--optim.max_steps", "6", "--run.resume",
+                            "--run.save_every", "5", "--run.resume_override", "optim.max_steps"))
+    assert res.returncode == 0, res.stderr
