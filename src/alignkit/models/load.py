@@ -18,7 +18,6 @@ loader: a file it refuses is reported, never unpickled another way.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import pickle
 import re
@@ -28,7 +27,7 @@ from typing import Any
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -39,6 +38,13 @@ from transformers import (
 
 from alignkit.config import ModelConfig
 from alignkit.errors import AlignkitError
+from alignkit.models.weight_files import (
+    UNSAFE_OPTION,
+    check_safetensors_files,
+    check_weight_files,
+    read_json_object,
+    refused_pickle_message,
+)
 
 PAD_TOKEN = "<|pad|>"
 """The pad token added to tokenizers that have none, or whose pad token is their EOS."""
@@ -62,9 +68,6 @@ is plain text. The template emits no BOS: the tokenizer adds it when the prompt 
 alignkit builds response masks by tokenizing the prompt prefix and the response separately.
 """
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-"""Weight-file suffixes whose loading unpickles (and so can run code)."""
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
                    "vocab.txt", "tiktoken.model")
 """Files one of which a tokenizer directory must hold (the vocabulary; `tokenizer_config.json` alone is not one)."""
@@ -73,111 +76,6 @@ _JSON_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json", "specia
                "added_tokens.json", "generation_config.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_UNSAFE_OPTION = "--model.allow_unsafe_pickle"
-
-
-def check_weight_files(path: str | Path, allow_unsafe_pickle: bool) -> None:
-    """Refuse a local model directory whose only weights are pickle files.
-
-    Looks at file names (and the `transformers_weights` entry of `config.json`) only; never opens a
-    pickle file.
-
-    Args:
-        path: Local model directory.
-        allow_unsafe_pickle: The value of `--model.allow_unsafe_pickle`; True skips the check.
-
-    Raises:
-        AlignkitError: If the directory holds no `*.safetensors` file but pickle weights, naming the
-            file and the option that allows it.
-    """
-    if allow_unsafe_pickle:
-        return
-    path = Path(path)
-    explicit = _explicit_weights_file(path)
-    if explicit is not None and not explicit.endswith((".safetensors", ".safetensors.index.json")):
-        raise AlignkitError(
-            f"{path / 'config.json'} names the weight file {explicit!r}, which is not safetensors; "
-            f"loading it could run code. Set {_UNSAFE_OPTION} true only if you trust it"
-        )
-    if any(path.glob("*.safetensors")):
-        return
-    pickles = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES))
-    if pickles:
-        raise AlignkitError(
-            f"model directory {path} has no *.safetensors weights, only pickle file {pickles[0].name} "
-            f"(unpickling can run arbitrary code). Convert it to safetensors, or set {_UNSAFE_OPTION} "
-            "true if you trust its source"
-        )
-
-
-def _explicit_weights_file(path: Path) -> str | None:
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        return None
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError):
-        return None  # transformers reports a broken config.json with its own message
-    value = config.get("transformers_weights") if isinstance(config, dict) else None
-    return value if isinstance(value, str) else None
-
-
-def read_json_object(path: str | Path) -> dict[str, Any]:
-    """Read a JSON object from a file, with one-line errors that name the file.
-
-    Raises:
-        AlignkitError: If the file cannot be read, is not UTF-8 text, is not JSON or is not an object.
-    """
-    path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-        data = json.loads(text)
-    except OSError as err:
-        raise AlignkitError(f"cannot read {path}: {err.strerror or err}") from err
-    except UnicodeDecodeError as err:
-        raise AlignkitError(
-            f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); expected JSON"
-        ) from err
-    except json.JSONDecodeError as err:
-        raise AlignkitError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from err
-    if not isinstance(data, dict):
-        raise AlignkitError(f"{path} must hold a JSON object, not a {type(data).__name__}")
-    return data
-
-
-def check_safetensors_files(path: str | Path) -> None:
-    """Check the header of each safetensors file that loading a local model directory would read.
-
-    That is `model.safetensors`, or else the shards named by `model.safetensors.index.json` (which
-    must name existing files). Only headers are read (the tensors are memory-mapped, not loaded).
-
-    Raises:
-        AlignkitError: Naming the file that is corrupt, truncated, has an oversized header or is missing.
-    """
-    path = Path(path)
-    if (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
-    elif (path / "model.safetensors.index.json").is_file():
-        index = path / "model.safetensors.index.json"
-        weight_map = read_json_object(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise AlignkitError(f"{index}: expected a non-empty `weight_map` object (tensor name -> shard file)")
-        files = [path / str(name) for name in sorted(set(weight_map.values()))]
-        for file in files:
-            if not file.is_file():
-                raise AlignkitError(f"{index} names the shard {file.name}, which is not in {path}")
-    else:
-        return
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt"):
-                pass
-        except SafetensorError as err:
-            raise AlignkitError(
-                f"{file} is not a readable safetensors file ({err}): it is truncated, corrupt or not safetensors"
-            ) from err
-        except OSError as err:
-            raise AlignkitError(f"cannot read {file}: {err.strerror or err}") from err
 
 
 def _resolve_source(name_or_path: str, option: str, allow_unsafe_pickle: bool) -> str:
@@ -316,7 +214,7 @@ def _from_pretrained(auto_cls: Any, cfg: ModelConfig, what: str, extra: dict[str
                 **extra,
             )
     except pickle.UnpicklingError as err:
-        raise AlignkitError(_refused_pickle(source, local, err)) from err
+        raise AlignkitError(refused_pickle_message(source, local, err)) from err
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, StrictDataclassError) as err:
         raise AlignkitError(f"cannot load {what} from `{option}` {source}: {_explain(err, cfg)}") from err
     _check_loading_info(model, info, source)
@@ -380,35 +278,6 @@ def _check_loading_info(model: PreTrainedModel, info: dict[str, Any], source: st
               f"describes, e.g. `{unused[0]}`")
 
 
-def _refused_pickle(source: str, local: Path | None, err: Exception) -> str:
-    """The one-line error for a pickle weight file that torch's weights-only loader refused."""
-    message = str(err)
-    reason = message.split("WeightsUnpickler error:", 1)[-1].strip() if "WeightsUnpickler error:" in message else ""
-    reason = reason.splitlines()[0].split(". ", 1)[0].strip() if reason else "it holds more than tensors"
-    file = _first_refused_pickle(local) if local is not None else None
-    where = str(file) if file is not None else f"a pickle weight file of {source}"
-    return (
-        f"{where}: torch's weights-only loader refused it ({reason}); alignkit never unpickles arbitrary "
-        f"objects, even with {_UNSAFE_OPTION} true. If you trust the file, convert it to safetensors yourself"
-    )
-
-
-def _first_refused_pickle(path: Path) -> Path | None:
-    """The first pickle weight file in `path` that torch's weights-only loader refuses (loaded on `meta`).
-
-    `pytorch_model*.bin` (what transformers reads) are tried first, then the other pickle files.
-    """
-    files = [p for p in path.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES)]
-    for file in sorted(files, key=lambda p: (not p.name.startswith("pytorch_model"), p.name)):
-        try:
-            torch.load(file, map_location="meta", weights_only=True)
-        except pickle.UnpicklingError:
-            return file
-        except Exception:  # another problem with this file: the refused one is what is looked for
-            continue
-    return None
-
-
 def _explain_tokenizer(err: Exception, source: str, cfg: ModelConfig) -> str:
     """Name the bad or missing file of a local tokenizer directory, else shorten the library's message."""
     path = Path(source)
@@ -442,7 +311,7 @@ def _explain(err: Exception, cfg: ModelConfig) -> str:
     if "trust_remote_code" in message:
         return f"{message} (set --model.trust_remote_code true only if you trust the repository's code)"
     if "safetensors" in message and not cfg.allow_unsafe_pickle:
-        return f"{message} (only safetensors weights are read unless {_UNSAFE_OPTION} is set)"
+        return f"{message} (only safetensors weights are read unless {UNSAFE_OPTION} is set)"
     return message
 
 

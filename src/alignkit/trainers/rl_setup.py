@@ -29,15 +29,7 @@ from alignkit.rollout.rewards import ScoreNormalizer
 from alignkit.rollout.score import load_scorer
 from alignkit.rollout.types import Rollout
 from alignkit.trainers.loop import TrainLoop
-from alignkit.trainers.rl_config import (  # noqa: F401 - the stage configs, importable from here too
-    A2CConfig,
-    ActorCriticConfig,
-    GRPOConfig,
-    PPOConfig,
-    ReinforceConfig,
-    RLConfig,
-    RLOOConfig,
-)
+from alignkit.trainers.rl_config import ActorCriticConfig, RLConfig
 
 # ---------------------------------------------------------------------------------------------
 # Models and state

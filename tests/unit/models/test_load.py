@@ -23,11 +23,11 @@ from alignkit.models import load as load_mod
 from alignkit.models.load import (
     DEFAULT_CHAT_TEMPLATE,
     PAD_TOKEN,
-    check_weight_files,
     load_causal_lm,
     load_sequence_classifier,
     load_tokenizer,
 )
+from alignkit.models.weight_files import check_weight_files
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
