@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from alignkit.console import main_print
 from alignkit.data.load import BadRow, content_key
 from alignkit.data.prompts import PromptError, split_preference_prompt
 from alignkit.errors import AlignkitError
@@ -355,18 +356,21 @@ def validate_records(
 
 
 def print_report(report: ValidationReport, source: str, stage: str = "data") -> None:
-    """Warn of the rows `validate_records` skipped and of those that repeat an earlier row (first few of each)."""
+    """Warn of the rows `validate_records` skipped and of those that repeat an earlier row (first few of each).
+
+    Printed by the main process only (`alignkit.console.main_print`): every process reads the same file.
+    """
     if report.skipped:
         shown = "; ".join(f"row {row}" + (f", field '{name}'" if name else "") + f": {reason}"
                           for row, name, reason in report.skipped[:3])
         more = f"; and {report.n_skipped - 3} more" if report.n_skipped > 3 else ""
-        print(f"[{stage}] warning: {source}: {report.n_skipped} bad row(s) skipped (data.on_bad_rows=skip): "
-              f"{shown}{more}", flush=True)
+        main_print(f"[{stage}] warning: {source}: {report.n_skipped} bad row(s) skipped (data.on_bad_rows=skip): "
+                   f"{shown}{more}")
     if report.duplicate_of:
         shown = ", ".join(f"row {row} = row {first}" for row, first in list(report.duplicate_of.items())[:3])
-        print(f"[{stage}] warning: {source}: {report.n_duplicates} row(s) repeat an earlier row exactly ({shown}"
-              f"{', ...' if report.n_duplicates > 3 else ''}); they are kept, and a held-out split keeps all "
-              "copies of a row on one side", flush=True)
+        main_print(f"[{stage}] warning: {source}: {report.n_duplicates} row(s) repeat an earlier row exactly ({shown}"
+                   f"{', ...' if report.n_duplicates > 3 else ''}); they are kept, and a held-out split keeps "
+                   "all copies of a row on one side")
 
 
 # Most specific first: the first entry whose fields are all present names the kind.

@@ -37,6 +37,7 @@ from transformers import (
 )
 
 from alignkit.config import ModelConfig
+from alignkit.console import main_print
 from alignkit.errors import AlignkitError
 from alignkit.models.weight_files import (
     UNSAFE_OPTION,
@@ -274,8 +275,8 @@ def _check_loading_info(model: PreTrainedModel, info: dict[str, Any], source: st
         )
     unused = sorted(k for k in info.get("unexpected_keys") or () if not in_head(k))
     if unused:
-        print(f"note: {source}: {len(unused)} weight(s) in the files are not used by the model {config} "
-              f"describes, e.g. `{unused[0]}`")
+        main_print(f"note: {source}: {len(unused)} weight(s) in the files are not used by the model {config} "
+                   f"describes, e.g. `{unused[0]}`")
 
 
 def _explain_tokenizer(err: Exception, source: str, cfg: ModelConfig) -> str:
@@ -323,8 +324,8 @@ def _fit_to_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     if len(tokenizer) > rows:
         why = (f" (the tokenizer's pad token {PAD_TOKEN} was added)"
                if len(tokenizer) == rows + 1 and tokenizer.pad_token == PAD_TOKEN else "")
-        print(f"note: the model {source} has {rows} token embeddings but its tokenizer has {len(tokenizer)} "
-              f"tokens{why}: resizing the embeddings to {len(tokenizer)} (the new rows start untrained)")
+        main_print(f"note: the model {source} has {rows} token embeddings but its tokenizer has {len(tokenizer)} "
+                   f"tokens{why}: resizing the embeddings to {len(tokenizer)} (the new rows start untrained)")
         model.resize_token_embeddings(len(tokenizer))
     record_special_token_ids(model, tokenizer)
 

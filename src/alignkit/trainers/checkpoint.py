@@ -37,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from alignkit.atomic import is_disk_full, move_into_place, raise_if_disk_full
+from alignkit.console import main_print
 from alignkit.errors import AlignkitError
 
 MARKER = "COMPLETE"
@@ -200,19 +201,24 @@ def clean_stale(ckpt_root: Path) -> list[Path]:
 def verify_checkpoint(path: Path, rank: int = 0) -> None:
     """Check that every file of checkpoint `path` is whole (parses; tensors fit the file) before loading it.
 
+    Every process's RNG file is checked, not only `rank`'s: the processes of a multi-process run see the
+    same files and so all accept, or all skip, the same checkpoint (a torn `rng-1` alone must not send
+    process 1 back to an older checkpoint than process 0).
+
     Raises `AlignkitError` naming the bad file.
     """
     if not (path / MARKER).is_file():
         raise AlignkitError(f"checkpoint {path} is incomplete (no {MARKER} marker): it was interrupted")
-    rng = path / f"rng-{rank}.safetensors"
-    rng = rng if rng.is_file() else path / "rng-0.safetensors"
-    for file in (path / "model.safetensors", path / "optimizer.safetensors", rng):
+    own = path / f"rng-{rank}.safetensors"
+    own = own if own.is_file() else path / "rng-0.safetensors"
+    rngs = sorted({own, *path.glob("rng-*.safetensors")})
+    for file in (path / "model.safetensors", path / "optimizer.safetensors", *rngs):
         try:
             with safe_open(str(file), framework="pt") as fh:  # header parsed, tensor extents checked
                 fh.keys()
         except Exception as err:  # safetensors raises its own error type for a torn header or file
             raise AlignkitError(f"checkpoint file {file} is unreadable or truncated ({err})") from None
-    for file in (path / "optimizer.json", path / "trainer_state.json", rng.with_suffix(".json")):
+    for file in (path / "optimizer.json", path / "trainer_state.json", *(r.with_suffix(".json") for r in rngs)):
         try:
             json.loads(file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
@@ -237,7 +243,7 @@ def load_newest(
         try:
             verify_checkpoint(path, rank)
         except AlignkitError as err:
-            print(f"warning: skipping checkpoint {path}: {err}; trying the one before it", file=sys.stderr)
+            main_print(f"warning: skipping checkpoint {path}: {err}; trying the one before it", file=sys.stderr)
             continue
         return path, load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, rank=rank)
     if found:

@@ -306,5 +306,5 @@ def run(cfg: RLConfig, world: Any = None) -> dict[str, Any]:
         loop.log(after)
     summary = {"algorithm": cfg.algorithm, "before": ctx.summary.get("before", {}), "after": after,
                "kl_coef": ctx.kl_ctl.value, "cpu_s": time.process_time(), "train_prompts": len(ctx.prompts),
-               "eval_prompts": len(ctx.eval_prompts)}
+               "eval_prompts": len(ctx.eval_prompts), **ctx.data_counts}
     return loop.finish(ctx.tokenizer, summary, merge_lora=cfg.model.save_merged, model=ctx.policy)

@@ -81,6 +81,8 @@ class RLContext:
     kl_ctl: AdaptiveKLController | FixedKLController
     normalizer: ScoreNormalizer
     summary: dict[str, Any] = field(default_factory=dict)
+    data_counts: dict[str, int] = field(default_factory=dict)
+    """`skipped_rows` and `duplicate_rows` of the prompt files (`_load_prompts`)."""
 
     def sampling(self) -> dict[str, Any]:
         """Keyword arguments of `sample` (and `evaluate_policy`) from the config."""
@@ -139,15 +141,17 @@ def _check_clip(cfg: RLConfig) -> None:
             raise AlignkitError(f"option `{name}` must be in [0, {upper:g}), got {value}")
 
 
-def _load_prompts(cfg: RLConfig, world: Any) -> tuple[list[Any], list[Any]]:
-    """Training and held-out prompts, from `world` or `data.path` / `data.eval_path` ({prompt} records).
+def _load_prompts(cfg: RLConfig, world: Any) -> tuple[list[Any], list[Any], dict[str, int]]:
+    """Training and held-out prompts, from `world` or `data.path` / `data.eval_path` ({prompt} records),
+    and the counts `skipped_rows` and `duplicate_rows` of the files read (for `summary.json`).
 
     A prompt is a string or a conversation (a message list ending with a user turn), rendered with
     the chat template when sampled (`tokenize_prompts`). Prompts are checked before the split (errors
     name the file's row); skipped and repeated rows are warned of; copies of a prompt stay on one side.
     """
+    counts = {"skipped_rows": 0, "duplicate_rows": 0}
     if world is not None:
-        return world.prompts("train")[: cfg.data.limit], world.prompts("heldout")
+        return world.prompts("train")[: cfg.data.limit], world.prompts("heldout"), counts
     if not cfg.data.path:
         raise AlignkitError("give prompts: `world` (e.g. sentiment) or `data.path` (records with a `prompt`: "
                             "a string or a message list)")
@@ -156,12 +160,14 @@ def _load_prompts(cfg: RLConfig, world: Any) -> tuple[list[Any], list[Any]]:
         records = load_records(source, on_bad_rows=cfg.data.on_bad_rows)[:limit]
         report = validate_records(records, "prompt", source, cfg.data.on_bad_rows)
         print_report(report, source, cfg.algorithm)
+        counts["skipped_rows"] += report.n_skipped
+        counts["duplicate_rows"] += report.n_duplicates
         return [record["prompt"] for record in report.records]
 
     train = prompts(cfg.data.path, cfg.data.limit)
     if cfg.data.eval_path:
-        return train, prompts(cfg.data.eval_path)
-    return split_records(train, cfg.data.eval_fraction, cfg.run.seed)
+        return train, prompts(cfg.data.eval_path), counts
+    return (*split_records(train, cfg.data.eval_fraction, cfg.run.seed), counts)
 
 
 def _load_scorers(cfg: RLConfig, backend: Backend, world: Any) -> tuple[Any, Any]:
@@ -200,7 +206,7 @@ def setup(cfg: RLConfig, world: Any = None) -> RLContext:
     algo = _check(cfg)
     tokenizer = load_tokenizer(cfg.model, padding_side="left")
     world = require_world(cfg, world)
-    prompts, eval_prompts = _load_prompts(cfg, world if cfg.world else None)
+    prompts, eval_prompts, counts = _load_prompts(cfg, world if cfg.world else None)
     if not prompts:
         raise AlignkitError("no training prompts")
     backend = resolve(cfg.run.accel)  # the loop's too (same device choice as its accelerator)
@@ -213,8 +219,7 @@ def setup(cfg: RLConfig, world: Any = None) -> RLContext:
               else FixedKLController(k.coef))
     return RLContext(cfg=cfg, algo=algo, loop=loop, tokenizer=tokenizer, policy=policy, ref=ref,
                      scorer=scorer, gold=gold, prompts=prompts, eval_prompts=eval_prompts[: cfg.eval_prompts],
-                     kl_ctl=kl_ctl,
-                     normalizer=ScoreNormalizer(cfg.reward.normalize))
+                     kl_ctl=kl_ctl, normalizer=ScoreNormalizer(cfg.reward.normalize), data_counts=counts)
 
 
 def minibatch_sizes(batch: int, minibatches: int) -> list[int]:

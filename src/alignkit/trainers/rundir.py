@@ -36,6 +36,7 @@ from accelerate import tracking
 
 from alignkit.atomic import atomic_write_json, atomic_write_text, raise_if_disk_full
 from alignkit.config import to_dict
+from alignkit.console import main_print
 from alignkit.errors import AlignkitError
 from alignkit.trainers.checkpoint import clean_stale
 
@@ -207,9 +208,9 @@ def check_resume_config(out_dir: Path, cfg: Any) -> dict[str, tuple[Any, Any]]:
                "overridden": {k: {"saved": old, "new": new} for k, (old, new) in changes.items()}}
         with open(out_dir / "resume_history.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row, default=str) + "\n")
-        print(f"warning: resuming {out_dir} with overridden fields "
-              f"{', '.join(f'{k} ({old!r} -> {new!r})' for k, (old, new) in changes.items())}; recorded in "
-              f"{out_dir / 'resume_history.jsonl'}", file=sys.stderr)
+        main_print(f"warning: resuming {out_dir} with overridden fields "
+                   f"{', '.join(f'{k} ({old!r} -> {new!r})' for k, (old, new) in changes.items())}; recorded in "
+                   f"{out_dir / 'resume_history.jsonl'}", file=sys.stderr)
     return changes
 
 

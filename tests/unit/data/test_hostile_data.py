@@ -72,8 +72,10 @@ def test_unparsable_lines_are_skipped_and_counted_with_skip(tmp_path, tok, capsy
     assert data["skipped_rows"] == 2 and len(data["train"]) == 2
     # every stage that reads a data file passes the option on
     prompts = _jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}, "{oops", {"prompt": "Bye"}])
-    train, _ = _load_prompts(GRPOConfig(data=DataConfig(path=prompts, eval_path=prompts, on_bad_rows="skip")), None)
+    train, _, counts = _load_prompts(GRPOConfig(data=DataConfig(path=prompts, eval_path=prompts,
+                                                                on_bad_rows="skip")), None)
     assert train == ["Hi", "Bye"]
+    assert counts == {"skipped_rows": 2, "duplicate_rows": 0}  # one per file read (train and held-out)
     pref = _jsonl(tmp_path / "pref.jsonl", [*PREF[:3], "not json", *PREF[3:]])
     data = load_preference_data(DPOConfig(data=DataConfig(path=pref, eval_fraction=0.0, on_bad_rows="skip")), tok)
     assert data["skipped"] == 1 and len(data["train"]) == 6
@@ -183,7 +185,7 @@ def test_whitespace_only_prompts_are_refused_naming_file_row_and_field(tmp_path,
     with pytest.raises(AlignkitError, match=r"c\.jsonl, row 1, field 'prompt\[0\]\.content': empty string"):
         _load_prompts(GRPOConfig(data=DataConfig(path=conversation, eval_path=conversation)), None)
     capsys.readouterr()
-    train, _ = _load_prompts(GRPOConfig(data=DataConfig(path=path, eval_path=path, on_bad_rows="skip")), None)
+    train, _, _ = _load_prompts(GRPOConfig(data=DataConfig(path=path, eval_path=path, on_bad_rows="skip")), None)
     assert train == ["Hi", "Bye"]
     assert "p.jsonl: 1 bad row(s) skipped" in capsys.readouterr().out
 
@@ -275,3 +277,19 @@ def test_duplicate_rows_are_counted_warned_of_and_not_held_out_against_themselve
     reward = load_reward_data(RewardConfig(data=DataConfig(path=pref, eval_fraction=0.2)), tok)
     keys = lambda part: {tuple(map(tuple, g["items"])) for g in reward[part]}  # noqa: E731
     assert reward["duplicate_rows"] == 29 and reward["eval"] and not keys("eval") & keys("train")
+    # RL prompts: counted for summary.json, copies of a prompt on one side of the split
+    prompts = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Same"}] * 10 + [{"prompt": f"P{i}"} for i in range(10)])
+    train, held, counts = _load_prompts(GRPOConfig(data=DataConfig(path=prompts, eval_fraction=0.3)), None)
+    assert counts == {"skipped_rows": 0, "duplicate_rows": 9} and held and not set(train) & set(held)
+
+
+def test_data_warnings_print_on_the_main_process_only(tmp_path, monkeypatch, capsys):
+    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}, {"prompt": "Hi"}, {"prompt": 3}])
+    report = validate_records(load_records(path), "prompt", path, on_bad_rows="skip")
+    monkeypatch.setenv("RANK", "1")  # what `accelerate launch` sets on the second process
+    print_report(report, path, "grpo")
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    print_report(report, path, "grpo")
+    out = capsys.readouterr().out
+    assert "1 bad row(s) skipped" in out and "1 row(s) repeat an earlier row" in out

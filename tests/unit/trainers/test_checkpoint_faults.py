@@ -187,6 +187,70 @@ def test_repeated_kill_9_during_pruning_and_final_then_resume(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-{steps}"]
 
 
+FINAL_SCRIPT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from alignkit.atomic import atomic_dir
+    from alignkit.trainers.rundir import acquire_run_lock, clean_stale_temporaries
+    out = Path(sys.argv[1]); generations = int(sys.argv[2])
+    out.mkdir(exist_ok=True)
+    acquire_run_lock(out)
+    clean_stale_temporaries(out)
+    print("started", flush=True)
+    for gen in range(generations):  # nothing but `final/` writes: every kill lands in or between them
+        with atomic_dir(out / "final") as tmp:
+            for j in range(4):
+                (tmp / f"part-{j}.bin").write_bytes(bytes([gen % 256]) * 1_000_000)
+    print("done", flush=True)
+""")
+
+
+def assert_final_whole(final: Path) -> None:
+    """`final/` is one generation's four whole files (or absent): never a mix, never a torn file."""
+    if not final.exists():
+        return
+    parts = sorted(final.iterdir())
+    assert [p.name for p in parts] == [f"part-{j}.bin" for j in range(4)]
+    contents = {p.read_bytes() for p in parts}
+    assert len(contents) == 1 and len(next(iter(contents))) == 1_000_000
+
+
+@pytest.mark.slow  # ~20 s: ten Python start-ups
+def test_repeated_kill_9_during_final_never_leaves_a_torn_final(tmp_path):
+    out = tmp_path / "run"
+    script = tmp_path / "final.py"
+    script.write_text(FINAL_SCRIPT)
+    rng = random.Random(1)
+    cut_short = 0
+    for _ in range(10):
+        proc = subprocess.Popen([sys.executable, str(script), str(out), "100000"], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().startswith("started")
+        time.sleep(rng.uniform(0.05, 0.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        cut_short += any(out.glob(".final.*"))
+        assert_final_whole(out / "final")
+    assert cut_short >= 5, f"only {cut_short} of 10 kills landed during a `final/` write: the test proved little"
+    res = subprocess.run([sys.executable, str(script), str(out), "1"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "done" in res.stdout, res.stderr
+    assert_final_whole(out / "final")
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "final"]  # no `.final.tmp-*` / `.final.old-*`
+
+
+def test_every_processs_rng_file_decides_which_checkpoint_all_processes_load(tmp_path, capsys):
+    root = tmp_path / "checkpoints"
+    two_checkpoints(root)
+    for step in (1, 2):  # a second process's RNG state in each
+        for suffix in (".safetensors", ".json"):
+            shutil.copy(root / f"step-{step}" / f"rng-0{suffix}", root / f"step-{step}" / f"rng-1{suffix}")
+    truncate(root / "step-2" / "rng-1.safetensors")
+    for rank in (0, 1):  # process 0 skips step-2 too, though its own file is whole
+        model, opt, sched = make_state(seed=5)
+        path, _ = ckpt.load_newest(root, model=model, optimizer=opt, scheduler=sched, rank=rank)
+        assert path == root / "step-1"
+    assert "rng-1.safetensors" in capsys.readouterr().err
+
+
 # -- a full disk: one line, the previous checkpoint intact, resume works once space is freed -------
 def enospc(*_args, **_kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
