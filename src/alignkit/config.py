@@ -301,6 +301,24 @@ _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
 
 
+def split_top_level(text: str, sep: str = ",") -> list[str]:
+    """`text` split at each `sep` outside brackets and quotes: `a(x=1,y=2),b` -> [`a(x=1,y=2)`, `b`]."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote and text[i - 1] != "\\" else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth = max(0, depth - 1)
+        elif ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:  # noqa: C901 - one branch per supported type
     """Convert `value` (from YAML or a command-line string) to type `tp`, or raise naming `key`."""
     origin = typing.get_origin(tp)
@@ -334,7 +352,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:  # noqa: C901 - one branch pe
             except yaml.YAMLError:
                 raise AlignkitError(f"option `{key}`: cannot read {value!r} as a list") from None
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()] if value.strip() else []
+            value = [v for v in split_top_level(value) if v.strip()] if value.strip() else []
         if not isinstance(value, list | tuple):
             raise AlignkitError(f"option `{key}`: expected a list, got {value!r}")
         return [_coerce(v, item_tp, key) for v in value]

@@ -25,10 +25,10 @@ PACKAGE = "alignkit"
 
 # Bottom first: a module may import modules of its own layer or of the layers before it.
 LAYERS: list[tuple[str, ...]] = [
-    ("alignkit.errors", "alignkit.atomic", "alignkit.config"),
+    ("alignkit.errors", "alignkit.console", "alignkit.atomic", "alignkit.config"),
     ("alignkit.ops",),
     ("alignkit.losses",),
-    ("alignkit.data", "alignkit.models", "alignkit.feedback"),
+    ("alignkit.data", "alignkit.models", "alignkit.feedback", "alignkit.rewards"),
     ("alignkit.rollout", "alignkit.accel"),
     ("alignkit.trainers", "alignkit.stages"),
     ("alignkit.worlds",),

@@ -21,6 +21,7 @@ import torch
 
 from alignkit.accel import Backend
 from alignkit.rollout.generate import sample, stop_token_ids, tokenize_prompts
+from alignkit.rollout.reward_mix import RewardMix, row_columns
 from alignkit.rollout.types import Rollout
 
 Scorer = Callable[[list[str], list[str]], torch.Tensor]
@@ -82,6 +83,7 @@ def evaluate_policy(
     batch_size: int = 64,
     n_keep: int = 16,
     backend: Backend | None = None,
+    columns: list[dict[str, Any]] | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Sample one response per prompt (fixed seed), score it, and measure KL, length and diversity.
 
@@ -97,6 +99,8 @@ def evaluate_policy(
         batch_size: Prompts per generation batch.
         n_keep: How many `{prompt, response, reward, gold}` samples to return.
         backend: The acceleration backend that samples (default `alignkit.accel.resolve()`).
+        columns: The other fields of each prompt's record, for a `RewardMix` scorer's reward functions
+            (each component's mean is logged as ``eval/reward_<name>``).
 
     Returns:
         (metrics, samples). Metrics: ``eval/gold``, ``eval/reward`` (when given), ``eval/kl`` (exact),
@@ -104,7 +108,7 @@ def evaluate_policy(
     """
     generator = torch.Generator().manual_seed(seed)
     device = next(policy.parameters()).device
-    texts, ids, kl, kl_k1, lengths, eos = [], [], [], [], [], []
+    texts, ids, token_lists, kl, kl_k1, lengths, eos = [], [], [], [], [], [], []
     for start in range(0, len(prompts), batch_size):
         prompt_ids, prompt_mask = tokenize_prompts(tokenizer, prompts[start : start + batch_size])
         rollout = sample(policy, prompt_ids.to(device), prompt_mask.to(device), generator=generator,
@@ -113,6 +117,7 @@ def evaluate_policy(
         exact, k1 = sequence_kl(policy, ref, rollout, temperature=sampling.get("temperature", 1.0))
         texts += rollout.texts(tokenizer)
         ids += _responses(rollout)
+        token_lists += rollout.response_token_lists()  # with the EOS, as the RL step gives reward functions
         kl.append(exact.cpu())
         kl_k1.append(k1.cpu())
         lengths.append(rollout.lengths.float().cpu())
@@ -122,12 +127,20 @@ def evaluate_policy(
                "eval/eos_fraction": float(torch.cat(eos).mean()),
                "eval/distinct_1": distinct_n(ids, 1), "eval/distinct_2": distinct_n(ids, 2),
                "eval/n_prompts": len(prompts)}
-    columns: dict[str, list[float]] = {}
+    scored: dict[str, list[float]] = {}
     for name, fn in (("reward", scorer), ("gold", gold)):
-        if fn is not None:
-            values = torch.as_tensor(fn(prompts, texts), dtype=torch.float32)
-            metrics[f"eval/{name}"] = float(values.mean())
-            columns[name] = values.tolist()
-    samples = [{"prompt": p, "response": r, **{k: v[i] for k, v in columns.items()}}
+        if isinstance(fn, RewardMix):
+            indices = list(range(len(prompts)))
+            values, parts = fn.score(prompts, texts, columns=row_columns(columns or [{}] * len(prompts), indices),
+                                     completion_ids=token_lists, indices=indices)
+            metrics.update({f"eval/reward_{k.removeprefix('reward/')}": v for k, v in parts.items()})
+        elif fn is not None:
+            values = fn(prompts, texts)
+        else:
+            continue
+        values = torch.as_tensor(values, dtype=torch.float32)
+        metrics[f"eval/{name}"] = float(values.mean())
+        scored[name] = values.tolist()
+    samples = [{"prompt": p, "response": r, **{k: v[i] for k, v in scored.items()}}
                for i, (p, r) in enumerate(zip(prompts[:n_keep], texts[:n_keep], strict=True))]
     return metrics, samples

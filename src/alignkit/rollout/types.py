@@ -92,8 +92,11 @@ class Rollout:
 
     def texts(self, tokenizer, *, skip_special_tokens: bool = True) -> list[str]:
         """Decode each row's response (the tokens under `response_mask`; EOS dropped when skipping specials)."""
-        rows = [ids[mask].tolist() for ids, mask in zip(self.response_ids, self.response_mask, strict=True)]
-        return tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens)
+        return tokenizer.batch_decode(self.response_token_lists(), skip_special_tokens=skip_special_tokens)
+
+    def response_token_lists(self) -> list[list[int]]:
+        """Each row's response token ids (those under `response_mask`, the EOS included)."""
+        return [ids[mask].tolist() for ids, mask in zip(self.response_ids, self.response_mask, strict=True)]
 
     def prompt_texts(self, tokenizer, *, skip_special_tokens: bool = True) -> list[str]:
         """Decode each row's prompt (the tokens under `prompt_mask`)."""

@@ -45,6 +45,7 @@ from alignkit.ops.masking import masked_mean, masked_var
 from alignkit.rollout.evaluate import evaluate_policy
 from alignkit.rollout.generate import sample, stop_token_ids, tokenize_prompts
 from alignkit.rollout.logprobs import sequence_logprobs
+from alignkit.rollout.reward_mix import RewardMix, row_columns
 from alignkit.rollout.rewards import score_index, shape_scores
 from alignkit.rollout.types import Rollout
 from alignkit.trainers.loop import global_batch_indices
@@ -71,11 +72,16 @@ def step_seed(seed: int, step: int, rank: int, purpose: str) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def generate_rollout(ctx: RLContext, step: int) -> tuple[Rollout, list[str], list[str]]:
-    """Sample k responses to each prompt of this step (prompt-major rows); (rollout, prompts, responses)."""
+def generate_rollout(ctx: RLContext, step: int) -> tuple[Rollout, list[str], list[str], list[int]]:
+    """Sample k responses to each prompt of this step (prompt-major rows).
+
+    Returns (rollout, prompts, responses, prompt indices): one prompt and its index in `ctx.prompts`
+    per row.
+    """
     c, acc = ctx.cfg, ctx.loop.accelerator
     indices = global_batch_indices(len(ctx.prompts), c.prompts_per_step * acc.num_processes, step, c.run.seed)
-    mine = [ctx.prompts[i] for i in indices[acc.process_index :: acc.num_processes]]
+    chosen = [int(i) for i in indices[acc.process_index :: acc.num_processes]]
+    mine = [ctx.prompts[i] for i in chosen]
     prompt_ids, prompt_mask = tokenize_prompts(ctx.tokenizer, mine, chat=c.chat)
     k = c.samples_per_prompt
     generator = torch.Generator(device=acc.device).manual_seed(step_seed(c.run.seed, step, acc.process_index,
@@ -84,13 +90,24 @@ def generate_rollout(ctx: RLContext, step: int) -> tuple[Rollout, list[str], lis
                      prompt_mask.repeat_interleave(k, 0).to(acc.device), generator=generator,
                      eos_token_id=stop_token_ids(ctx.tokenizer, ctx.policy), pad_token_id=ctx.tokenizer.pad_token_id,
                      backend=ctx.loop.backend, **ctx.sampling())
-    return rollout, [p for p in mine for _ in range(k)], rollout.texts(ctx.tokenizer)
+    return rollout, [p for p in mine for _ in range(k)], rollout.texts(ctx.tokenizer), [i for i in chosen for _ in range(k)]
 
 
-def score_rollout(ctx: RLContext, rollout: Rollout, prompts: list[str], responses: list[str]) -> tuple:
-    """(shaped scores B, metrics): reward-model scores normalised, EOS trick, clipped; gold logged."""
+def score_rollout(ctx: RLContext, rollout: Rollout, prompts: list[str], responses: list[str],
+                  indices: list[int] | None = None) -> tuple:
+    """(shaped scores B, metrics): the reward (a reward model, gold, or a weighted mix with reward functions,
+    which read the prompt records' columns and log `reward/<name>` each) normalised, EOS trick, clipped;
+    gold logged."""
     r = ctx.cfg.reward
-    raw = torch.as_tensor(ctx.scorer(prompts, responses), dtype=torch.float32).to(rollout.logprobs.device)
+    component_metrics: dict[str, float] = {}
+    if isinstance(ctx.scorer, RewardMix):
+        indices = indices if indices is not None else [0] * len(prompts)
+        raw, component_metrics = ctx.scorer.score(
+            prompts, responses, columns=row_columns(ctx.columns, indices), completion_ids=rollout.response_token_lists(),
+            indices=indices, group_size=ctx.cfg.samples_per_prompt)
+    else:
+        raw = ctx.scorer(prompts, responses)
+    raw = torch.as_tensor(raw, dtype=torch.float32).to(rollout.logprobs.device)
     try:
         # The normaliser learns from every process's scores (it is saved from the main process only).
         batch_raw = ctx.loop.accelerator.gather(raw) if ctx.normalizer.learns else None
@@ -98,6 +115,7 @@ def score_rollout(ctx: RLContext, rollout: Rollout, prompts: list[str], response
                                        missing_eos_penalty=r.missing_eos_penalty, clip=r.clip, batch_raw=batch_raw)
     except ValueError as err:
         raise AlignkitError(f"step {ctx.loop.step}: {err}") from None
+    metrics.update(component_metrics)
     metrics["reward/model"] = raw.mean()
     if ctx.gold is not None:
         gold = raw if ctx.gold is ctx.scorer else torch.as_tensor(ctx.gold(prompts, responses))
@@ -135,9 +153,9 @@ def forward_passes(ctx: RLContext, rollout: Rollout) -> dict[str, torch.Tensor]:
 def rl_step(ctx: RLContext) -> dict[str, Any]:
     """One RL step on a fresh rollout batch; returns its metrics (the loop's step advances by one)."""
     c, step, t0 = ctx.cfg, ctx.loop.step, time.perf_counter()
-    rollout, prompts, responses = generate_rollout(ctx, step)  # 1. rollout
+    rollout, prompts, responses, indices = generate_rollout(ctx, step)  # 1. rollout
     t_gen = time.perf_counter()
-    scores, metrics = score_rollout(ctx, rollout, prompts, responses)  # 2. score
+    scores, metrics = score_rollout(ctx, rollout, prompts, responses, indices)  # 2. score
     t_score = time.perf_counter()
     exp = forward_passes(ctx, rollout)  # 3. log pi_old, log pi_ref, V_old
     mask, beta = rollout.response_mask, ctx.kl_ctl.value
@@ -274,7 +292,7 @@ def evaluate(ctx: RLContext) -> dict[str, float]:
     metrics, samples = evaluate_policy(
         ctx.policy, ctx.ref, ctx.tokenizer, ctx.eval_prompts, scorer=scorer, gold=ctx.gold,
         sampling=ctx.sampling(), seed=ctx.cfg.run.seed, batch_size=ctx.cfg.eval_batch_size,
-        n_keep=ctx.cfg.n_samples, backend=ctx.loop.backend)
+        n_keep=ctx.cfg.n_samples, backend=ctx.loop.backend, columns=ctx.eval_columns)
     path = ctx.loop.out_dir / "samples" / f"step-{ctx.loop.step}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in samples))

@@ -33,13 +33,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig, SamplingConfig
+from alignkit.rewards.config import RewardFunctionsConfig
 
 Algo = Literal["ppo", "a2c", "reinforce", "rloo", "grpo"]
 
 
 @dataclass
-class RewardSourceConfig:
-    """Where the reward comes from and how its raw scores are shaped."""
+class RewardSourceConfig(RewardFunctionsConfig):
+    """Where the reward comes from (a reward model, a gold scorer, reward functions) and how it is shaped."""
 
     model: str | None = None
     """Reward model directory (or ensemble directory), scored by `alignkit.rollout.score.load_scorer`."""

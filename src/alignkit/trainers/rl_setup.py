@@ -18,13 +18,14 @@ import torch
 from alignkit.accel import Backend, resolve
 from alignkit.config import require_world
 from alignkit.data.formats import print_report, validate_records
-from alignkit.data.load import load_records, split_records
+from alignkit.data.load import content_key, load_records, split_records
 from alignkit.errors import AlignkitError
 from alignkit.losses.kl import AdaptiveKLController, FixedKLController
 from alignkit.losses.rl_algorithms import ALGORITHMS, Algorithm
 from alignkit.models.load import load_causal_lm, load_tokenizer, remote_code_plan
 from alignkit.models.value_head import AdapterDisabledReference, load_value_model
 from alignkit.rollout.logprobs import response_values, sequence_logprobs
+from alignkit.rollout.reward_mix import RewardMix, build_mix
 from alignkit.rollout.rewards import ScoreNormalizer
 from alignkit.rollout.score import load_scorer
 from alignkit.rollout.types import Rollout
@@ -83,6 +84,10 @@ class RLContext:
     summary: dict[str, Any] = field(default_factory=dict)
     data_counts: dict[str, int] = field(default_factory=dict)
     """`skipped_rows` and `duplicate_rows` of the prompt files (`_load_prompts`)."""
+    columns: list[dict[str, Any]] = field(default_factory=list)
+    """The other fields of each training prompt's record (what reward functions read), aligned with `prompts`."""
+    eval_columns: list[dict[str, Any]] = field(default_factory=list)
+    """The same for `eval_prompts`."""
 
     def sampling(self) -> dict[str, Any]:
         """Keyword arguments of `sample` (and `evaluate_policy`) from the config."""
@@ -106,9 +111,11 @@ def _check(cfg: RLConfig) -> Algorithm:
     if algo.critic != isinstance(cfg, ActorCriticConfig):  # the value model's options are on its config
         raise AlignkitError(f"algorithm {cfg.algorithm} needs its own stage config (`alignkit {cfg.algorithm}`), "
                             f"not {type(cfg).__name__}")
-    if (cfg.reward.model is None) == (cfg.reward.gold_world is None):
-        raise AlignkitError("set exactly one of `reward.model` (a reward model directory) and "
-                            "`reward.gold_world` (a built world whose gold scorer is the reward)")
+    r = cfg.reward
+    if r.model is not None and r.gold_world is not None or not (r.model or r.gold_world or r.functions):
+        raise AlignkitError("give the reward: one of `reward.model` (a reward model directory) and "
+                            "`reward.gold_world` (a built world whose gold scorer is the reward), and/or "
+                            "`reward.functions` (rewards as code)")
     if algo.grouped and cfg.samples_per_prompt < 2:  # a group of one has no baseline
         raise AlignkitError(f"option `samples_per_prompt`: algorithm {cfg.algorithm} needs >= 2 samples per "
                             f"prompt (its baseline is the other samples of the prompt's group), got "
@@ -141,9 +148,10 @@ def _check_clip(cfg: RLConfig) -> None:
             raise AlignkitError(f"option `{name}` must be in [0, {upper:g}), got {value}")
 
 
-def _load_prompts(cfg: RLConfig, world: Any) -> tuple[list[Any], list[Any], dict[str, int]]:
+def _load_prompts(cfg: RLConfig, world: Any) -> tuple[list[Any], list[Any], dict[str, int], tuple[list, list]]:
     """Training and held-out prompts, from `world` or `data.path` / `data.eval_path` ({prompt} records),
-    and the counts `skipped_rows` and `duplicate_rows` of the files read (for `summary.json`).
+    the counts `skipped_rows` and `duplicate_rows` of the files read (for `summary.json`), and the other
+    columns of each training and held-out record (dicts without `prompt`; reward functions read them).
 
     A prompt is a string or a conversation (a message list ending with a user turn), rendered with
     the chat template when sampled (`tokenize_prompts`). Prompts are checked before the split (errors
@@ -151,32 +159,52 @@ def _load_prompts(cfg: RLConfig, world: Any) -> tuple[list[Any], list[Any], dict
     """
     counts = {"skipped_rows": 0, "duplicate_rows": 0}
     if world is not None:
-        return world.prompts("train")[: cfg.data.limit], world.prompts("heldout"), counts
+        train, held = world.prompts("train")[: cfg.data.limit], world.prompts("heldout")
+        return train, held, counts, ([{}] * len(train), [{}] * len(held))
     if not cfg.data.path:
         raise AlignkitError("give prompts: `world` (e.g. sentiment) or `data.path` (records with a `prompt`: "
                             "a string or a message list)")
 
-    def prompts(source: str, limit: int | None = None) -> list[Any]:
-        records = load_records(source, on_bad_rows=cfg.data.on_bad_rows)[:limit]
-        report = validate_records(records, "prompt", source, cfg.data.on_bad_rows)
+    def records(source: str, limit: int | None = None) -> list[dict[str, Any]]:
+        rows = load_records(source, on_bad_rows=cfg.data.on_bad_rows)[:limit]
+        report = validate_records(rows, "prompt", source, cfg.data.on_bad_rows)
         print_report(report, source, cfg.algorithm)
         counts["skipped_rows"] += report.n_skipped
         counts["duplicate_rows"] += report.n_duplicates
-        return [record["prompt"] for record in report.records]
+        return report.records
 
-    train = prompts(cfg.data.path, cfg.data.limit)
+    train = records(cfg.data.path, cfg.data.limit)
     if cfg.data.eval_path:
-        return train, prompts(cfg.data.eval_path), counts
-    return (*split_records(train, cfg.data.eval_fraction, cfg.run.seed), counts)
+        held = records(cfg.data.eval_path)
+    else:
+        train, held = split_records(train, cfg.data.eval_fraction, cfg.run.seed,
+                                    key=lambda record: content_key(record["prompt"]))
+
+    def columns(part: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in record.items() if k != "prompt"} for record in part]
+
+    return [r["prompt"] for r in train], [r["prompt"] for r in held], counts, (columns(train), columns(held))
 
 
 def _load_scorers(cfg: RLConfig, backend: Backend, world: Any) -> tuple[Any, Any]:
-    """(reward scorer, gold scorer or None). The gold scorer is the reward when `reward.gold_world` is set."""
-    gold_world = cfg.reward.gold_world or cfg.world
+    """(reward scorer, gold scorer or None). The gold scorer is the reward when `reward.gold_world` is set.
+
+    With `reward.functions` (or `reward.weights`) the reward is a `RewardMix`: the reward model or gold
+    scorer (if any) and the functions, weighted (the user's code is imported here).
+    """
+    r = cfg.reward
+    gold_world = r.gold_world or cfg.world
     gold = load_scorer(f"gold:{gold_world}", world=world) if gold_world else None
-    if cfg.reward.gold_world:
-        return gold, gold
-    return load_scorer(cfg.reward.model, batch_size=cfg.reward.batch_size, backend=backend), gold
+    base = gold if r.gold_world else (load_scorer(r.model, batch_size=r.batch_size, backend=backend)
+                                      if r.model else None)
+    if not r.functions and not r.weights:
+        return base, gold
+    mix = build_mix(base, "gold" if r.gold_world else "reward_model", r.load_functions(), r.weights,
+                    r.runner(), r.normalize_components)
+    if r.normalize_components == "group" and cfg.samples_per_prompt < 2:
+        raise AlignkitError("option `reward.normalize_components group` needs `samples_per_prompt` >= 2 "
+                            "(a group of one sample has no spread)")
+    return mix, gold
 
 
 def _load_models(cfg: RLConfig, tokenizer: Any, backend: Backend) -> tuple[torch.nn.Module, Any, Any]:
@@ -206,7 +234,7 @@ def setup(cfg: RLConfig, world: Any = None) -> RLContext:
     algo = _check(cfg)
     tokenizer = load_tokenizer(cfg.model, padding_side="left")
     world = require_world(cfg, world)
-    prompts, eval_prompts, counts = _load_prompts(cfg, world if cfg.world else None)
+    prompts, eval_prompts, counts, (columns, eval_columns) = _load_prompts(cfg, world if cfg.world else None)
     if not prompts:
         raise AlignkitError("no training prompts")
     backend = resolve(cfg.run.accel)  # the loop's too (same device choice as its accelerator)
@@ -219,7 +247,8 @@ def setup(cfg: RLConfig, world: Any = None) -> RLContext:
               else FixedKLController(k.coef))
     return RLContext(cfg=cfg, algo=algo, loop=loop, tokenizer=tokenizer, policy=policy, ref=ref,
                      scorer=scorer, gold=gold, prompts=prompts, eval_prompts=eval_prompts[: cfg.eval_prompts],
-                     kl_ctl=kl_ctl, normalizer=ScoreNormalizer(cfg.reward.normalize), data_counts=counts)
+                     kl_ctl=kl_ctl, normalizer=ScoreNormalizer(cfg.reward.normalize), data_counts=counts,
+                     columns=columns, eval_columns=eval_columns[: cfg.eval_prompts])
 
 
 def minibatch_sizes(batch: int, minibatches: int) -> list[int]:
@@ -238,6 +267,20 @@ def _remote_code(cfg: RLConfig) -> str:
     value_from_reward = isinstance(cfg, ActorCriticConfig) and cfg.reward.model and cfg.value_model != "policy"
     return remote_code_plan({"policy": (cfg.model.name_or_path, cfg.model.trust_remote_code),
                              "value model": (cfg.reward.model if value_from_reward else "", cfg.reward.trust_remote_code)})
+
+
+def _reward_plan(ctx: RLContext) -> str:
+    """The reward's components and weights, and where each function's code comes from."""
+    r = ctx.cfg.reward
+    if not isinstance(getattr(ctx, "scorer", None), RewardMix):
+        return r.model or f"gold:{r.gold_world}"
+    parts = []
+    for c in ctx.scorer.components:
+        what = (c.function.source if c.function is not None
+                else (r.model if c.name == "reward_model" else f"gold:{r.gold_world}"))
+        parts.append(f"{c.weight:g} x {c.name} ({what})")
+    return " + ".join(parts) + (f", each standardised per {r.normalize_components}"
+                                if r.normalize_components != "none" else "")
 
 
 def print_plan(ctx: RLContext) -> None:
@@ -261,8 +304,7 @@ def print_plan(ctx: RLContext) -> None:
         f"{len(ctx.eval_prompts)} held-out prompts per evaluation",
         f"  models: policy {c.model.name_or_path}{f' (LoRA r={c.model.lora_r})' if c.model.lora_r else ''}, "
         f"reference {'= policy without adapters' if c.model.lora_r else 'a frozen copy'}, "
-        f"value model {'yes' if ctx.algo.critic else 'none'}; reward "
-        f"{c.reward.model or 'gold:' + str(c.reward.gold_world)}",
+        f"value model {'yes' if ctx.algo.critic else 'none'}; reward {_reward_plan(ctx)}",
         f"  remote code: {_remote_code(c)}",
         f"  KL: beta {ctx.kl_ctl.value:g} "
         f"({f'adaptive, target {c.kl.target:g} nats' if c.kl.adaptive else 'fixed'})",

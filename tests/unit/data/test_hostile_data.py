@@ -72,7 +72,7 @@ def test_unparsable_lines_are_skipped_and_counted_with_skip(tmp_path, tok, capsy
     assert data["skipped_rows"] == 2 and len(data["train"]) == 2
     # every stage that reads a data file passes the option on
     prompts = _jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}, "{oops", {"prompt": "Bye"}])
-    train, _, counts = _load_prompts(GRPOConfig(data=DataConfig(path=prompts, eval_path=prompts,
+    train, _, counts, _ = _load_prompts(GRPOConfig(data=DataConfig(path=prompts, eval_path=prompts,
                                                                 on_bad_rows="skip")), None)
     assert train == ["Hi", "Bye"]
     assert counts == {"skipped_rows": 2, "duplicate_rows": 0}  # one per file read (train and held-out)
@@ -185,7 +185,7 @@ def test_whitespace_only_prompts_are_refused_naming_file_row_and_field(tmp_path,
     with pytest.raises(AlignkitError, match=r"c\.jsonl, row 1, field 'prompt\[0\]\.content': empty string"):
         _load_prompts(GRPOConfig(data=DataConfig(path=conversation, eval_path=conversation)), None)
     capsys.readouterr()
-    train, _, _ = _load_prompts(GRPOConfig(data=DataConfig(path=path, eval_path=path, on_bad_rows="skip")), None)
+    train, *_ = _load_prompts(GRPOConfig(data=DataConfig(path=path, eval_path=path, on_bad_rows="skip")), None)
     assert train == ["Hi", "Bye"]
     assert "p.jsonl: 1 bad row(s) skipped" in capsys.readouterr().out
 
@@ -279,7 +279,7 @@ def test_duplicate_rows_are_counted_warned_of_and_not_held_out_against_themselve
     assert reward["duplicate_rows"] == 29 and reward["eval"] and not keys("eval") & keys("train")
     # RL prompts: counted for summary.json, copies of a prompt on one side of the split
     prompts = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Same"}] * 10 + [{"prompt": f"P{i}"} for i in range(10)])
-    train, held, counts = _load_prompts(GRPOConfig(data=DataConfig(path=prompts, eval_fraction=0.3)), None)
+    train, held, counts, _ = _load_prompts(GRPOConfig(data=DataConfig(path=prompts, eval_fraction=0.3)), None)
     assert counts == {"skipped_rows": 0, "duplicate_rows": 9} and held and not set(train) & set(held)
 
 

@@ -216,7 +216,7 @@ def test_minibatches_are_as_many_as_asked_and_the_plan_says_so():
 
     printed: list[str] = []
     ctx = SimpleNamespace(cfg=cfg, algo=ALGORITHMS["grpo"], prompts=["p"] * 10, eval_prompts=[],
-                          kl_ctl=FixedKLController(0.05),
+                          kl_ctl=FixedKLController(0.05), scorer=None,
                           loop=SimpleNamespace(out_dir="runs/x", world=2, total_steps=3,
                                                accelerator=SimpleNamespace(print=printed.append)))
     rl.print_plan(ctx)

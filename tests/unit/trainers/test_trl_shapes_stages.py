@@ -55,9 +55,9 @@ def test_reward_reads_the_preference_shapes(tmp_path, tok, name, form):
 def test_prompt_stages_read_conversational_prompts(tmp_path, form):
     path = write_shape(tmp_path, "conversational_prompts", form)
     expected = [r["prompt"] for r in CONVERSATIONAL_PROMPTS]
-    train, held, _ = _load_prompts(GRPOConfig(data=DataConfig(path=path, eval_fraction=0.25)), None)
+    train, held, *_ = _load_prompts(GRPOConfig(data=DataConfig(path=path, eval_fraction=0.25)), None)
     assert sorted(map(repr, train + held)) == sorted(map(repr, expected)) and len(held) == 1
-    train, held, _ = _load_prompts(GRPOConfig(data=DataConfig(path=path, eval_path=path)), None)
+    train, held, *_ = _load_prompts(GRPOConfig(data=DataConfig(path=path, eval_path=path)), None)
     assert train == expected and held == expected
     assert load_prompts(BestOfNConfig(prompts_path=path, max_prompts=0), None) == expected
     assert resolve_inputs(LabelConfig(prompts=path, heldout_prompts=path), None)["train"] == expected
