@@ -24,6 +24,10 @@ USER_REWARDS = textwrap.dedent("""
                 log.write(json.dumps([prompt, ans, os.environ.get("RANK", "0")]) + "\\n")
         return [float(len(c) % 2) for c in completions]
 
+    def closeness(prompts, completions, answer, **kwargs):
+        # how close the completion's length is to the prompt's number: a deterministic function of the text
+        return [-abs(len(c) - int(a)) for c, a in zip(completions, answer, strict=True)]
+
     def boom(prompts, completions, **kwargs):
         if any(p.endswith(" 7") for p in prompts):
             raise ZeroDivisionError("planted")
@@ -118,3 +122,74 @@ def test_two_processes_each_get_their_own_rows_columns(tmp_path, tiny_llama_dir,
     assert all(prompt == f"Count {answer}" for prompt, answer, _ in calls)
     # both ranks train (2 x 3 steps x 3 prompts x 2 samples); only rank 0 evaluates (3 held-out, twice)
     assert len(calls) == 2 * 3 * 3 * 2 + 2 * 3
+
+
+def closeness(prompt: str, completion: str) -> float:
+    return -abs(len(completion) - int(prompt.split()[-1]))
+
+
+def small_task(tmp_path: Path, task: dict[str, Path]) -> Path:
+    path = tmp_path / "few.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Count {i}", "answer": str(i), "level": i % 2}) + "\n"
+                            for i in (3, 5, 8, 13)))
+    return path
+
+
+def test_best_of_n_picks_by_a_function_reading_the_answer_column(tmp_path, tiny_llama_dir, task):
+    out = tmp_path / "bon"
+    res = run(["best-of-n", "--model.name_or_path", str(tiny_llama_dir), "--prompts_path", str(small_task(tmp_path, task)),
+               "--reward.functions", f"{task['rewards']}:closeness", "--n", "4", "--ns", "1,4",
+               "--sampling.max_new_tokens", "8", "--output-dir", str(out), "--run.progress", "false"], tmp_path / "log")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "scorer 1 x closeness (user code from" in res.stdout
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert row["scores"] == [closeness(row["prompt"], r) for r in row["responses"]]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples/reward/closeness"] == pytest.approx(
+        sum(sum(r["scores"]) for r in rows) / sum(len(r["scores"]) for r in rows))
+
+
+def test_eval_scores_policies_with_answer_match_and_a_user_function(tmp_path, tiny_llama_dir, task):
+    out = tmp_path / "eval"
+    res = run(["eval", "--prompts", str(small_task(tmp_path, task)), "--reward.functions",
+               f"answer_match,{task['rewards']}:closeness", "--reward.weights", "1,0.5", "--policies",
+               f"base={tiny_llama_dir}", "--sampling.max_new_tokens", "8", "--output-dir", str(out),
+               "--run.progress", "false"], tmp_path / "log")
+    assert res.returncode == 0, res.stderr[-3000:]
+    figures = json.loads((out / "eval.json").read_text())["methods"]["base"]
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    from alignkit.rewards.builtins import answer_match
+
+    matched = answer_match([r["prompt"] for r in rows], [r["response"] for r in rows],
+                           answer=[r["prompt"].split()[-1] for r in rows])
+    near = [closeness(r["prompt"], r["response"]) for r in rows]
+    assert [r["score"] for r in rows] == pytest.approx([m + 0.5 * c for m, c in zip(matched, near, strict=True)])
+    assert figures["reward_answer_match"] == pytest.approx(sum(matched) / len(rows))
+    assert figures["reward_closeness"] == pytest.approx(sum(near) / len(rows))
+
+
+def test_label_with_a_function_as_the_labelers_utility(tmp_path, tiny_llama_dir, task):
+    out = tmp_path / "label"
+    few = small_task(tmp_path, task)
+    res = run(["label", "--model.name_or_path", str(tiny_llama_dir), "--prompts", str(few), "--heldout_prompts",
+               str(few), "--format", "choice", "--k", "3", "--budget", "3", "--heldout_budget", "0",
+               "--labeler", "reward-model", "--reward.functions", f"{task['rewards']}:closeness",
+               "--sampling.max_new_tokens", "8", "--output-dir", str(out), "--batch_size", "2"], tmp_path / "log")
+    assert res.returncode == 0, res.stderr[-3000:]
+    train = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert train
+    for row in train:
+        assert row["utilities"] == pytest.approx([closeness(row["prompt"], r) for r in row["responses"]])
+        assert row["utilities"][row["best"]] == max(row["utilities"])
+
+
+def test_rejection_sampling_rounds_pick_with_its_reward_functions(tmp_path):
+    from alignkit.config import resolve_config
+    from alignkit.stages.rejection_sampling import RejectionSamplingConfig, best_of_n_config
+
+    cfg = resolve_config(RejectionSamplingConfig, None, ["--reward.functions", 'format_match(pattern="[0-9]+"),x.py:f',
+                                                         "--reward.weights", "1,2", "--prompts_path", "p.jsonl"])
+    bon = best_of_n_config(cfg, "policy", 1, tmp_path)
+    assert bon.reward.functions == ['format_match(pattern="[0-9]+")', "x.py:f"] and bon.reward.weights == [1.0, 2.0]
+    assert bon.scorer == ""  # the functions alone pick the winners (no gold added)

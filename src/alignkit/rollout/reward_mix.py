@@ -22,8 +22,11 @@ from typing import Any, Literal
 
 import torch
 
+from alignkit.data.load import content_key
 from alignkit.errors import AlignkitError
+from alignkit.rewards.config import RewardFunctionsConfig
 from alignkit.rewards.functions import FunctionRunner, RewardFunction, unique_names
+from alignkit.rollout.score import load_scorer
 
 Normalization = Literal["none", "group", "batch"]
 
@@ -163,3 +166,66 @@ def build_mix(scorer: Any, scorer_name: str, functions: Sequence[RewardFunction]
     offset = len(components)
     components += [Component(names[offset + i], weights[offset + i], function=f) for i, f in enumerate(functions)]
     return RewardMix(components, runner, normalize_components)
+
+
+def stage_reward(spec: str, functions: RewardFunctionsConfig, *, world: Any = None, backend: Any = None,
+                 batch_size: int | None = None) -> tuple[Any, str]:
+    """The reward of a stage that scores samples (best-of-n, rejection sampling, eval, label), and its plan line.
+
+    `spec` is the stage's `scorer` (a reward model or ensemble directory, or `gold:<world>`; "" for none);
+    with `functions.functions` (or weights) the reward is a `RewardMix` of that scorer and the functions.
+    """
+    kwargs = {"backend": backend, **({"batch_size": batch_size} if batch_size else {})}
+    scorer = load_scorer(spec, world=world, **kwargs) if spec else None
+    if not functions.functions and not functions.weights:
+        if scorer is None:
+            raise AlignkitError("no reward: set `scorer` (a reward model directory or gold:<world>) or "
+                                "`reward.functions`")
+        return scorer, spec
+    name = "gold" if spec.startswith("gold:") else "reward_model"
+    mix = build_mix(scorer, name, functions.load_functions(), functions.weights, functions.runner(),
+                    functions.normalize_components)
+    return mix, describe(mix, {name: spec})
+
+
+def describe(mix: RewardMix, scorer_specs: dict[str, str]) -> str:
+    """`w x name (source) + ...`: the mix's components, their weights and where each function's code comes from."""
+    parts = [f"{c.weight:g} x {c.name} ({c.function.source if c.function is not None else scorer_specs.get(c.name, '')})"
+             for c in mix.components]
+    how = mix.normalize_components
+    return " + ".join(parts) + (f", each standardised per {how}" if how != "none" else "")
+
+
+def score_flat(scorer: Any, prompts: list[Any], responses: list[str], *, columns: Sequence[dict[str, Any]] | None = None,
+               indices: Sequence[int] | None = None, completion_ids: list[list[int]] | None = None,
+               group_size: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Scores of (prompt, response) rows by any scorer, with a `RewardMix` given the rows' columns.
+
+    `columns[i]`: the other fields of prompt i's record; `indices`: each row's prompt index (default
+    the row's own); returns (B scores, the mix's component metrics or {}).
+    """
+    if not isinstance(scorer, RewardMix):
+        return torch.as_tensor(scorer(prompts, responses), dtype=torch.float32).reshape(-1), {}
+    indices = list(indices) if indices is not None else list(range(len(prompts)))
+    table = row_columns(columns, indices) if columns is not None else {}
+    return scorer.score(prompts, responses, columns=table, completion_ids=completion_ids, indices=indices,
+                        group_size=group_size)
+
+
+class PromptColumnsScorer:
+    """A `RewardMix` as a plain `(prompts, responses)` scorer whose functions still get their columns,
+    looked up by prompt content (for stages whose scoring calls carry no record: the labelers).
+
+    `prompts` / `columns`: every prompt the stage may score and its record's other fields; a prompt
+    seen twice keeps its first record's columns.
+    """
+
+    def __init__(self, mix: RewardMix, prompts: Sequence[Any], columns: Sequence[dict[str, Any]]) -> None:
+        self.mix = mix
+        self.by_prompt: dict[str, dict[str, Any]] = {}
+        for prompt, cols in zip(prompts, columns, strict=True):
+            self.by_prompt.setdefault(content_key(prompt), cols)
+
+    def __call__(self, prompts: list[Any], responses: list[str]) -> torch.Tensor:
+        cols = [self.by_prompt.get(content_key(p), {}) for p in prompts]
+        return score_flat(self.mix, prompts, responses, columns=cols)[0]

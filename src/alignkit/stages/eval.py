@@ -35,8 +35,10 @@ from alignkit.data.formats import validate_records
 from alignkit.data.load import load_records
 from alignkit.errors import AlignkitError
 from alignkit.models.load import load_causal_lm, load_tokenizer
+from alignkit.rewards.config import RewardFunctionsConfig
 from alignkit.rollout.best_of_n import analytic_kl, expected_best_of_n
 from alignkit.rollout.evaluate import distinct_n, evaluate_policy
+from alignkit.rollout.reward_mix import stage_reward
 from alignkit.rollout.score import load_scorer
 from alignkit.trainers.rundir import prepare_run_dir, resolve_output_dir, write_json_atomic
 
@@ -55,7 +57,10 @@ class EvalConfig:
     or hub id of `{prompt}` records (strings or conversations)."""
     scorer: str = ""
     """What scores the responses: `gold:<world>`, or a reward model (or ensemble) directory; default: the
-    world's gold scorer."""
+    world's gold scorer (none when `reward.functions` is set: give it here to weight it with them)."""
+    reward: RewardFunctionsConfig = field(default_factory=RewardFunctionsConfig)
+    """Reward functions (rewards as code) as the score, alone or weighted with `scorer`; they read the
+    prompt records' other columns (e.g. `answer_match` reads `answer`). Each component's mean is reported."""
     policies: list[str] = field(default_factory=list)
     """Policies as `label=model_dir` (or a bare directory, labelled by its parent directory's name)."""
     reference: str = ""
@@ -122,13 +127,13 @@ class _Evaluator:
         ref_dir = cfg.reference or first_policy
         self.tokenizer = load_tokenizer(ModelConfig(name_or_path=ref_dir), padding_side="left")
         self.ref = self.backend.freeze(load_causal_lm(ModelConfig(name_or_path=ref_dir), self.tokenizer))
-        self.prompts = eval_prompts(cfg, world)
+        self.prompts, self.columns = eval_prompt_records(cfg, world)
         if len(self.prompts) < cfg.n_prompts:
             print(f"[eval] only {len(self.prompts)} prompts (asked for {cfg.n_prompts})", flush=True)
-        self.scorer_spec = cfg.scorer or f"gold:{cfg.world}"
-        # the figure's name: `gold` for a world's gold scorer, `score` for a reward model
-        self.key = "gold" if self.scorer_spec.startswith("gold:") else "score"
-        self.gold = load_scorer(self.scorer_spec, world=world, backend=self.backend)
+        spec = cfg.scorer or ("" if cfg.reward.functions else f"gold:{cfg.world}")
+        self.gold, self.scorer_spec = stage_reward(spec, cfg.reward, world=world, backend=self.backend)
+        # the figure's name: `gold` for a world's gold scorer alone, `score` for a reward model or a mix
+        self.key = "gold" if self.scorer_spec == spec and spec.startswith("gold:") else "score"
         self.proxy = load_scorer(cfg.reward_model, backend=self.backend) if cfg.reward_model else None
         self.sampling = cfg.sampling.kwargs()
         # The reference's own samples (another seed) are what every policy's responses are compared with.
@@ -138,7 +143,7 @@ class _Evaluator:
     def _sample(self, policy: Any, seed: int, proxy: bool = True) -> tuple[dict[str, float], list[dict[str, Any]]]:
         return evaluate_policy(policy, self.ref, self.tokenizer, self.prompts, scorer=self.proxy if proxy else None,
                                gold=self.gold, sampling=self.sampling, seed=seed, batch_size=self.cfg.batch_size,
-                               n_keep=len(self.prompts), backend=self.backend)
+                               n_keep=len(self.prompts), backend=self.backend, columns=self.columns)
 
     def length(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -153,6 +158,7 @@ class _Evaluator:
         figures = {**_figures(golds, self.ref_gold, proxies, self.key), "kl": metrics["eval/kl"], "kl_k1": metrics["eval/kl_k1"],
                    "length": metrics["eval/length"], "distinct_1": metrics["eval/distinct_1"],
                    "distinct_2": metrics["eval/distinct_2"], "eos_fraction": metrics["eval/eos_fraction"],
+                   **{k.removeprefix("eval/"): v for k, v in metrics.items() if k.startswith("eval/reward_")},
                    "path": path, "kind": "policy", "eval_seconds": time.perf_counter() - t0}
         rows = [{"method": label, "index": i, "prompt": s["prompt"], "response": s["response"], self.key: s["gold"],
                  "proxy": s.get("reward"), "length": self.length(s["response"])} for i, s in enumerate(samples)]
@@ -209,12 +215,16 @@ def _key(prompt: Any) -> str:
 
 def eval_prompts(cfg: EvalConfig, world: Any) -> list[Any]:
     """The first `n_prompts` of option `prompts`' records, else of the world's held-out prompts."""
+    return eval_prompt_records(cfg, world)[0]
+
+
+def eval_prompt_records(cfg: EvalConfig, world: Any) -> tuple[list[Any], list[dict[str, Any]]]:
+    """(`eval_prompts`, the other fields of each prompt's record: what reward functions read)."""
     if cfg.prompts:
-        records = validate_records(load_records(cfg.prompts), "prompt", cfg.prompts).records
-        prompts = [r["prompt"] for r in records]
+        records = validate_records(load_records(cfg.prompts), "prompt", cfg.prompts).records[: cfg.n_prompts]
     else:
-        prompts = world.prompts("heldout")
-    return prompts[: cfg.n_prompts]
+        records = [{"prompt": p} for p in world.prompts("heldout")[: cfg.n_prompts]]
+    return [r["prompt"] for r in records], [{k: v for k, v in r.items() if k != "prompt"} for r in records]
 
 
 def run(cfg: EvalConfig, world: Any = None) -> dict[str, Any]:
@@ -223,9 +233,10 @@ def run(cfg: EvalConfig, world: Any = None) -> dict[str, Any]:
     `world`: the loaded world of option `world` (held-out prompts, gold scorer).
     """
     world = require_world(cfg, world)
-    if world is None and not (cfg.prompts and cfg.scorer):
+    if world is None and not (cfg.prompts and (cfg.scorer or cfg.reward.functions)):
         raise AlignkitError("eval needs prompts and a scorer: set `world` (its held-out prompts and gold scorer), "
-                            "or `prompts` (a file of {prompt} records) and `scorer` (a reward model directory)")
+                            "or `prompts` (a file of {prompt} records) and `scorer` (a reward model directory) "
+                            "or `reward.functions`")
     policies, bon_runs = parse_labelled(cfg.policies), parse_labelled(cfg.best_of_n)
     if not policies:
         raise AlignkitError("option `policies` is empty: give `label=model_dir` items (the first is the default reference)")

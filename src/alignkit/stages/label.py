@@ -38,8 +38,10 @@ from alignkit.data.segments import parse_segmentation, split_text
 from alignkit.errors import AlignkitError
 from alignkit.feedback.labelers import make_labeler
 from alignkit.models.load import load_causal_lm, load_tokenizer
+from alignkit.rewards.config import RewardFunctionsConfig
 from alignkit.rollout.generate import sample, stop_token_ids, tokenize_prompts
-from alignkit.rollout.score import GoldScorer, load_scorer
+from alignkit.rollout.reward_mix import PromptColumnsScorer, RewardMix, stage_reward
+from alignkit.rollout.score import GoldScorer
 from alignkit.trainers.rundir import prepare_run_dir, resolve_output_dir, write_json_atomic
 
 
@@ -73,6 +75,9 @@ class LabelConfig:
     """Noise temperature of gold / reward-model labels: P(a > b) = sigmoid((s_a - s_b) / tau); 0 = noise-free."""
     scorer: str = ""
     """Scorer of the `reward-model` labeler: a reward model or ensemble directory, or `gold:<world>`."""
+    reward: RewardFunctionsConfig = field(default_factory=RewardFunctionsConfig)
+    """Reward functions (rewards as code) as the `reward-model` labeler's utility, alone or weighted with
+    `scorer`; they read the prompt records' other columns."""
     answers: str = ""
     """Answers file of the `file` labeler: rows `{id, best | ranking | chosen | scores}`."""
     queries: str = ""
@@ -87,7 +92,17 @@ class LabelConfig:
 
 
 def _read_prompts(path: str) -> list[Any]:
-    return [r["prompt"] for r in validate_records(load_records(path), "prompt", path).records]
+    return [r["prompt"] for r in _read_prompt_records(path)]
+
+
+def _read_prompt_records(path: str) -> list[dict[str, Any]]:
+    return validate_records(load_records(path), "prompt", path).records
+
+
+def prompt_columns(cfg: LabelConfig) -> tuple[list[Any], list[dict[str, Any]]]:
+    """Every prompt of the prompt files and the other fields of its record (what reward functions read)."""
+    records = [r for path in (cfg.prompts, cfg.heldout_prompts) if path for r in _read_prompt_records(path)]
+    return [r["prompt"] for r in records], [{k: v for k, v in r.items() if k != "prompt"} for r in records]
 
 
 def resolve_inputs(cfg: LabelConfig, world: Any) -> dict[str, list[Any]]:
@@ -147,7 +162,7 @@ def query_problem(query: dict[str, Any], fmt: str) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _make_labeler(cfg: LabelConfig, gold: Any) -> Any:
+def _make_labeler(cfg: LabelConfig, gold: Any, world: Any = None) -> Any:
     """The labeler of `cfg`; `gold` is the world's `GoldScorer` (or None without a world)."""
     scorer = None
     if cfg.labeler == "gold":
@@ -155,9 +170,12 @@ def _make_labeler(cfg: LabelConfig, gold: Any) -> Any:
             raise AlignkitError("labeler `gold` needs option `world` (whose gold scorer labels)")
         scorer = gold
     elif cfg.labeler == "reward-model":
-        if not cfg.scorer:
-            raise AlignkitError("labeler `reward-model` needs option `scorer`: a reward model directory")
-        scorer = load_scorer(cfg.scorer, backend=resolve(cfg.run.accel))
+        if not (cfg.scorer or cfg.reward.functions):
+            raise AlignkitError("labeler `reward-model` needs option `scorer` (a reward model directory) or "
+                                "`reward.functions`")
+        scorer, _ = stage_reward(cfg.scorer, cfg.reward, world=world, backend=resolve(cfg.run.accel))
+        if isinstance(scorer, RewardMix):
+            scorer = PromptColumnsScorer(scorer, *prompt_columns(cfg))
     split = None
     if cfg.format == "steps":
 
@@ -268,7 +286,7 @@ def run(cfg: LabelConfig, world: Any = None) -> dict[str, Any]:
     gold = None
     if world is not None:
         gold = GoldScorer(world.gold_scorer(), memo=True)  # labels and held-out scores share the texts
-    labeler = None if waiting else _make_labeler(cfg, gold)
+    labeler = None if waiting else _make_labeler(cfg, gold, world)
     records: dict[str, list] = {"train": [], "heldout": []}
     if cfg.queries:
         queries, records = _from_queries(cfg, labeler, stats)

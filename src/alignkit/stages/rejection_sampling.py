@@ -32,6 +32,7 @@ from alignkit.accel import resolve
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig, SamplingConfig, require_world
 from alignkit.errors import AlignkitError
 from alignkit.models.load import load_causal_lm, load_tokenizer
+from alignkit.rewards.config import RewardFunctionsConfig
 from alignkit.rollout.evaluate import evaluate_policy
 from alignkit.rollout.score import load_scorer
 from alignkit.stages import best_of_n
@@ -57,8 +58,11 @@ class RejectionSamplingConfig:
     """Rounds of sampling + fine-tuning."""
     n: int = 8
     """Samples per prompt; the best by `scorer` is kept."""
+    reward: RewardFunctionsConfig = field(default_factory=RewardFunctionsConfig)
+    """Reward functions (rewards as code) that pick the best, alone or weighted with `scorer`."""
     scorer: str = ""
-    """Scorer that picks the best: a reward model or ensemble directory, or `gold:<world>`; default `gold:<world>`."""
+    """Scorer that picks the best: a reward model or ensemble directory, or `gold:<world>`; default `gold:<world>`
+    (none when `reward.functions` is set: give it here to weight it with the functions)."""
     world: str = ""
     """A built world: training prompts (unless `prompts_path`), held-out prompts and gold scorer for evaluation."""
     prompts_path: str = ""
@@ -77,6 +81,7 @@ def best_of_n_config(cfg: RejectionSamplingConfig, policy: str, round_index: int
         run=RunConfig(output_dir=str(out / "best_of_n"), seed=cfg.run.seed + round_index, report_to=[],
                       progress=cfg.run.progress),
         model=dataclasses.replace(cfg.model, name_or_path=policy, lora_r=0), scorer=cfg.scorer,
+        reward=dataclasses.replace(cfg.reward),
         world=cfg.world, gold=bool(cfg.world), prompts_path=cfg.prompts_path, split="train",
         prompt_offset=round_index * cfg.prompts_per_round, max_prompts=cfg.prompts_per_round, n=cfg.n,
         sampling=dataclasses.replace(cfg.sampling), batch_size=cfg.batch_size,

@@ -25,7 +25,7 @@ from alignkit.losses.rl_algorithms import ALGORITHMS, Algorithm
 from alignkit.models.load import load_causal_lm, load_tokenizer, remote_code_plan
 from alignkit.models.value_head import AdapterDisabledReference, load_value_model
 from alignkit.rollout.logprobs import response_values, sequence_logprobs
-from alignkit.rollout.reward_mix import RewardMix, build_mix
+from alignkit.rollout.reward_mix import RewardMix, build_mix, describe
 from alignkit.rollout.rewards import ScoreNormalizer
 from alignkit.rollout.score import load_scorer
 from alignkit.rollout.types import Rollout
@@ -274,13 +274,7 @@ def _reward_plan(ctx: RLContext) -> str:
     r = ctx.cfg.reward
     if not isinstance(getattr(ctx, "scorer", None), RewardMix):
         return r.model or f"gold:{r.gold_world}"
-    parts = []
-    for c in ctx.scorer.components:
-        what = (c.function.source if c.function is not None
-                else (r.model if c.name == "reward_model" else f"gold:{r.gold_world}"))
-        parts.append(f"{c.weight:g} x {c.name} ({what})")
-    return " + ".join(parts) + (f", each standardised per {r.normalize_components}"
-                                if r.normalize_components != "none" else "")
+    return describe(ctx.scorer, {"reward_model": r.model or "", "gold": f"gold:{r.gold_world}"})
 
 
 def print_plan(ctx: RLContext) -> None:
