@@ -22,7 +22,7 @@ demo: $(BIN)/.installed
 	$(BIN)/alignkit pipeline configs/sentiment/pipeline.yaml
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench examples
 
 test: lint
 	$(BIN)/pytest -q

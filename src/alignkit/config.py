@@ -437,8 +437,20 @@ def build(cls: type, values: dict[str, Any], where: str = "config", prefix: str 
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as a nested plain dict (YAML-ready)."""
-    return dataclasses.asdict(cfg)
+    """The config as a nested plain dict (YAML-ready): a Python callable set in a config (a reward
+    function passed from Python) becomes the string `python:<module>.<name>`."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if callable(value):
+        base = getattr(value, "func", value)  # a functools.partial
+        return f"python:{getattr(base, '__module__', '?')}.{getattr(base, '__qualname__', type(base).__name__)}"
+    return value
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

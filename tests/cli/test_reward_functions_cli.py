@@ -193,3 +193,27 @@ def test_rejection_sampling_rounds_pick_with_its_reward_functions(tmp_path):
     bon = best_of_n_config(cfg, "policy", 1, tmp_path)
     assert bon.reward.functions == ['format_match(pattern="[0-9]+")', "x.py:f"] and bon.reward.weights == [1.0, 2.0]
     assert bon.scorer == ""  # the functions alone pick the winners (no gold added)
+
+
+SEEN: list[tuple[str, str]] = []
+
+
+def python_reward(prompts, completions, answer, **kwargs):
+    SEEN.extend(zip(prompts, answer, strict=True))
+    return [1.0 if a in c else 0.0 for c, a in zip(completions, answer, strict=True)]
+
+
+def test_a_python_callable_from_python_with_run_config(tmp_path, tiny_llama_dir, task):
+    import yaml
+
+    from alignkit.config import resolve_config
+    from alignkit.trainers import rl
+
+    cfg = resolve_config(rl.GRPOConfig, None, grpo_args(tiny_llama_dir, task, tmp_path / "run")[1:])
+    cfg.reward.functions = [python_reward, "format_match(pattern='.*')"]
+    SEEN.clear()
+    summary = rl.run(cfg)
+    assert SEEN and all(prompt == f"Count {answer}" for prompt, answer in SEEN)
+    assert "eval/reward_python_reward" in summary["after"]
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["reward"]["functions"] == [f"python:{__name__}.python_reward", "format_match(pattern='.*')"]

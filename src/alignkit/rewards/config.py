@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from alignkit.rewards.functions import FunctionRunner, RewardFunction, load_function
+from alignkit.rewards.functions import FunctionRunner, RewardFunction, from_callable, load_function
 
 
 @dataclass
@@ -35,8 +35,10 @@ class RewardFunctionsConfig:
     unset: the step fails, naming the function and the prompt index."""
 
     def load_functions(self) -> list[RewardFunction]:
-        """The functions named in `functions`, loaded (user code is imported here)."""
-        return [load_function(spec.strip()) for spec in self.functions if spec.strip()]
+        """The functions named in `functions`, loaded (user code is imported here). From Python, an
+        item may also be the callable itself (with workers, it must be picklable: a module-level function)."""
+        return [from_callable(spec) if callable(spec) else load_function(spec.strip())
+                for spec in self.functions if callable(spec) or spec.strip()]
 
     def runner(self) -> FunctionRunner:
         return FunctionRunner(self.workers, self.timeout_s, self.error_value)

@@ -188,3 +188,21 @@ def test_a_column_named_like_an_argument_or_setting_is_refused():
                               None, range(4))
     with pytest.raises(AlignkitError, match=r"column `completions`"):
         FunctionRunner().call(from_callable(raises_on_two), PROMPTS, DONE, {"completions": DONE}, None, range(4))
+
+
+def test_the_reasoning_gym_example_plugs_in_through_the_interface(monkeypatch):
+    """examples/reasoning_gym_reward.py against a stand-in with reasoning-gym's API (the package is not
+    installed here): the `entry` column reaches the verifier, row by row."""
+    import types
+    from pathlib import Path
+
+    factory = types.ModuleType("reasoning_gym.factory")
+    factory.get_score_answer_fn = lambda name: (lambda answer, entry: float(answer == entry["answer"]))
+    monkeypatch.setitem(sys.modules, "reasoning_gym", types.ModuleType("reasoning_gym"))
+    monkeypatch.setitem(sys.modules, "reasoning_gym.factory", factory)
+    example = Path(__file__).resolve().parents[3] / "examples" / "reasoning_gym_reward.py"
+    rf = load_function(f"{example}:score")
+    entries = [{"question": "2+2?", "answer": "4", "metadata": {"source_dataset": "basic_arithmetic"}},
+               {"question": "3+3?", "answer": "6", "metadata": {"source_dataset": "basic_arithmetic"}}]
+    values, _ = FunctionRunner().call(rf, ["2+2?", "3+3?"], ["Let me see.\n4", "5"], {"entry": entries}, None, [0, 1])
+    assert values == [1.0, 0.0]
