@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("alignkit.errors", "alignkit.console", "alignkit.atomic", "alignkit.config"),
     ("alignkit.ops",),
     ("alignkit.losses",),
-    ("alignkit.data", "alignkit.models", "alignkit.feedback", "alignkit.rewards"),
+    ("alignkit.data", "alignkit.models", "alignkit.feedback", "alignkit.rewards", "alignkit.tasks"),
     ("alignkit.rollout", "alignkit.accel"),
     ("alignkit.trainers", "alignkit.stages"),
     ("alignkit.worlds",),

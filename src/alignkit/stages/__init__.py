@@ -1,4 +1,4 @@
-"""Stages that do not train with the loop (label, best-of-N, rejection sampling, eval), and the table of all stages.
+"""Stages that do not train with the loop (label, best-of-N, rejection sampling, eval, task), and the table of all stages.
 
 `STAGES` maps each CLI stage to its module, config class and one-line description; every module has
 `run(config)`. The CLI and the pipeline read it.
@@ -29,5 +29,7 @@ STAGES: dict[str, tuple[str, str, str]] = {
              "diversity, length"),
     "report": ("alignkit.report", "ReportConfig", "HTML report (reward-KL frontier, over-optimisation, samples) "
                "+ summary.json"),
+    "task": ("alignkit.stages.task", "TaskConfig", "write a generated task's data (arithmetic: SFT solutions, "
+             "prompts with answers)"),
     "pipeline": ("alignkit.pipeline", "PipelineConfig", "chain the stages with caching (`--only`, `--from`)"),
 }
