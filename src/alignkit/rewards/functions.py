@@ -96,8 +96,23 @@ def _parameters(fn: Callable[..., Any]) -> set[str]:
         return set()
 
 
+_WORDS = {"true": True, "false": False, "none": None, "null": None}
+
+
+def _setting(node: ast.expr) -> Any:
+    """A setting's value: a Python literal, or a bare word (`full` -> "full"; true/false/none/null any case)."""
+    if isinstance(node, ast.Name):
+        return _WORDS.get(node.id.lower(), node.id)
+    return ast.literal_eval(node)
+
+
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """(`target`, settings) of a spec `target` or `target(key=value, ...)`; values are Python literals."""
+    """(`target`, settings) of a spec `target` or `target(key=value, ...)`.
+
+    Values are Python literals (`3`, `0.5`, `"^A"`, `[1, 2]`) or bare words: `extract=full` is the
+    string "full", and true / false / none / null (any case) are True / False / None, so a spec reads
+    the same on the command line, in YAML and in Python.
+    """
     match = _SPEC.match(spec)
     if not match:
         raise AlignkitError(f"reward function spec {spec!r}: expected NAME, module:function or file.py:function, "
@@ -110,10 +125,10 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
         assert isinstance(call, ast.Call)
         if call.args:
             raise AlignkitError(f"reward function spec {spec!r}: settings are key=value pairs, not positional values")
-        settings = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg}
+        settings = {kw.arg: _setting(kw.value) for kw in call.keywords if kw.arg}
     except (SyntaxError, ValueError) as err:
         raise AlignkitError(f"reward function spec {spec!r}: cannot read the settings ({err}); use key=value "
-                            "with Python literals, e.g. format_match(pattern=\"^A\")") from None
+                            "with Python literals or bare words, e.g. format_match(pattern=\"^A\")") from None
     return target, settings
 
 

@@ -23,6 +23,9 @@ def test_parse_spec_reads_targets_and_literal_settings():
     assert parse_spec('format_match(pattern="^A, B$", mode="search")') == (
         "format_match", {"pattern": "^A, B$", "mode": "search"})
     assert parse_spec("pkg.mod:fn(k=[1, 2], t=0.5)") == ("pkg.mod:fn", {"k": [1, 2], "t": 0.5})
+    # bare words: strings, except true / false / none / null (any case)
+    assert parse_spec("answer_match(extract=full, numeric=false, column=Answer, x=None, y=TRUE, z=null)") == (
+        "answer_match", {"extract": "full", "numeric": False, "column": "Answer", "x": None, "y": True, "z": None})
     with pytest.raises(AlignkitError, match="key=value pairs, not positional"):
         parse_spec("fn(3)")
     with pytest.raises(AlignkitError, match="cannot read the settings"):
