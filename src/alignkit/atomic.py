@@ -48,8 +48,22 @@ _FSYNC_UNSUPPORTED = frozenset(
 DISK_FULL = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT") if hasattr(errno, name))
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+def _size(n: int, decimals: int = 1) -> str:
+    """`n` bytes in KiB below 1 MiB, in MiB below 1 GiB, else in GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.{decimals}f} {unit}"
+    return f"{n / 2**10:.{decimals}f} KiB"
+
+
+def _sizes(*counts: int) -> list[str]:
+    """`_size` of each count, with as many decimals (up to 3) as it takes for different counts to read
+    differently: "it needs about 1.04 MiB, 1.01 MiB free there", not "1.0 MiB, 1.0 MiB"."""
+    for decimals in (1, 2, 3):
+        out = [_size(n, decimals) for n in counts]
+        if len(set(out)) == len(set(counts)):
+            break
+    return out
 
 
 def free_bytes(path: str | os.PathLike) -> int | None:
@@ -81,11 +95,12 @@ def raise_if_disk_full(err: BaseException, what: str, where: str | os.PathLike, 
     if not is_disk_full(err):
         return
     free = free_bytes(where)
+    need_text, free_text = _sizes(need_bytes or 0, free or 0)  # read side by side: need > free shows
     parts = [f"disk full while writing {what} to {where}"]
     if need_bytes is not None:
-        parts.append(f"it needs about {_mib(need_bytes)}")
+        parts.append(f"it needs about {need_text}")
     if free is not None:
-        parts.append(f"{_mib(free)} free there")
+        parts.append(f"{free_text} free there")
     message = ": ".join(parts[:2]) + ("".join(f", {p}" for p in parts[2:]) if len(parts) > 2 else "")
     raise AlignkitError(message + (f"; {advice}" if advice else "")) from err
 

@@ -147,3 +147,17 @@ def test_fsync_dir_raises_real_errors(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(FileNotFoundError):  # a directory that is not there is a bug, not a filesystem limit
         fsync_dir(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(("need", "free", "expected"), [
+    (110_000, 100_000, "it needs about 107.4 KiB, 97.7 KiB free there"),  # was "0.1 MiB, 0.1 MiB"
+    (1_090_000, 1_060_000, "it needs about 1.04 MiB, 1.01 MiB free there"),  # one decimal would read the same
+    (3 * 2**30, 5 * 2**20, "it needs about 3.0 GiB, 5.0 MiB free there"),
+    (200, 0, "it needs about 0.2 KiB, 0.0 KiB free there"),
+])
+def test_a_full_disk_message_shows_that_the_need_exceeds_the_free_space(tmp_path, monkeypatch, need, free, expected):
+    monkeypatch.setattr(atomic, "free_bytes", lambda _path: free)
+    with pytest.raises(atomic.AlignkitError) as err:
+        atomic.raise_if_disk_full(OSError(errno.ENOSPC, "No space left on device"), "the final model",
+                                  tmp_path / "final", need_bytes=need)
+    assert str(err.value) == f"disk full while writing the final model to {tmp_path / 'final'}: {expected}"

@@ -232,20 +232,24 @@ def load_newest(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     rank: int = 0,
+    model_name: str | None = None,
 ) -> tuple[Path, dict] | None:
     """Load the newest complete checkpoint whose files are whole; None if there is none.
 
     A checkpoint marked complete whose files are torn is skipped with a warning naming it, and the
-    one before it tried. A checkpoint that does not fit the model is an error (not skipped).
+    one before it tried. A checkpoint that does not fit the model is an error (not skipped), naming
+    `model_name` (e.g. `model.name_or_path`) as the model.
     """
     found = list_checkpoints(ckpt_root)
-    for path in reversed(found):
+    for i, path in enumerate(reversed(found)):
         try:
             verify_checkpoint(path, rank)
         except AlignkitError as err:
-            main_print(f"warning: skipping checkpoint {path}: {err}; trying the one before it", file=sys.stderr)
+            then = "trying the one before it" if i < len(found) - 1 else "there is no earlier one to try"
+            main_print(f"warning: skipping checkpoint {path}: {err}; {then}", file=sys.stderr)
             continue
-        return path, load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, rank=rank)
+        return path, load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, rank=rank,
+                                     model_name=model_name)
     if found:
         raise AlignkitError(f"no readable checkpoint in {ckpt_root}: all {len(found)} are torn (see the warnings)")
     return None
@@ -271,6 +275,29 @@ def apply_lr_override(path: Path, lr: float, optimizer: torch.optim.Optimizer, s
     return factor
 
 
+def _check_fits(path: Path, model: torch.nn.Module, model_name: str | None) -> None:
+    """Refuse checkpoint `path` if its model tensors have other shapes than `model`'s, naming the first.
+
+    Checked from the file's header before anything is copied, so a model of another shape (a resume
+    with `run.resume_override model.name_or_path`) is one error, not torch's list of size mismatches.
+    """
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    with safe_open(str(path / "model.safetensors"), framework="pt") as fh:
+        saved = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    differ = [k for k in expected if k in saved and saved[k] != expected[k]]  # in the model's order
+    if differ:
+        k = differ[0]
+        raise AlignkitError(
+            f"checkpoint {path} does not fit the model {_model_label(model, model_name)}: {len(differ)} tensor(s) "
+            f"have other shapes, e.g. `{k}` is {list(saved[k])} in the checkpoint but {list(expected[k])} in the "
+            f"model; resume with the model the run was trained with (its `model` in {path / 'config.yaml'})")
+
+
+def _model_label(model: torch.nn.Module, model_name: str | None) -> str:
+    name = model_name or getattr(model, "name_or_path", None)
+    return f"{name} ({type(model).__name__})" if name else type(model).__name__
+
+
 def load_checkpoint(
     path: Path,
     *,
@@ -278,15 +305,30 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     rank: int = 0,
+    model_name: str | None = None,
 ) -> dict:
-    """Restore model, optimizer, scheduler and RNG in place; return the trainer state dict."""
+    """Restore model, optimizer, scheduler and RNG in place; return the trainer state dict.
+
+    Raises:
+        AlignkitError: The checkpoint is incomplete, or does not fit the model (other tensor shapes or
+            names, naming the first and the model, `model_name` or the model's own `name_or_path`).
+    """
     if not (path / MARKER).is_file():
         raise AlignkitError(f"checkpoint {path} is incomplete (no {MARKER} marker): it was interrupted")
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True)
+    _check_fits(path, model, model_name)
+    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     if missing or unexpected:
-        raise AlignkitError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
+        parts = [f"{len(names)} tensor(s) {where}, e.g. `{sorted(names)[0]}`"
+                 for names, where in ((missing, "of the model are not in the checkpoint"),
+                                      (unexpected, "of the checkpoint are not in the model")) if names]
+        raise AlignkitError(f"checkpoint {path} does not fit the model {_model_label(model, model_name)}: "
+                            f"{'; '.join(parts)}; resume with the model the run was trained with")
     opt_meta = json.loads((path / "optimizer.json").read_text())
-    optimizer.load_state_dict(_optimizer_from_files(load_file(path / "optimizer.safetensors"), opt_meta))
+    try:
+        optimizer.load_state_dict(_optimizer_from_files(load_file(path / "optimizer.safetensors"), opt_meta))
+    except (ValueError, KeyError) as err:  # other parameter groups or sizes: another model or LoRA setting
+        raise AlignkitError(f"checkpoint {path}: its optimizer state does not fit the optimizer of the model "
+                            f"{_model_label(model, model_name)} ({err})") from None
     state = json.loads((path / "trainer_state.json").read_text())
     scheduler.load_state_dict(state["scheduler"])
     rng_file = path / f"rng-{rank}.safetensors"

@@ -46,6 +46,7 @@ from alignkit.trainers.rundir import (
     MetricsLogger,
     config_yaml,
     prepare_run_dir,
+    record_resume,
     release_run_lock,
     resolve_output_dir,
     save_final,
@@ -158,8 +159,9 @@ class TrainLoop:
         if total_steps is None:  # optim.max_steps, else optim.epochs over the global batch
             total_steps = cfg.optim.max_steps or max(1, math.ceil(cfg.optim.epochs * n_examples / self.global_batch))
         self.total_steps = total_steps
-        if acc.is_main_process:
-            prepare_run_dir(self.out_dir, cfg, resume=cfg.run.resume, check_config=True)  # locks the dir
+        self._resume_changes: dict[str, tuple[Any, Any]] = {}  # the overrides to record once resumed
+        if acc.is_main_process:  # locks the dir; on resume, config.yaml is written once a checkpoint loads
+            self._resume_changes = prepare_run_dir(self.out_dir, cfg, resume=cfg.run.resume, check_config=True)
         acc.wait_for_everyone()
         set_seed(cfg.run.seed)
         optim = cfg.optim
@@ -226,17 +228,27 @@ class TrainLoop:
 
     # -- resume / checkpoint -------------------------------------------------------------------
     def resume(self) -> int:
-        """Restore the newest complete checkpoint when `run.resume`; return the step to start at."""
+        """Restore the newest complete checkpoint when `run.resume`; return the step to start at.
+
+        Only once it has loaded are the run's `config.yaml` and its record of overridden fields written
+        (`record_resume`): a resume that fails (every checkpoint torn, a model that does not fit) raises
+        and leaves them as they were.
+        """
         start = 0
         if self.cfg.run.resume:
+            model = getattr(self.cfg, "model", None)
             found = ckpt.load_newest(  # skips (with a warning) a newest checkpoint whose files are torn
                 self.out_dir / "checkpoints", model=self.accelerator.unwrap_model(self.model),
                 optimizer=self.optimizer, scheduler=self.scheduler, rank=self.accelerator.process_index,
+                model_name=getattr(model, "name_or_path", None),
             )
             if found:
                 path, state = found
                 start, self.stage_state = state["step"], state["stage"]
                 ckpt.apply_lr_override(path, self.cfg.optim.lr, self.optimizer, self.scheduler)
+            if self.accelerator.is_main_process:  # a fresh start records no override: nothing was resumed
+                record_resume(self.out_dir, self.cfg, self._resume_changes if found else {})
+            if found:
                 self.accelerator.print(f"[{self.stage}] resumed from {path} (step {start})")
             else:
                 self.accelerator.print(f"[{self.stage}] --resume: no checkpoint in {self.out_dir}, starting fresh")

@@ -13,7 +13,9 @@ holder's pid. Holding the lock, the run may then delete the temporary files a ki
 Resume with a changed config: the saved `config.yaml` is compared with the new config; a change in a
 field that shapes the result (batch sizes, learning rate, seed, model, data, ...) is refused, naming
 the fields, unless it is listed in `run.resume_override`; an applied override is recorded in
-`resume_history.jsonl`. Fields that may change freely on resume: `RESUME_FREE_FIELDS`.
+`resume_history.jsonl`. Fields that may change freely on resume: `RESUME_FREE_FIELDS`. A resume writes
+`config.yaml` and that record only once a checkpoint has loaded (`record_resume`): a resume that fails
+(every checkpoint torn, a model that does not fit) leaves the run's files as they were.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from alignkit.atomic import atomic_write_json, atomic_write_text, raise_if_disk_
 from alignkit.config import to_dict
 from alignkit.console import main_print
 from alignkit.errors import AlignkitError
-from alignkit.trainers.checkpoint import clean_stale
+from alignkit.trainers.checkpoint import clean_stale, list_checkpoints
 
 PROJECT = "alignkit"
 """The tracker project (wandb / comet / trackio project, MLflow experiment, TensorBoard sub-directory)."""
@@ -184,7 +186,8 @@ def resume_config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
 def check_resume_config(out_dir: Path, cfg: Any) -> dict[str, tuple[Any, Any]]:
     """Refuse to resume `out_dir` with a changed config unless the changed fields are in `run.resume_override`.
 
-    Returns the overridden changes (recorded in `resume_history.jsonl`); `{}` when nothing changed.
+    Returns the overridden changes (for `record_resume`, once a checkpoint has loaded); `{}` when nothing
+    changed. Writes nothing.
     """
     saved_path = out_dir / "config.yaml"
     if not saved_path.is_file():
@@ -203,6 +206,12 @@ def check_resume_config(out_dir: Path, cfg: Any) -> dict[str, tuple[Any, Any]]:
         raise AlignkitError(
             f"--run.resume of {out_dir} with a changed config ({listed}; saved in {saved_path}): resume with the "
             f"saved values, or apply the change on purpose with --run.resume_override {','.join(refused)}")
+    return changes
+
+
+def record_resume(out_dir: Path, cfg: Any, changes: dict[str, tuple[Any, Any]]) -> None:
+    """After a resume has loaded its checkpoint: record the overridden `changes` (`check_resume_config`) in
+    `resume_history.jsonl`, say so, and save the new config as `config.yaml`."""
     if changes:
         row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "overridden": {k: {"saved": old, "new": new} for k, (old, new) in changes.items()}}
@@ -211,7 +220,15 @@ def check_resume_config(out_dir: Path, cfg: Any) -> dict[str, tuple[Any, Any]]:
         main_print(f"warning: resuming {out_dir} with overridden fields "
                    f"{', '.join(f'{k} ({old!r} -> {new!r})' for k, (old, new) in changes.items())}; recorded in "
                    f"{out_dir / 'resume_history.jsonl'}", file=sys.stderr)
-    return changes
+    _write_config(out_dir, cfg)
+
+
+def _write_config(out_dir: Path, cfg: Any) -> None:
+    try:
+        atomic_write_text(out_dir / "config.yaml", config_yaml(cfg))
+    except OSError as err:
+        raise_if_disk_full(err, "the run config", out_dir / "config.yaml")
+        raise
 
 
 def prepare_run_dir(out_dir: Path, cfg: Any, *, resume: bool, check_config: bool = False) -> dict[str, tuple[Any, Any]]:
@@ -219,7 +236,8 @@ def prepare_run_dir(out_dir: Path, cfg: Any, *, resume: bool, check_config: bool
 
     With `check_config` (a training stage's `--run.resume`), a run dir holding checkpoints is resumed
     only with an unchanged config or the changes named in `run.resume_override` (`check_resume_config`);
-    returns the overridden changes.
+    returns the overridden changes. Such a resume does not save the config here: the caller calls
+    `record_resume` once a checkpoint has loaded, so a failed resume leaves `config.yaml` as it was.
     """
     ckpts = out_dir / "checkpoints"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -231,17 +249,15 @@ def prepare_run_dir(out_dir: Path, cfg: Any, *, resume: bool, check_config: bool
                 "or choose another --output-dir"
             )
         changes: dict[str, tuple[Any, Any]] = {}
-        if resume and check_config and ckpts.is_dir() and any(ckpts.glob("step-*")):
+        deferred = resume and check_config and ckpts.is_dir() and any(ckpts.glob("step-*"))
+        if deferred:
             changes = check_resume_config(out_dir, cfg)
     except AlignkitError:
         release_run_lock(out_dir)
         raise
     clean_stale_temporaries(out_dir)
-    try:
-        atomic_write_text(out_dir / "config.yaml", config_yaml(cfg))
-    except OSError as err:
-        raise_if_disk_full(err, "the run config", out_dir / "config.yaml")
-        raise
+    if not deferred:
+        _write_config(out_dir, cfg)
     return changes
 
 
@@ -367,8 +383,10 @@ class MetricsLogger:
             if step > 0 and isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
                 keep.append(line)
         if torn:
-            print(f"warning: {self.path}: dropped {torn} unreadable line(s) (a write cut short); the "
-                  "checkpoint's steps are kept", file=sys.stderr)
+            kept = ("the checkpoint's steps are kept" if step > 0 else
+                    "no checkpoint to resume from, so the file starts again")
+            print(f"warning: {self.path}: dropped {torn} unreadable line(s) (a write cut short); {kept}",
+                  file=sys.stderr)
         atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
@@ -379,12 +397,19 @@ class MetricsLogger:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
         except OSError as err:  # a torn last line is dropped on resume (`_truncate_after`)
-            raise_if_disk_full(err, f"the metrics of step {step}", self.path,
-                               advice="the checkpoints are intact: free space and rerun with --run.resume")
+            raise_if_disk_full(err, f"the metrics of step {step}", self.path, advice=self._resume_advice())
             raise
         if self._acc is not None and self._acc.trackers:
             numbers = {k: v for k, v in row.items() if k != "step" and isinstance(v, int | float)}
             self._acc.log(numbers, step=step)
+
+    def _resume_advice(self) -> str:
+        """What a run stopped by a full disk can do next: resume from its newest checkpoint, if it has one."""
+        done = list_checkpoints(self.path.parent / "checkpoints")
+        if done:
+            return f"the newest checkpoint {done[-1]} is intact: free space and rerun with --run.resume"
+        return ("no checkpoint has been written yet (see --run.save_every), so the run cannot be resumed: free "
+                "space and run it again")
 
     def close(self) -> None:
         """Finish the trackers (not `Accelerator.end_training`, which also ends the process group that a

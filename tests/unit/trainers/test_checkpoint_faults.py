@@ -77,7 +77,7 @@ def test_a_torn_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsy
     assert f"warning: skipping checkpoint {root / 'step-2'}" in err and bad_file in err
 
 
-def test_every_checkpoint_torn_is_one_error_not_a_fresh_start(tmp_path):
+def test_every_checkpoint_torn_is_one_error_not_a_fresh_start(tmp_path, capsys):
     root = tmp_path / "checkpoints"
     two_checkpoints(root)
     truncate(root / "step-1" / "trainer_state.json")
@@ -85,6 +85,11 @@ def test_every_checkpoint_torn_is_one_error_not_a_fresh_start(tmp_path):
     model, opt, sched = make_state()
     with pytest.raises(AlignkitError, match=r"no readable checkpoint in .*checkpoints: all 2 are torn"):
         ckpt.load_newest(root, model=model, optimizer=opt, scheduler=sched)
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 2
+    assert f"skipping checkpoint {root / 'step-2'}" in warnings[0] and warnings[0].endswith("trying the one before it")
+    assert f"skipping checkpoint {root / 'step-1'}" in warnings[1]  # the oldest: there is none before it
+    assert warnings[1].endswith("there is no earlier one to try")
 
 
 def test_the_loop_resumes_from_the_previous_checkpoint_when_the_newest_is_torn(tmp_path, capsys):
@@ -274,7 +279,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous(tmp_
         write(root, 2, model, opt, sched)
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith(f"disk full while writing checkpoint step-2 to {root / '.tmp-step-2'}")
-    assert "it needs about 0.0 MiB" in msg and "free there" in msg
+    assert "it needs about 1.1 KiB" in msg and "free there" in msg  # 90 float32 weights and their 2 Adam moments
     assert f"the previous checkpoint {root / 'step-1'} is intact" in msg and "--run.resume" in msg
     assert sorted(p.name for p in root.iterdir()) == ["step-1"]  # the temporary directory is gone
     monkeypatch.setattr(ckpt, "save_file", real_save_file)  # space freed
@@ -300,10 +305,35 @@ def test_a_full_disk_reported_without_errno_is_recognised(tmp_path, monkeypatch)
 def test_a_full_disk_while_logging_metrics_is_one_line(tmp_path, monkeypatch):
     logger = rundir.MetricsLogger(tmp_path, enabled=True)
     logger.log(1, {"loss": 1.0})
+    two_checkpoints(tmp_path / "checkpoints")
     monkeypatch.setattr(rundir, "open", enospc, raising=False)
-    with pytest.raises(AlignkitError, match=r"^disk full while writing the metrics of step 2 to .*metrics.jsonl: .*"
-                                            r"free there; the checkpoints are intact"):
+    with pytest.raises(AlignkitError) as err:
         logger.log(2, {"loss": 0.5})
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"disk full while writing the metrics of step 2 to {logger.path}: ")
+    assert msg.endswith(f"free there; the newest checkpoint {tmp_path / 'checkpoints' / 'step-2'} is intact: free "
+                        "space and rerun with --run.resume")
+
+
+def test_a_full_disk_at_metrics_before_any_checkpoint_says_the_run_cannot_be_resumed(tmp_path, monkeypatch, capsys):
+    logger = rundir.MetricsLogger(tmp_path, enabled=True)  # e.g. run.save_every 0: no checkpoint, ever
+    logger.log(1, {"loss": 1.0})
+    (tmp_path / "checkpoints" / ".tmp-step-2").mkdir(parents=True)  # an unfinished one is no checkpoint
+    monkeypatch.setattr(rundir, "open", enospc, raising=False)
+    with pytest.raises(AlignkitError) as err:
+        logger.log(2, {"loss": 0.5})
+    msg = str(err.value)
+    assert "checkpoints are intact" not in msg and "--run.resume" not in msg
+    assert msg.endswith("free there; no checkpoint has been written yet (see --run.save_every), so the run cannot be "
+                        "resumed: free space and run it again")
+    monkeypatch.undo()
+    with open(logger.path, "a") as fh:
+        fh.write('{"step": 2, "lo')  # the torn line the full disk left
+    rundir.MetricsLogger(tmp_path, enabled=True, resume_step=0)  # `--run.resume` finds no checkpoint
+    err = capsys.readouterr().err
+    assert "dropped 1 unreadable line(s)" in err and "checkpoint's steps are kept" not in err
+    assert "no checkpoint to resume from, so the file starts again" in err
+    assert logger.path.read_text() == ""
 
 
 def test_a_full_disk_at_final_saves_the_weights_to_the_fallback(tmp_path, monkeypatch):

@@ -138,11 +138,15 @@ def test_fields_that_may_change_on_resume_need_no_override(tmp_path):
 def test_an_explicit_override_applies_and_is_recorded(tmp_path, capsys):
     out = tmp_path / "run"
     _run_with_checkpoint(out)
+    saved = (out / "config.yaml").read_text()
     cfg = cfg_for(out, "--run.resume", "true", "--optim.lr", "0.5", "--run.seed", "7",
                   "--run.resume_override", "optim.lr,run.seed")
     changes = prepare_run_dir(out, cfg, resume=True, check_config=True)
-    release_run_lock(out)
     assert set(changes) == {"optim.lr", "run.seed"}
+    # nothing is written until a checkpoint has loaded (the loop's `resume` then calls `record_resume`)
+    assert (out / "config.yaml").read_text() == saved and not (out / "resume_history.jsonl").exists()
+    rundir.record_resume(out, cfg, changes)
+    release_run_lock(out)
     rows = [json.loads(line) for line in (out / "resume_history.jsonl").read_text().splitlines()]
     assert rows[0]["overridden"]["run.seed"] == {"saved": 0, "new": 7}
     assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["lr"] == 0.5
@@ -164,6 +168,60 @@ def test_an_overridden_lr_rescales_the_restored_schedule(tmp_path):
     assert [g["lr"] for g in again.optimizer.param_groups] == pytest.approx([4 * lr for lr in old_lrs])
     assert again.scheduler.base_lrs == pytest.approx([0.004] * len(old_lrs))
     again.finish(None, {})
+
+
+def _trained_run(out, *extra, steps=(1,)):
+    """A run dir with a loadable checkpoint at each of `steps` (a tiny Llama of hidden size 32)."""
+    loop = TrainLoop("test", cfg_for(out, "--model.name_or_path", "small", "--run.save_every", "1", *extra),
+                     build_tiny_llama(50))
+    loop.resume()
+    for step in steps:
+        loop.step = step
+        loop.save_checkpoint()
+    loop.finish(None, {})
+
+
+def test_resume_with_a_model_of_another_shape_is_one_error_and_changes_nothing(tmp_path):
+    out = tmp_path / "run"
+    _trained_run(out)
+    saved = (out / "config.yaml").read_text()
+    cfg = cfg_for(out, "--model.name_or_path", "big", "--run.save_every", "1", "--run.resume", "true",
+                  "--run.resume_override", "model.name_or_path")  # the override the changed-config error suggests
+    again = TrainLoop("test", cfg, build_tiny_llama(50, hidden_size=64))
+    with pytest.raises(AlignkitError) as err:
+        again.resume()
+    release_run_lock(out)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"checkpoint {out / 'checkpoints' / 'step-1'} does not fit the model big (LlamaForCausalLM)")
+    assert ("20 tensor(s) have other shapes, e.g. `model.layers.0.self_attn.q_proj.weight` is [32, 32] in the "
+            "checkpoint but [64, 64] in the model") in msg
+    assert (out / "config.yaml").read_text() == saved and not (out / "resume_history.jsonl").exists()
+
+
+def test_a_failed_resume_leaves_the_config_and_its_history_as_they_were(tmp_path, capsys):
+    out = tmp_path / "run"
+    _trained_run(out, steps=(1, 2))
+    saved = (out / "config.yaml").read_text()
+    for step in (1, 2):  # every checkpoint torn
+        (out / "checkpoints" / f"step-{step}" / "trainer_state.json").write_text('{"step": ')
+    cfg = cfg_for(out, "--model.name_or_path", "small", "--run.save_every", "1", "--run.resume", "true",
+                  "--optim.max_steps", "8", "--run.resume_override", "optim.max_steps")
+    again = TrainLoop("test", cfg, build_tiny_llama(50))
+    with pytest.raises(AlignkitError, match="no readable checkpoint"):
+        again.resume()
+    release_run_lock(out)
+    assert (out / "config.yaml").read_text() == saved and not (out / "resume_history.jsonl").exists()
+    assert "overridden fields" not in capsys.readouterr().err  # nothing was resumed, so nothing is said to be
+    # the same resume once a checkpoint loads: the override applies and is recorded
+    _trained_run(tmp_path / "ok", steps=(1,))
+    cfg = cfg_for(tmp_path / "ok", "--model.name_or_path", "small", "--run.save_every", "1", "--run.resume", "true",
+                  "--optim.max_steps", "8", "--run.resume_override", "optim.max_steps")
+    ok = TrainLoop("test", cfg, build_tiny_llama(50))
+    assert ok.resume() == 1
+    ok.finish(None, {})
+    assert yaml.safe_load((tmp_path / "ok" / "config.yaml").read_text())["optim"]["max_steps"] == 8
+    assert "optim.max_steps" in (tmp_path / "ok" / "resume_history.jsonl").read_text()
 
 
 def test_lock_file_pid_is_rewritten_by_each_holder(tmp_path, monkeypatch):
