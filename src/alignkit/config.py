@@ -225,7 +225,8 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Value limits: `LIMITS = {"field": ">= 1" | "> 0" | "[0, 1)" | ...}` on a config class
+# Value limits: `LIMITS = {"field": ">= 1" | "> 0" | "[0, 1)" | ...}` on a config class (a subclass's
+# `LIMITS` add to those of the classes it extends; `limits_of`)
 # ---------------------------------------------------------------------------------------------
 
 _BOUND = re.compile(r"^(>=|>|<=|<)\s*(-?[\d.e+-]+)$")
@@ -246,6 +247,14 @@ def _within(value: float, limit: str) -> bool:
     return above and below
 
 
+def limits_of(cls: type) -> dict[str, str]:
+    """The `LIMITS` of a config class and of the classes it extends (a subclass adds or overrides limits)."""
+    limits: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        limits.update(vars(klass).get("LIMITS", {}))
+    return limits
+
+
 def check_options(cfg: Any, prefix: str = "") -> None:
     """Check every value of a config against its class's `LIMITS` and cross-field `check()`.
 
@@ -256,7 +265,7 @@ def check_options(cfg: Any, prefix: str = "") -> None:
     Raises:
         AlignkitError: Naming the dotted option, the limit and the value given.
     """
-    limits = getattr(type(cfg), "LIMITS", {})
+    limits = limits_of(type(cfg))
     for f in dataclasses.fields(cfg):
         value, key = getattr(cfg, f.name), prefix + f.name
         if dataclasses.is_dataclass(value):
@@ -476,7 +485,9 @@ def _resolve_cli_key(cls: type, raw: str) -> str:
         return leaf_matches[0]
     if len(leaf_matches) > 1:
         raise AlignkitError(f"option `--{raw}` is ambiguous: use one of {', '.join('--' + k for k in leaf_matches)}")
-    hints = difflib.get_close_matches(key, keys + [k.rsplit(".", 1)[-1] for k in keys], n=3, cutoff=0.6)
+    # a leaf name can be the leaf of several keys, and a top-level key is its own leaf: each once
+    candidates = list(dict.fromkeys(keys + [k.rsplit(".", 1)[-1] for k in keys]))
+    hints = difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
     extra = f"; did you mean {', '.join('--' + h for h in hints)}?" if hints else ""
     raise AlignkitError(f"unknown option `--{raw}`{extra} (see --help)")
 
@@ -561,7 +572,7 @@ def format_help(cls: type, prefix: str = "", defaults: Any = None) -> str:
             lines.append(f"\n{prefix}{f.name}: {(tp.__doc__ or '').strip().splitlines()[0]}")
             lines.append(format_help(tp, f"{prefix}{f.name}.", default))
             continue
-        limit = getattr(cls, "LIMITS", {}).get(f.name)
+        limit = limits_of(cls).get(f.name)
         lines.append(f"  --{prefix}{f.name} {_type_name(tp)} (default: {default!r}{'; ' + limit if limit else ''})")
         if docs.get(f.name):
             lines.append(f"      {docs[f.name]}")

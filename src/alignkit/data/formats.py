@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from alignkit.console import main_print
-from alignkit.data.load import BadRow, content_key
+from alignkit.data.load import BadRow, content_key, record_rows
 from alignkit.data.prompts import PromptError, split_preference_prompt
 from alignkit.errors import AlignkitError
 
@@ -75,7 +75,7 @@ class ValidationReport:
     kind: str = ""
     """The kind the records were checked as."""
     rows: list[int] = field(default_factory=list)
-    """The 1-based row of each valid record (`records[i]` is row `rows[i]`)."""
+    """The 1-based row of each valid record (`records[i]` is row `rows[i]`): its file line for JSONL."""
     duplicate_of: dict[int, int] = field(default_factory=dict)
     """`{row: first row}` of each valid record identical to an earlier one (all its fields)."""
 
@@ -290,9 +290,9 @@ def _refuse_raw_text(records: list[Any], kind: str, source: str) -> None:
                             "or {messages} records. To train on raw text, use `alignkit pretrain`")
 
 
-def _check_record(record: Any, kind: str) -> None:
+def _check_record(record: Any, kind: str, row: int) -> None:
     if isinstance(record, BadRow):  # a line `load_records(..., on_bad_rows="skip")` could not read
-        raise _RowError(None, f"line {record.line}: {record.reason}")
+        raise _RowError(None, record.reason if record.line == row else f"line {record.line}: {record.reason}")
     if not isinstance(record, dict):
         raise _RowError(None, f"expected a record (an object with fields), got {_describe(record)}")
     if not (kind == "sft" and "messages" in record):
@@ -324,7 +324,8 @@ def validate_records(
 
     Raises:
         AlignkitError: An invalid record with `on_bad_rows="error"`, as
-            `data/train.jsonl, row 17, field 'chosen': identical to 'rejected'` (rows are 1-based);
+            `data/train.jsonl, row 17, field 'chosen': identical to 'rejected'` (rows are 1-based; the row of
+            a JSONL file's record is its line, blank lines counted, `alignkit.data.load.Records`);
             raw `{text}` records given as `sft`; or an unknown `kind` or `on_bad_rows`.
     """
     if kind not in FIELDS:
@@ -336,10 +337,10 @@ def validate_records(
     _refuse_raw_text(records, kind, source)
     report = ValidationReport(records=[], kind=kind)
     first_rows: dict[Any, int] = {}
-    for row, record in enumerate(records, start=1):
+    for row, record in zip(record_rows(records), records, strict=True):  # a JSONL record's row is its line
         try:
             record, extracted = _normalised(record, kind)
-            _check_record(record, kind)
+            _check_record(record, kind, row)
         except _RowError as err:
             if on_bad_rows == "error":
                 where = f"{source}, row {row}" + (f", field '{err.field}'" if err.field else "")

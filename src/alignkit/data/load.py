@@ -6,7 +6,8 @@ directory (a dataset saved with `datasets`' `save_to_disk`; `DIR:SPLIT` picks a 
 `AlignkitError` naming the file and line; with `on_bad_rows="skip"`, a JSONL line that cannot be read
 (not JSON, not an object, not UTF-8, or longer than `MAX_LINE_BYTES`) is kept in its place as a
 `BadRow`, which validation counts as a skipped row. Records are not checked here;
-`alignkit.data.formats.validate_records` does that.
+`alignkit.data.formats.validate_records` does that. A JSONL file's records come as `Records`, a list
+that knows the file line of each (blank lines are not records), so that a record's row is its line.
 
 CSV cells are text, except in the columns that record formats read as numbers or booleans
 (`TYPED_CSV_COLUMNS`): a prompt or response "123" stays the string "123".
@@ -44,6 +45,32 @@ class BadRow:
     """1-based line of the file."""
     reason: str
     """What was wrong, e.g. "not valid JSON (Expecting value at column 1)"."""
+
+
+class Records(list):
+    """The records of a JSONL file, with the 1-based file line of each (`lines[i]` is the line of `self[i]`).
+
+    A file's blank lines are not records, so record i is not always line i; validation names a record by
+    its line (`alignkit.data.formats.validate_records`), the number an editor shows. A slice keeps the
+    lines of the records it keeps; anything else (`+`, a comprehension) gives a plain list, numbered 1, 2, ...
+    """
+
+    def __init__(self, records: Any = (), lines: list[int] | None = None):
+        super().__init__(records)
+        self.lines = list(lines) if lines is not None else list(range(1, len(self) + 1))
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return Records(super().__getitem__(index), self.lines[index])
+        return super().__getitem__(index)
+
+
+def record_rows(records: list[Any]) -> list[int]:
+    """The 1-based row of each record: its file line for a JSONL file's `Records`, else its position."""
+    lines = getattr(records, "lines", None)
+    return list(lines) if lines is not None and len(lines) == len(records) else list(range(1, len(records) + 1))
+
+
 # `name` or `owner/name` (letters, digits, `-`, `_`, `.`), optionally `:split`; a split may be sliced
 # the `datasets` way, e.g. `train[:10%]`.
 _HUB_ID = re.compile(
@@ -138,7 +165,8 @@ def _parse_line(raw: bytes | None, size: int, line_no: int) -> Any:
         raise ValueError(f"{size:,} bytes, over the limit of {MAX_LINE_BYTES:,} bytes per line "
                          "(alignkit.data.load.MAX_LINE_BYTES); split the record or shorten it")
     try:
-        text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+        # without its line ending, so that a line cut short is reported at its own last column
+        text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8").rstrip("\r\n")
     except UnicodeDecodeError as err:
         raise ValueError(f"not UTF-8 text ({err.reason} at byte {err.start} of the line)") from None
     if not text.strip():
@@ -152,9 +180,11 @@ def _parse_line(raw: bytes | None, size: int, line_no: int) -> Any:
     return record
 
 
-def _read_jsonl(path: Path, skip_bad: bool = False) -> list[dict[str, Any]]:
-    """The objects of a JSONL file (blank lines ignored), read in bounded chunks (see `MAX_LINE_BYTES`)."""
+def _read_jsonl(path: Path, skip_bad: bool = False) -> Records:
+    """The objects of a JSONL file (blank lines ignored) with their lines, read in bounded chunks (see
+    `MAX_LINE_BYTES`)."""
     records: list[Any] = []
+    lines: list[int] = []
     with path.open("rb") as handle:
         for line_no, raw, size in _lines(handle, MAX_LINE_BYTES):
             try:
@@ -162,11 +192,11 @@ def _read_jsonl(path: Path, skip_bad: bool = False) -> list[dict[str, Any]]:
             except ValueError as err:
                 if not skip_bad:
                     raise AlignkitError(f"{path}, line {line_no}: {err}") from None
-                records.append(BadRow(line_no, str(err)))
-                continue
+                record = BadRow(line_no, str(err))
             if record is not None:
                 records.append(record)
-    return records
+                lines.append(line_no)
+    return Records(records, lines)
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import torch
 
-from alignkit.data.load import load_records
+from alignkit.data.load import load_records, record_rows
 from alignkit.errors import AlignkitError
 
 FORMATS = ("pairs", "choice", "ranking", "rating", "steps")
@@ -162,7 +162,8 @@ class FileLabeler:
     def __init__(self, path: str | Path):
         self.path = str(path)
         self.answers: dict[str, tuple[int, dict[str, Any]]] = {}
-        for row, answer in enumerate(load_records(self.path), start=1):
+        answers = load_records(self.path)
+        for row, answer in zip(record_rows(answers), answers, strict=True):
             if "id" not in answer:
                 raise AlignkitError(f"{self.path}, row {row}, field 'id': missing; answers are joined by query id")
             self.answers[str(answer["id"])] = (row, answer)

@@ -19,7 +19,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -41,6 +41,9 @@ from alignkit.trainers.rundir import prepare_run_dir, resolve_output_dir, write_
 @dataclass
 class BestOfNConfig:
     """Best-of-N sampling: N samples per prompt ranked by a scorer; the reward-vs-N (and KL) curve."""
+
+    LIMITS: ClassVar[dict[str, str]] = {"prompt_offset": ">= 0", "max_prompts": ">= 0", "n": ">= 1", "ns": ">= 1",
+                                        "batch_size": ">= 1"}
 
     run: RunConfig = field(default_factory=lambda: RunConfig(report_to=[]))
     model: ModelConfig = field(default_factory=ModelConfig)

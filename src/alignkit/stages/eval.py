@@ -24,7 +24,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -46,6 +46,8 @@ from alignkit.trainers.rundir import prepare_run_dir, resolve_output_dir, write_
 @dataclass
 class EvalConfig:
     """Evaluate policies on held-out prompts: gold +- CI, proxy reward, KL, win rate, diversity, length."""
+
+    LIMITS: ClassVar[dict[str, str]] = {"best_of_n_headline": ">= 1", "n_prompts": ">= 1", "batch_size": ">= 1"}
 
     run: RunConfig = field(default_factory=lambda: RunConfig(report_to=[]))
     sampling: SamplingConfig = field(default_factory=SamplingConfig)

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from alignkit.accel import resolve
 from alignkit.config import ModelConfig, RunConfig, SamplingConfig, require_world
 from alignkit.data.formats import validate_records
-from alignkit.data.load import load_records
+from alignkit.data.load import load_records, record_rows
 from alignkit.data.prompts import with_assistant_turns
 from alignkit.data.segments import parse_segmentation, split_text
 from alignkit.errors import AlignkitError
@@ -48,6 +48,9 @@ from alignkit.trainers.rundir import prepare_run_dir, resolve_output_dir, write_
 @dataclass
 class LabelConfig:
     """Sample K responses per prompt from a policy and label them (pairs, choices, rankings, ratings)."""
+
+    LIMITS: ClassVar[dict[str, str]] = {"k": ">= 1", "budget": ">= 1", "heldout_budget": ">= 0", "tau": ">= 0",
+                                        "batch_size": ">= 1"}
 
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -252,7 +255,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def _from_queries(cfg: LabelConfig, labeler: Any, stats: dict[str, int]) -> tuple[list[dict], dict[str, list]]:
     queries = load_records(cfg.queries)
-    for row, q in enumerate(queries, start=1):
+    for row, q in zip(record_rows(queries), queries, strict=True):
         for name in ("id", "prompt", "responses"):
             if name not in q:
                 raise AlignkitError(f"{cfg.queries}, row {row}, field '{name}': missing in a query")

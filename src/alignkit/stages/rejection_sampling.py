@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -45,6 +45,9 @@ from alignkit.trainers.sft import SFTConfig
 @dataclass
 class RejectionSamplingConfig:
     """Rejection sampling: R rounds of best-of-N winners (by a scorer) -> SFT, each from the latest policy."""
+
+    LIMITS: ClassVar[dict[str, str]] = {"rounds": ">= 1", "n": ">= 2", "prompts_per_round": ">= 1",
+                                        "batch_size": ">= 1", "eval_prompts": ">= 0"}
 
     run: RunConfig = field(default_factory=lambda: RunConfig(report_to=[]))
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -27,7 +27,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -64,6 +64,11 @@ REFERENCE_FREE = ("simpo", "orpo")
 class DPOConfig:
     """Direct preference optimisation (DPO, IPO, cDPO, SimPO, ORPO, KTO, Plackett-Luce), offline or online."""
 
+    LIMITS: ClassVar[dict[str, str]] = {
+        "beta": "> 0", "label_smoothing": "[0, 0.5)", "kto_desirable_weight": ">= 0", "kto_undesirable_weight": ">= 0",
+        "eval_prompts": ">= 0", "rounds": ">= 0", "prompts_per_round": ">= 1", "samples_per_prompt": ">= 2",
+        "label_tau": ">= 0"}
+
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(eval_fraction=0.05))
@@ -77,7 +82,7 @@ class DPOConfig:
     """ipo: divide each response's log-probs by its token count (TRL's form), so the target gap 1/(2 beta) is
     per token; default: summed log-probs (Azar et al. 2023, Eq. 17; OpenRLHF), a gap in total nats."""
     label_smoothing: float = 0.0
-    """cdpo: probability that a preference label is flipped."""
+    """cdpo: probability that a preference label is flipped (below 0.5: at 0.5 the labels carry nothing)."""
     simpo_gamma: float = 0.5
     """simpo: target reward margin gamma."""
     kto_desirable_weight: float = 1.0

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
-from alignkit.data.load import load_records, split_records
+from alignkit.data.load import load_records, record_rows, split_records
 from alignkit.errors import AlignkitError
 from alignkit.losses.sft import causal_lm_loss_sum
 from alignkit.models.load import load_causal_lm, load_tokenizer
@@ -25,6 +25,8 @@ from alignkit.trainers.loop import TrainLoop, evaluate
 @dataclass
 class PretrainConfig:
     """Causal language modelling on raw text records `{text}`."""
+
+    LIMITS: ClassVar[dict[str, str]] = {"block_size": ">= 2", "eval_blocks": ">= 0"}
 
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -37,12 +39,12 @@ class PretrainConfig:
     from_scratch: bool = False
     """Initialise the weights randomly from the model's config instead of loading them."""
     eval_blocks: int = 256
-    """At most this many held-out blocks are used for evaluation."""
+    """At most this many held-out blocks are used for evaluation (0: no evaluation)."""
 
 
 def _texts(records: list[dict], field_name: str, source: str) -> list[str]:
     texts = []
-    for row, rec in enumerate(records, start=1):
+    for row, rec in zip(record_rows(records), records, strict=True):
         value = rec.get(field_name)
         if not isinstance(value, str) or not value.strip():
             raise AlignkitError(f"{source}, row {row}, field '{field_name}': expected non-empty text")
@@ -64,6 +66,7 @@ def _load_data(cfg: PretrainConfig) -> tuple[list[str], list[str]]:
     if not cfg.data.path:
         raise AlignkitError("option `data.path` is required: a file or dataset of {text} records")
     records = load_records(cfg.data.path)[: cfg.data.limit]
+    _texts(records, cfg.text_field, cfg.data.path)  # checked before the split: an error names the file's row
     if cfg.data.eval_path:
         eval_records = load_records(cfg.data.eval_path)
     else:
@@ -96,7 +99,8 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     train_texts, eval_texts = _load_data(cfg)
     tokenizer = load_tokenizer(cfg.model)
     blocks = make_blocks(train_texts, tokenizer, cfg.block_size)
-    eval_blocks = make_blocks(eval_texts, tokenizer, cfg.block_size)[: cfg.eval_blocks] if eval_texts else None
+    eval_blocks = (make_blocks(eval_texts, tokenizer, cfg.block_size)[: cfg.eval_blocks]
+                   if eval_texts and cfg.eval_blocks else None)
     model = _load_model(cfg, tokenizer)
     model.train()
     o = cfg.optim

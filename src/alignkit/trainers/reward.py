@@ -31,7 +31,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -61,6 +61,9 @@ from alignkit.trainers.rundir import resolve_output_dir, write_json_atomic
 @dataclass
 class RewardConfig:
     """Train a reward model (scalar head on a transformer) on preference feedback, then normalise it."""
+
+    LIMITS: ClassVar[dict[str, str]] = {"center_coef": ">= 0", "hinge_margin": ">= 0", "normalize_samples": ">= 1",
+                                        "members": ">= 1", "combine_k": ">= 0", "budget_curve": ">= 1"}
 
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -30,7 +30,7 @@ follows from those three, so `optim.grad_accum_steps` must stay 1 here (`RLOptim
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig, SamplingConfig
 from alignkit.rewards.config import RewardFunctionsConfig
@@ -41,6 +41,8 @@ Algo = Literal["ppo", "a2c", "reinforce", "rloo", "grpo"]
 @dataclass
 class RewardSourceConfig(RewardFunctionsConfig):
     """Where the reward comes from (a reward model, a gold scorer, reward functions) and how it is shaped."""
+
+    LIMITS: ClassVar[dict[str, str]] = {"clip": "> 0", "batch_size": ">= 1"}  # and RewardFunctionsConfig's
 
     model: str | None = None
     """Reward model directory (or ensemble directory), scored by `alignkit.rollout.score.load_scorer`."""
@@ -63,6 +65,8 @@ class RewardSourceConfig(RewardFunctionsConfig):
 class KLConfig:
     """The KL penalty beta * (log pi - log pi_ref) and its coefficient beta."""
 
+    LIMITS: ClassVar[dict[str, str]] = {"coef": ">= 0", "target": "> 0", "horizon": "> 0"}
+
     coef: float = 0.05
     """Initial beta."""
     adaptive: bool = True
@@ -76,6 +80,8 @@ class KLConfig:
 @dataclass
 class RLOptimConfig(OptimConfig):
     """Optimizer, schedule and micro-batch size of an RL stage (the `optim` part; see the module docstring)."""
+
+    LIMITS: ClassVar[dict[str, str]] = {"max_steps": ">= 1"}  # and OptimConfig's
 
     warmup_steps: int = 0
     """Linear warm-up from 0 over this many RL steps (the schedule moves once per rollout batch)."""
@@ -97,6 +103,10 @@ class RLConfig:
 
     Not a stage config itself: each stage's (`PPOConfig`, ...) fixes `algorithm` and adds its options.
     """
+
+    LIMITS: ClassVar[dict[str, str]] = {
+        "prompts_per_step": ">= 1", "samples_per_prompt": ">= 1", "epochs": ">= 1", "minibatches": ">= 1",
+        "eval_prompts": ">= 0", "eval_batch_size": ">= 1", "n_samples": ">= 0"}
 
     run: RunConfig = field(default_factory=lambda: RunConfig(log_every=1))
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -132,7 +142,7 @@ class RLConfig:
     eval_batch_size: int = 64
     """Prompts per evaluation generation batch."""
     n_samples: int = 16
-    """Evaluation samples written to `samples/step-N.jsonl`."""
+    """Evaluation samples written to `samples/step-N.jsonl` (0: none; the file is still written, empty)."""
 
     def targets_options(self) -> dict[str, Any]:
         """Keyword arguments of the algorithm's advantage estimator (`Algorithm.targets`)."""
@@ -151,6 +161,8 @@ class RLConfig:
 class ActorCriticConfig(RLConfig):
     """The options of the algorithms with a value model (critic): PPO, A2C and REINFORCE with a baseline."""
 
+    LIMITS: ClassVar[dict[str, str]] = {"value_lr": "> 0", "value_coef": ">= 0", "gamma": "[0, 1]"}
+
     value_model: Literal["auto", "reward", "policy"] = "auto"
     """Initialise the value model from the reward model or the policy (auto: the reward model if any)."""
     value_lr: float | None = None
@@ -166,6 +178,8 @@ class ActorCriticConfig(RLConfig):
 @dataclass
 class PPOConfig(ActorCriticConfig):
     """PPO (clipped surrogate, GAE, value model, K epochs of minibatch updates)."""
+
+    LIMITS: ClassVar[dict[str, str]] = {"lam": "[0, 1]", "cliprange_value": "> 0", "target_approx_kl": "> 0"}
 
     algorithm: Literal["ppo"] = "ppo"
     """The policy-gradient algorithm of this stage (see `alignkit.losses.rl_algorithms`)."""
@@ -241,6 +255,8 @@ class ReinforceConfig(ActorCriticConfig):
 class RLOOConfig(RLConfig):
     """REINFORCE leave-one-out (k samples per prompt, no critic), one update per rollout batch."""
 
+    LIMITS: ClassVar[dict[str, str]] = {"target_approx_kl": "> 0"}
+
     algorithm: Literal["rloo"] = "rloo"
     """The policy-gradient algorithm of this stage (see `alignkit.losses.rl_algorithms`)."""
     epochs: int = 1
@@ -275,6 +291,8 @@ class RLOOConfig(RLConfig):
 @dataclass
 class GRPOConfig(RLConfig):
     """GRPO (group-normalised advantages, clip, k3 KL in the loss, no critic)."""
+
+    LIMITS: ClassVar[dict[str, str]] = {"target_approx_kl": "> 0"}
 
     algorithm: Literal["grpo"] = "grpo"
     """The policy-gradient algorithm of this stage (see `alignkit.losses.rl_algorithms`)."""

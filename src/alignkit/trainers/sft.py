@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -41,6 +41,8 @@ from alignkit.trainers.loop import TrainLoop, evaluate
 class SFTConfig:
     """Supervised fine-tuning on `{prompt, completion}` or `{messages}` records (responses only)."""
 
+    LIMITS: ClassVar[dict[str, str]] = {"n_samples": ">= 0", "eval_max_examples": ">= 0"}
+
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=48))
@@ -56,7 +58,7 @@ class SFTConfig:
     n_samples: int = 4
     """Held-out prompts sampled from at each evaluation (written to `samples/step-N.jsonl`; 0: none)."""
     eval_max_examples: int = 512
-    """At most this many held-out examples are used for the eval loss."""
+    """At most this many held-out examples are used for the eval loss (0: no eval loss)."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -83,6 +83,15 @@ def test_unknown_key_on_command_line_suggests():
         parse_overrides(StageConfig, ["--beta"])
 
 
+def test_each_suggestion_for_an_unknown_option_is_named_once():
+    from alignkit.trainers.dpo import DPOConfig
+
+    with pytest.raises(AlignkitError) as err:
+        parse_overrides(DPOConfig, ["--loss_type", "cdpo"])  # `loss` is a key and its own leaf name
+    hints = str(err.value).split("did you mean ")[1].split("?")[0].split(", ")
+    assert "--loss" in hints and len(hints) == len(set(hints)), hints
+
+
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(AlignkitError, match="nope.yaml does not exist"):
         resolve_config(StageConfig, tmp_path / "nope.yaml")

@@ -83,3 +83,94 @@ def test_a_binary_config_file_is_one_error_naming_it(tmp_path):
     path.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(AlignkitError, match=r"bin.yaml is not UTF-8 text \(byte 0xff at offset 0\)"):
         resolve_config(SFTConfig, path, [])
+
+
+# The stages' own options (issue 19: values that crashed after the models loaded, or were silently taken).
+def _stage(module: str, name: str) -> type:
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+PPO = ("alignkit.trainers.rl_config", "PPOConfig")
+GRPO = ("alignkit.trainers.rl_config", "GRPOConfig")
+A2C = ("alignkit.trainers.rl_config", "A2CConfig")
+PRETRAIN = ("alignkit.trainers.pretrain", "PretrainConfig")
+BEST_OF_N = ("alignkit.stages.best_of_n", "BestOfNConfig")
+STAGE_BAD = [
+    (PPO, ["--kl.target", "-1"], "kl.target", "> 0"),  # a traceback from the KL controller
+    (PPO, ["--kl.horizon", "0"], "kl.horizon", "> 0"),
+    (PPO, ["--eval_batch_size", "0"], "eval_batch_size", ">= 1"),  # range() arg 3 must not be zero
+    (PPO, ["--reward.batch_size", "0"], "reward.batch_size", ">= 1"),
+    (BEST_OF_N, ["--batch_size", "0"], "batch_size", ">= 1"),
+    (PRETRAIN, ["--block_size", "0"], "block_size", ">= 2"),  # ZeroDivisionError
+    (PRETRAIN, ["--block_size", "-3"], "block_size", ">= 2"),
+    (PPO, ["--value_coef", "-1"], "value_coef", ">= 0"),  # would flip the value loss
+    (A2C, ["--value_coef", "-1"], "value_coef", ">= 0"),
+    (PPO, ["--kl.coef", "-1"], "kl.coef", ">= 0"),  # a KL bonus instead of a penalty
+    (GRPO, ["--kl.coef", "-0.5"], "kl.coef", ">= 0"),
+    (PPO, ["--lam", "-1"], "lam", "[0, 1]"),
+    (PPO, ["--lam", "1.5"], "lam", "[0, 1]"),
+    (PPO, ["--gamma", "1.5"], "gamma", "[0, 1]"),
+    (PPO, ["--n_samples", "-1"], "n_samples", ">= 0"),
+    (PPO, ["--eval_prompts", "-1"], "eval_prompts", ">= 0"),  # quietly meant 0
+    (GRPO, ["--epochs", "0"], "epochs", ">= 1"),
+    (PPO, ["--optim.max_steps", "0"], "optim.max_steps", ">= 1"),  # the RL steps
+    (PRETRAIN, ["--eval_blocks", "-1"], "eval_blocks", ">= 0"),
+    (BEST_OF_N, ["--max_prompts", "-4"], "max_prompts", ">= 0"),  # quietly meant all of them
+    (BEST_OF_N, ["--n", "0"], "n", ">= 1"),
+    (("alignkit.trainers.dpo", "DPOConfig"), ["--beta", "0"], "beta", "> 0"),
+    (("alignkit.trainers.dpo", "DPOConfig"), ["--label_smoothing", "0.7"], "label_smoothing", "[0, 0.5)"),
+    (("alignkit.trainers.reward", "RewardConfig"), ["--members", "0"], "members", ">= 1"),
+    (("alignkit.trainers.sft", "SFTConfig"), ["--n_samples", "-2"], "n_samples", ">= 0"),
+    (("alignkit.stages.rejection_sampling", "RejectionSamplingConfig"), ["--n", "1"], "n", ">= 2"),
+    (("alignkit.stages.eval", "EvalConfig"), ["--n_prompts", "0"], "n_prompts", ">= 1"),
+    (("alignkit.stages.label", "LabelConfig"), ["--tau", "-1"], "tau", ">= 0"),
+]
+
+
+@pytest.mark.parametrize(("stage", "argv", "key", "expected"), STAGE_BAD,
+                         ids=[f"{stage[1]}{argv[0]}={argv[1]}" for stage, argv, _, _ in STAGE_BAD])
+def test_out_of_range_stage_options_are_one_error_at_start_up(stage, argv, key, expected):
+    with pytest.raises(AlignkitError) as info:
+        resolve_config(_stage(*stage), None, argv)
+    message, _, got = str(info.value).rpartition(", got ")
+    assert message == f"option `{key}`: expected a value {expected}" and float(got) == float(argv[1])
+
+
+@pytest.mark.parametrize(("stage", "argv"), [
+    (PPO, ["--n_samples", "0", "--eval_prompts", "0", "--kl.coef", "0", "--lam", "1", "--gamma", "0"]),
+    (BEST_OF_N, ["--max_prompts", "0"]),  # 0: all prompts
+    (PRETRAIN, ["--eval_blocks", "0", "--block_size", "2"]),
+])
+def test_zeros_that_mean_none_or_all_and_the_bounds_pass(stage, argv):
+    resolve_config(_stage(*stage), None, argv)
+
+
+def test_help_shows_the_stage_limits_and_those_of_the_classes_a_part_extends():
+    from alignkit.config import format_help
+
+    text = format_help(_stage(*PPO))
+    for line in ["--kl.target float (default: 6.0; > 0)", "--lam float (default: 0.95; [0, 1])",
+                 "--value_coef float (default: 0.5; >= 0)", "--eval_batch_size int (default: 64; >= 1)",
+                 "--reward.batch_size int (default: 64; >= 1)", "--reward.workers int (default: 0; >= 0)",
+                 "--optim.max_steps int (default: 100; >= 1)", "--optim.lr float (default: 3e-05; > 0)"]:
+        assert line in text, line
+    assert "--block_size int (default: 128; >= 2)" in format_help(_stage(*PRETRAIN))
+
+
+def test_pretrain_with_no_eval_blocks_reports_no_held_out_loss(tmp_path, tiny_llama_dir):
+    import json
+
+    from tests.conftest import TINY_TEXTS
+
+    from alignkit.trainers import pretrain
+
+    corpus = tmp_path / "text.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"{t} number {i}."}) + "\n" for i in range(10) for t in TINY_TEXTS))
+    cfg = resolve_config(pretrain.PretrainConfig, None, [
+        "--model.name_or_path", str(tiny_llama_dir), "--data.path", str(corpus), "--data.eval_fraction", "0.2",
+        "--output-dir", str(tmp_path / "run"), "--block_size", "16", "--optim.max_steps", "1", "--eval_blocks", "0",
+        "--run.report_to", "[]", "--run.progress", "false"])
+    summary = pretrain.run(cfg)
+    assert "eval/loss" not in summary and "eval/perplexity" not in summary  # was a loss of 0.0, perplexity 1.0

@@ -65,7 +65,8 @@ def test_unparsable_lines_are_skipped_and_counted_with_skip(tmp_path, tok, capsy
     assert records[2] == BadRow(3, "expected a JSON object, got a list")
     report = validate_records(records, "sft", path, on_bad_rows="skip")
     assert [r["prompt"] for r in report.records] == ["Hi", "Bye"] and report.rows == [1, 4]
-    assert [(row, reason.split(":")[0]) for row, _, reason in report.skipped] == [(2, "line 2"), (3, "line 3")]
+    assert [(row, reason.split(" (")[0]) for row, _, reason in report.skipped] == [
+        (2, "not valid JSON"), (3, "expected a JSON object, got a list")]  # a JSONL row is its line
     print_report(report, path, "sft")
     assert "sft.jsonl: 2 bad row(s) skipped" in capsys.readouterr().out
     data = load_sft_data(SFTConfig(data=DataConfig(path=path, eval_fraction=0.0, on_bad_rows="skip")), tok)
@@ -79,6 +80,44 @@ def test_unparsable_lines_are_skipped_and_counted_with_skip(tmp_path, tok, capsy
     pref = _jsonl(tmp_path / "pref.jsonl", [*PREF[:3], "not json", *PREF[3:]])
     data = load_preference_data(DPOConfig(data=DataConfig(path=pref, eval_fraction=0.0, on_bad_rows="skip")), tok)
     assert data["skipped"] == 1 and len(data["train"]) == 6
+
+
+def test_a_line_cut_short_is_reported_at_its_own_last_column(tmp_path):
+    torn = '{"prompt": "x", "completion": '  # a write cut short mid-value
+    path = _jsonl(tmp_path / "sft.jsonl", [{"prompt": "Hi", "completion": "Hello"}, torn])
+    with pytest.raises(AlignkitError) as err:
+        load_records(path)
+    assert str(err.value) == f"{path}, line 2: not valid JSON (Expecting value at column {len(torn) + 1})"
+    crlf = tmp_path / "crlf.jsonl"  # a Windows line ending is not part of the line either
+    crlf.write_bytes(b'{"prompt": "Hi", "completion": "Hello"}\r\n{"prompt": "x", "completion": \r\n')
+    with pytest.raises(AlignkitError, match=rf"line 2: not valid JSON \(Expecting value at column {len(torn) + 1}\)"):
+        load_records(str(crlf))
+
+
+def test_rows_of_a_jsonl_file_are_its_lines_blank_lines_counted(tmp_path, tok, capsys):
+    good = [{"prompt": f"Q{i}", "completion": f"A{i}"} for i in range(7)]
+    path = _jsonl(tmp_path / "sft.jsonl", [good[0], "", "  ", *good[1:], {"prompt": "Q9"}, '{"prompt": "torn'])
+    # lines: 1 a record, 2-3 blank, 4-9 records, 10 lacks `completion`, 11 is torn
+    with pytest.raises(AlignkitError, match=r"sft\.jsonl, row 10, field 'completion': missing"):
+        validate_records(load_records(path, on_bad_rows="skip"), "sft", path)
+    report = validate_records(load_records(path, on_bad_rows="skip"), "sft", path, on_bad_rows="skip")
+    assert report.rows == [1, 4, 5, 6, 7, 8, 9]
+    assert [(row, name) for row, name, _ in report.skipped] == [(10, "completion"), (11, None)]
+    print_report(report, path, "sft")
+    out = capsys.readouterr().out
+    assert "row 10, field 'completion': missing" in out and "row 11: not valid JSON" in out
+    data = load_sft_data(SFTConfig(data=DataConfig(path=path, eval_fraction=0.0, on_bad_rows="skip", limit=3)), tok)
+    assert data["skipped_rows"] == 2 and len(data["train"]) == 3
+    # RL: the file's line, whatever the split; `data.limit` keeps the lines of the rows it keeps
+    prompts = _jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, "", {"prompt": "b"}, "", "", {"prompt": 3}])
+    for cfg in (DataConfig(path=prompts, eval_fraction=0.0), DataConfig(path=prompts, eval_fraction=0.5, limit=3)):
+        with pytest.raises(AlignkitError, match=r"p\.jsonl, row 6, field 'prompt': expected a string"):
+            _load_prompts(GRPOConfig(data=cfg), None)
+    # other sources keep their rows: a CSV's row N is its N-th record (the header is not a row)
+    table = tmp_path / "sft.csv"
+    table.write_text("prompt,completion\nQ1,A1\nQ2,\n")
+    with pytest.raises(AlignkitError, match=r"sft\.csv, row 2, field 'completion'"):
+        validate_records(load_records(str(table)), "sft", str(table))
 
 
 # -- 2. the format is decided from the stage, and a row that does not fit is named ---------------
