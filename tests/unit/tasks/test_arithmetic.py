@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from alignkit.cli import main
 from alignkit.rewards.builtins import answer_match
 from alignkit.tasks import arithmetic as task
 
@@ -143,7 +144,7 @@ def test_answer_match_full_scores_the_written_answers(written):
     assert answer_match([r["prompt"] for r in heldout], wrong, extract="full", answer=answers) == [0.0] * len(answers)
 
 
-def test_cli(tmp_path):
+def test_cli(tmp_path, capsys):
     out = tmp_path / "task"
     args = ["task", "--run.output_dir", str(out), "--run.seed", "1", "--n_train", "20", "--n_sft", "30",
             "--n_heldout", "10", "--n_sft_heldout", "10", "--difficulty", "1", "--weights", "1,0,1,0"]
@@ -154,12 +155,12 @@ def test_cli(tmp_path):
     assert set(info["mix"]["sft_train"]) == {"add", "mul"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["sft_train"] == 30 and summary["files"]["prompts_heldout"].endswith("prompts_heldout.jsonl")
-    bad = subprocess.run([sys.executable, "-m", "alignkit.cli", "task", "--run.output_dir", str(tmp_path / "b"),
-                          "--weights", "1,2"], capture_output=True, text=True)
-    assert bad.returncode != 0 and "option `weights`: expected 4 values" in bad.stderr
-    assert "Traceback" not in bad.stderr
-    used_up = subprocess.run([sys.executable, "-m", "alignkit.cli", "task", "--run.output_dir", str(tmp_path / "c"),
-                              "--max_operand", "3", "--weights", "1,0,0,0"], capture_output=True, text=True)
-    assert used_up.returncode != 0 and "used up" in used_up.stderr and "Traceback" not in used_up.stderr
-    helped = subprocess.run([sys.executable, "-m", "alignkit.cli", "task", "--help"], capture_output=True, text=True)
-    assert helped.returncode == 0 and "--allow_negative" in helped.stdout
+    # user errors: one line, exit 2 (in-process, as the entry point calls it)
+    assert main(["task", "--run.output_dir", str(tmp_path / "b"), "--weights", "1,2"]) == 2
+    err = capsys.readouterr().err
+    assert "option `weights`: expected 4 values" in err and "Traceback" not in err
+    assert main(["task", "--run.output_dir", str(tmp_path / "c"), "--max_operand", "3", "--weights", "1,0,0,0"]) == 2
+    err = capsys.readouterr().err
+    assert "used up" in err and "Traceback" not in err
+    assert main(["task", "--help"]) == 0
+    assert "--allow_negative" in capsys.readouterr().out
