@@ -152,6 +152,7 @@ def pretrain_args(model: Path, data: Path, out: Path) -> list[str]:
             *COMMON, *ONE_HELD_OUT]  # one held-out text of 36-45 tokens: one block
 
 
+@pytest.mark.slow  # tens of seconds; `make test-slow`
 def test_pretrain_two_processes_one_heldout_block(tmp_path, tiny_llama_dir, data):
     two = ok(launch(pretrain_args(tiny_llama_dir, data["text"], tmp_path / "two")))
     assert "2 device(s) = 8 examples" in two.stdout

@@ -68,6 +68,7 @@ def test_unknown_option_is_an_error_without_traceback(tmp_path, tiny_llama_dir, 
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.slow  # tens of seconds; `make test-slow`
 def test_kill_9_then_resume_is_bitwise_identical(tmp_path, tiny_llama_dir, corpus):
     steps = ["--optim.max_steps", "60", "--run.save_every", "5", "--run.keep_last", "2"]
     ref = tmp_path / "ref"
@@ -141,6 +142,7 @@ def test_two_processes_match_one(tmp_path, tiny_llama_dir, corpus):
     assert summary_two["eval/loss"] == pytest.approx(summary_one["eval/loss"], abs=1e-5)
 
 
+@pytest.mark.slow  # tens of seconds; `make test-slow`
 def test_two_live_runs_cannot_share_a_directory(tmp_path, tiny_llama_dir, corpus):
     """A second `alignkit pretrain` (fresh, then --run.resume) on a running run's directory is refused."""
     import time
