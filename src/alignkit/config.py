@@ -533,6 +533,16 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line for a YAML error: where (line, column of the file) and what, without the parser's snippet."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None)
+    if mark is None or not problem:
+        return " ".join(str(err).split())
+    context = getattr(err, "context", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" + (f" ({context})" if context else "")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with errors that name the file."""
     path = Path(path)
@@ -544,7 +554,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise AlignkitError(f"config file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
                             f"{err.start}); expected YAML") from None
     except yaml.YAMLError as err:
-        raise AlignkitError(f"config file {path} is not valid YAML: {err}") from None
+        raise AlignkitError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise AlignkitError(f"config file {path} must hold a mapping of options")
     return data

@@ -97,6 +97,17 @@ def test_missing_config_file_is_named(tmp_path):
         resolve_config(StageConfig, tmp_path / "nope.yaml")
 
 
+def test_a_yaml_syntax_error_is_one_line_naming_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: [1, 2\n  x: 3\n")
+    with pytest.raises(AlignkitError) as info:
+        resolve_config(StageConfig, bad)
+    message = str(info.value)
+    assert message == (f"config file {bad} is not valid YAML: line 3, column 4: expected ',' or ']', but got ':' "
+                       "(while parsing a flow sequence)")
+    assert "\n" not in message and "<unicode string>" not in message
+
+
 def test_help_lists_every_field_with_default_and_doc():
     text = format_help(StageConfig)
     assert "--beta float (default: 0.1)" in text and "KL coefficient." in text
